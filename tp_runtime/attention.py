@@ -1,0 +1,237 @@
+"""``Attention`` (GPT-style, with KV cache, self or cross) and ``BertAttention`` (encoder, no cache).
+
+Per rank: QKV ColumnLinear (no communication) -> backend.prepare (bias, RoPE, cache write)
+-> backend.attend -> dense RowLinear (local GEMM, all-reduce, bias once). Weights arrive full
+and are sliced here through ``sharding``; ALiBi slopes are computed for all heads and sliced
+by the same head range as the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import get_backend
+from .backends.base import AttentionSpec
+from .comm import Communicator
+from .config import AttentionConfig, AttentionMaskType, PositionEmbeddingType
+from .kv_cache import KVCache, PagedKVCache
+from .linear import ColumnLinear, RowLinear
+from .position import RopeSpec, alibi_slopes
+from .sharding import head_layout, qkv_rows, slice_heads
+from .step import Step, padding_to_packed
+
+
+def _check_tensor(name: str, t: torch.Tensor, *, dtype: torch.dtype, device: torch.device, last: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if t.dim() not in (2, 3) or t.shape[-1] != last:
+        raise ValueError(f"{name}: expected shape [tokens, {last}] or [batch, seq_len, {last}], got {tuple(t.shape)}")
+
+
+class _AttentionBase(torch.nn.Module):
+    """Shared construction: sharded projections, per-rank position-embedding state."""
+
+    def __init__(self, config: AttentionConfig, *, comm: Communicator, backend: str | None, device):
+        super().__init__()
+        self.config, self.comm = config, comm
+        self.device = torch.device(device if device is not None else "cpu")
+        self.layout = head_layout(config.num_heads, config.num_kv_heads, comm.size, comm.rank)
+        self.backend = get_backend(backend, self.device)
+        d, dt = config.head_size, config.dtype
+        kw = dict(comm=comm, dtype=dt, device=self.device)
+        self.qkv = ColumnLinear(config.hidden_size, config.qkv_size, bias=config.qkv_bias, rows=qkv_rows(self.layout, d), **kw)
+        self.dense = RowLinear(config.num_heads * d, config.hidden_size, bias=config.dense_bias, **kw)
+        self.rope = RopeSpec.from_config(config)
+        pe = config.position_embedding
+        slopes = None
+        if pe.is_alibi:
+            slopes = slice_heads(alibi_slopes(config.num_heads), self.layout)
+            if pe is PositionEmbeddingType.alibi_with_scale:
+                slopes = slopes * config.softmax_scale  # (QKᵀ + bias)·scale == QKᵀ·scale + bias·scale
+        self.register_buffer("alibi_slopes", None if slopes is None else slopes.to(self.device), persistent=False)
+        self.relative_table = None
+        if pe is PositionEmbeddingType.relative and config.relative_table:
+            table = torch.zeros(self.layout.num_heads_per_rank, config.relative_num_buckets, device=self.device)
+            self.relative_table = torch.nn.Parameter(table, requires_grad=False)
+
+    @torch.no_grad()
+    def load_weights(
+        self,
+        *,
+        qkv_weight: torch.Tensor,
+        dense_weight: torch.Tensor,
+        qkv_bias: torch.Tensor | None = None,
+        dense_bias: torch.Tensor | None = None,
+        relative_table: torch.Tensor | None = None,
+    ) -> None:
+        """Load this rank's shard from full weights: fused ``[Q | K | V]`` ``[(H + 2KV)·D, hidden]``,
+        dense ``[hidden, H·D]``, and (relative attention) the table ``[H, num_buckets]``."""
+        self.qkv.load_weights(qkv_weight, qkv_bias)
+        self.dense.load_weights(dense_weight, dense_bias)
+        if (relative_table is None) != (self.relative_table is None):
+            raise ValueError(
+                "relative_table: expected "
+                + (f"a [{self.config.num_heads}, {self.config.relative_num_buckets}] table" if self.relative_table is not None else "None")
+                + f" for position_embedding={self.config.position_embedding.value}, got "
+                + ("None" if relative_table is None else f"shape {tuple(relative_table.shape)}")
+            )
+        if relative_table is not None:
+            expected = (self.config.num_heads, self.config.relative_num_buckets)
+            if tuple(relative_table.shape) != expected:
+                raise ValueError(f"relative_table: expected shape {expected}, got {tuple(relative_table.shape)}")
+            self.relative_table.copy_(slice_heads(relative_table, self.layout))
+
+    def _spec(self, *, cross: bool, position_bias: torch.Tensor | None) -> AttentionSpec:
+        c = self.config
+        if position_bias is not None:
+            if c.position_embedding is not PositionEmbeddingType.relative or c.relative_table:
+                raise ValueError(
+                    "position_bias: only for position_embedding=relative with relative_table=False, "
+                    f"got position_embedding={c.position_embedding.value}, relative_table={c.relative_table}"
+                )
+            h_r = self.layout.num_heads_per_rank
+            if position_bias.dim() != 3 or position_bias.shape[0] != h_r:
+                raise ValueError(f"position_bias: expected shape [{h_r} (heads on this rank), Q, K], got {tuple(position_bias.shape)}")
+        return AttentionSpec(
+            mask=c.mask_type,
+            softmax_scale=c.softmax_scale,
+            alibi_slopes=self.alibi_slopes,
+            relative_table=self.relative_table,
+            relative_bias=position_bias,
+            num_buckets=c.relative_num_buckets,
+            max_distance=c.relative_max_distance,
+            cross=cross,
+        )
+
+    def _pack(self, hidden: torch.Tensor, step: Step, attention_mask: torch.Tensor | None):
+        """``[T, hidden]`` or ``[B, S, hidden]`` -> packed ``[T, hidden]`` and the flat indices to unpack."""
+        _check_tensor("hidden_states", hidden, dtype=self.config.dtype, device=self.device, last=self.config.hidden_size)
+        if step.device != self.device:
+            raise ValueError(f"step.device: expected {self.device}, got {step.device}")
+        if hidden.dim() == 2:
+            if attention_mask is not None:
+                raise ValueError("attention_mask: only for padded [batch, seq_len, hidden] input, got packed input")
+            if hidden.shape[0] != step.num_tokens:
+                raise ValueError(f"hidden_states: expected {step.num_tokens} packed tokens (sum of step.new_lens), got {hidden.shape[0]}")
+            return hidden, None
+        b, s, _ = hidden.shape
+        if b != step.num_seqs:
+            raise ValueError(f"hidden_states: expected batch {step.num_seqs} (sequences in the step), got {b}")
+        if attention_mask is None:
+            if max(step.new_lens) > s:
+                raise ValueError(f"hidden_states: seq_len {s} is shorter than the longest step.new_lens {max(step.new_lens)}")
+            attention_mask = torch.arange(s, device=hidden.device)[None, :] < torch.tensor(step.new_lens, device=hidden.device)[:, None]
+        elif tuple(attention_mask.shape) != (b, s):
+            raise ValueError(f"attention_mask: expected shape {(b, s)}, got {tuple(attention_mask.shape)}")
+        idx, lens = padding_to_packed(attention_mask.to(hidden.device))
+        if lens != step.new_lens:
+            raise ValueError(f"attention_mask: real tokens per row {list(lens)} differ from step.new_lens {list(step.new_lens)}")
+        return hidden.reshape(b * s, -1).index_select(0, idx), idx
+
+    def _finish(self, ctx: torch.Tensor, shape: torch.Size, idx: torch.Tensor | None) -> torch.Tensor:
+        out = self.dense(ctx.reshape(ctx.shape[0], -1))  # [T, hidden], all-reduced
+        if idx is None:
+            return out
+        padded = torch.zeros(shape[0] * shape[1], out.shape[-1], dtype=out.dtype, device=out.device)
+        padded.index_copy_(0, idx, out)
+        return padded.reshape(shape[0], shape[1], -1)
+
+
+class Attention(_AttentionBase):
+    """GPT-style attention with a KV cache; ``config.cross_attention`` makes it a cross-attention layer.
+
+    ``forward(hidden, step, kv_cache, ...)``: ``hidden`` packed ``[T, hidden]`` or padded
+    ``[B, S, hidden]`` (with ``attention_mask [B, S]``, 1 = real token, padding on either side;
+    without a mask, right padding to ``step.new_lens``). ``kv_cache`` holds this layer's
+    ``layer_idx``: the self-attention cache, or for cross attention the cross cache, written
+    from ``encoder_output [T_enc, hidden]`` (packed by ``step.encoder_lens``) when it is given
+    (the first decoder step) and reused afterwards.
+    """
+
+    def __init__(
+        self,
+        config: AttentionConfig,
+        *,
+        comm: Communicator,
+        layer_idx: int = 0,
+        backend: str | None = None,
+        device=None,
+    ):
+        super().__init__(config, comm=comm, backend=backend, device=device)
+        if config.mask_type is AttentionMaskType.padding and not config.cross_attention:
+            raise ValueError("AttentionConfig.mask_type='padding': use BertAttention for encoder (padding-mask) attention")
+        self.layer_idx = layer_idx
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        step: Step,
+        kv_cache: KVCache | PagedKVCache | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        encoder_output: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+        decode_splits: int | None = None,
+    ) -> torch.Tensor:
+        x, idx = self._pack(hidden_states, step, attention_mask)
+        spec = self._spec(cross=self.config.cross_attention, position_bias=position_bias)
+        kv = self._layer_kv(kv_cache, step, encoder_output)
+        common = dict(head_layout=self.layout, head_size=self.config.head_size)
+        if self.config.cross_attention:
+            if encoder_output is not None:
+                enc_step = step.encoder_step()
+                self.backend.prepare(self.qkv(encoder_output, with_bias=False), self.qkv.bias, enc_step, rope=None, kv=kv, **common)
+            q, _, _ = self.backend.prepare(self.qkv(x, with_bias=False), self.qkv.bias, step, rope=None, kv=None, **common)
+        else:
+            q, _, _ = self.backend.prepare(self.qkv(x, with_bias=False), self.qkv.bias, step, rope=self.rope, kv=kv, **common)
+        ctx, _ = self.backend.attend(q, kv, step, spec, decode_splits=decode_splits)
+        return self._finish(ctx, hidden_states.shape, idx)
+
+    def _layer_kv(self, kv_cache, step: Step, encoder_output):
+        c = self.config
+        if kv_cache is None:
+            raise ValueError(f"kv_cache: Attention (layer {self.layer_idx}) needs a KVCache or PagedKVCache, got None")
+        if kv_cache.config.kv_cache_dtype != c.kv_cache_dtype or kv_cache.storage_dtype != c.kv_cache_dtype.storage_dtype(c.dtype):
+            raise ValueError(f"kv_cache: built for kv_cache_dtype={kv_cache.kind.value}, storage {kv_cache.storage_dtype}; the layer needs {c.kv_cache_dtype.value}")
+        if kv_cache.head_layout != self.layout or kv_cache.config.head_size != c.head_size:
+            raise ValueError(f"kv_cache: built for {kv_cache.head_layout}, head_size {kv_cache.config.head_size}; the layer has {self.layout}, head_size {c.head_size}")
+        if not 0 <= self.layer_idx < kv_cache.num_layers:
+            raise ValueError(f"layer_idx: {self.layer_idx} is outside the cache's {kv_cache.num_layers} layers")
+        if c.cross_attention:
+            enc = step.require_encoder_lens("cross attention")
+            if encoder_output is not None:
+                _check_tensor("encoder_output", encoder_output, dtype=c.dtype, device=self.device, last=c.hidden_size)
+                if encoder_output.dim() != 2 or encoder_output.shape[0] != sum(enc):
+                    raise ValueError(f"encoder_output: expected [{sum(enc)} (sum of step.encoder_lens), {c.hidden_size}], got {tuple(encoder_output.shape)}")
+                kv_cache.check_step(step, enc)
+        else:
+            if encoder_output is not None:
+                raise ValueError("encoder_output: only for cross-attention layers (config.cross_attention=True)")
+            kv_cache.check_step(step)
+        return kv_cache.layer(self.layer_idx)
+
+
+class BertAttention(_AttentionBase):
+    """Encoder self-attention: packed ``[T, hidden]`` or padded ``[B, S, hidden]`` input with
+    ``input_lengths``, padding mask (or bidirectional), optional relative attention, no cache."""
+
+    def __init__(self, config: AttentionConfig, *, comm: Communicator, backend: str | None = None, device=None):
+        if config.mask_type is AttentionMaskType.causal:
+            raise ValueError("AttentionConfig.mask_type='causal': BertAttention is bidirectional, use padding or bidirectional")
+        if config.position_embedding.is_rope or config.cross_attention or config.kv_cache_dtype.is_quantized:
+            raise ValueError("BertAttention: no RoPE, cross attention or quantized KV cache (it keeps no cache)")
+        super().__init__(config, comm=comm, backend=backend, device=device)
+
+    def forward(self, hidden_states: torch.Tensor, input_lengths, *, position_bias: torch.Tensor | None = None) -> torch.Tensor:
+        lengths = input_lengths.tolist() if isinstance(input_lengths, torch.Tensor) else list(input_lengths)
+        step = Step(new_lens=lengths, device=self.device)
+        x, idx = self._pack(hidden_states, step, None)
+        scratch = KVCache(config=self.config, head_layout=self.layout, num_layers=1, max_batch=step.num_seqs, max_seq_len=max(lengths), device=self.device)
+        kv = scratch.layer(0)
+        q, _, _ = self.backend.prepare(self.qkv(x, with_bias=False), self.qkv.bias, step, head_layout=self.layout, head_size=self.config.head_size, rope=None, kv=kv)
+        ctx, _ = self.backend.attend(q, kv, step, self._spec(cross=False, position_bias=position_bias))
+        return self._finish(ctx, hidden_states.shape, idx)

@@ -1,0 +1,253 @@
+"""Per-rank KV storage: contiguous and paged caches, int8/fp8 quantization.
+
+Contiguous, per layer: ``[B, 2, KV_r, S_max, D]`` (K then V, same layout).
+Paged, per layer: a pool ``[num_blocks, 2, KV_r, P, D]`` and, shared by every layer, an int32
+block table ``[max_seqs, max_blocks_per_seq]`` whose row ``slot`` lists the sequence's blocks
+(``-1`` where none is allocated). Token ``t`` of slot ``s`` lives in block
+``table[s, t // P]`` at offset ``t % P``.
+
+Quantized storage uses one per-tensor scale per layer (K and V alike):
+store ``clip(round(x · quant_scale), −128, 127)`` (int8) or ``e4m3(clip(x · quant_scale, ±448))``
+(fp8), read ``stored · dequant_scale`` with ``dequant_scale = 1 / quant_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .config import AttentionConfig, KVCacheDType
+from .sharding import HeadLayout
+from .step import Step
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+class CacheLayout(str, Enum):
+    contiguous = "contiguous"
+    paged = "paged"
+
+
+class CacheCapacityError(ValueError):
+    """A step needs more cache than there is; raised before anything is written."""
+
+
+def quantize(x: torch.Tensor, quant_scale: float, kind: KVCacheDType) -> torch.Tensor:
+    """Activations -> cache storage (fp32 math)."""
+    y = x.float() * quant_scale
+    if kind is KVCacheDType.int8:
+        return y.round().clamp(-128, 127).to(torch.int8)
+    if kind is KVCacheDType.fp8:
+        return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    raise ValueError(f"quantize: kind must be int8 or fp8, got {kind}")
+
+
+def dequantize(q: torch.Tensor, dequant_scale: float) -> torch.Tensor:
+    """Cache storage -> fp32."""
+    return q.float() * dequant_scale
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's view of a cache: what the backends read and write."""
+
+    layout: CacheLayout
+    data: torch.Tensor  # contiguous [B, 2, KV_r, S_max, D] | paged [N, 2, KV_r, P, D]
+    kind: KVCacheDType
+    dequant_scale: float  # 1.0 when not quantized
+    block_table: torch.Tensor | None = None  # paged: [max_seqs, max_blocks_per_seq] int32
+
+    @property
+    def block_size(self) -> int:
+        return self.data.shape[3]
+
+    @property
+    def quant_scale(self) -> float:
+        return 1.0 / self.dequant_scale
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.data.shape[2]
+
+    def locate(self, slots: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row, offset)`` of tokens ``positions`` of sequences ``slots`` (same shape) in ``data``."""
+        slots, positions = slots.long(), positions.long()
+        if self.layout is CacheLayout.contiguous:
+            return slots, positions
+        p = self.block_size
+        return self.block_table.long()[slots, positions // p], positions % p
+
+
+class _CacheBase:
+    """What contiguous and paged caches share: dtype, scales, per-layer views."""
+
+    def __init__(self, config: AttentionConfig, layout: HeadLayout, num_layers: int, scales, device):
+        self.config, self.head_layout, self.num_layers = config, layout, num_layers
+        self.kind = config.kv_cache_dtype
+        self.storage_dtype = self.kind.storage_dtype(config.dtype)
+        self.device = torch.device(device)
+        self.dequant_scales = self._scales(scales, num_layers)
+
+    def _scales(self, scales, num_layers: int) -> tuple[float, ...]:
+        if not self.kind.is_quantized:
+            if scales is not None:
+                raise ValueError(f"scales: only for int8/fp8 caches, kv_cache_dtype is {self.kind.value}")
+            return (1.0,) * num_layers
+        if scales is None:
+            raise ValueError(f"scales: a {self.kind.value} cache needs per-layer dequant scales (amax / qmax), got None")
+        values = [float(scales)] * num_layers if isinstance(scales, (int, float)) else [float(s) for s in scales]
+        if len(values) != num_layers:
+            raise ValueError(f"scales: expected {num_layers} per-layer scales, got {len(values)}")
+        bad = [s for s in values if not (math.isfinite(s) and s > 0)]
+        if bad:
+            raise ValueError(f"scales: every dequant scale must be finite and > 0, got {bad}")
+        return tuple(values)
+
+    def _shape_tail(self) -> tuple[int, int]:
+        return self.head_layout.num_kv_heads_per_rank, self.config.head_size
+
+
+class KVCache(_CacheBase):
+    """Contiguous per-rank cache for all layers: ``[num_layers, B, 2, KV_r, S_max, D]``."""
+
+    layout = CacheLayout.contiguous
+
+    def __init__(
+        self,
+        *,
+        config: AttentionConfig,
+        head_layout: HeadLayout,
+        num_layers: int,
+        max_batch: int,
+        max_seq_len: int,
+        scales=None,
+        device="cpu",
+    ):
+        super().__init__(config, head_layout, num_layers, scales, device)
+        kv_r, d = self._shape_tail()
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.data = torch.zeros(num_layers, max_batch, 2, kv_r, max_seq_len, d, dtype=self.storage_dtype, device=self.device)
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i])
+
+    def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
+        """Raise ``CacheCapacityError`` (before any write) if a sequence would not fit."""
+        lengths = step.total_lens if lengths is None else lengths
+        for slot, n in zip(step.slots, lengths):
+            if slot >= self.max_batch:
+                raise CacheCapacityError(f"slot {slot}: the cache has {self.max_batch} slots (max_batch)")
+            if n > self.max_seq_len:
+                raise CacheCapacityError(
+                    f"slot {slot}: needs {n} cached tokens, the cache holds max_seq_len={self.max_seq_len}"
+                )
+
+
+class BlockAllocator:
+    """Hands out fixed-size blocks to sequences; a sequence grows block by block.
+
+    Host-side bookkeeping plus the device block table. ``reserve`` is all-or-nothing: when the
+    pool cannot cover the request it raises ``CacheCapacityError`` and changes nothing.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, max_seqs: int, max_blocks_per_seq: int, device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_blocks = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest id first
+        self.owned: dict[int, list[int]] = {}
+        self.max_seqs, self.max_blocks_per_seq = max_seqs, max_blocks_per_seq
+        self.table = torch.full((max_seqs, max_blocks_per_seq), -1, dtype=torch.int32, device=device)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    def blocks_needed(self, slot: int, length: int) -> int:
+        return max(-(-length // self.block_size) - len(self.owned.get(slot, ())), 0)
+
+    def reserve(self, lengths: dict[int, int]) -> None:
+        """Make every ``slot`` able to hold ``length`` tokens (all slots or none)."""
+        need = 0
+        for slot, length in lengths.items():
+            if not 0 <= slot < self.max_seqs:
+                raise CacheCapacityError(f"slot {slot}: the paged cache has {self.max_seqs} sequence slots")
+            if -(-length // self.block_size) > self.max_blocks_per_seq:
+                raise CacheCapacityError(
+                    f"slot {slot}: {length} tokens need more than max_blocks_per_seq={self.max_blocks_per_seq} blocks"
+                )
+            need += self.blocks_needed(slot, length)
+        if need > self.num_free:
+            raise CacheCapacityError(
+                f"paged KV cache exhausted: the step needs {need} more blocks of {self.block_size} tokens, "
+                f"{self.num_free} of {self.num_blocks} are free"
+            )
+        changed = False
+        for slot, length in lengths.items():
+            blocks = self.owned.setdefault(slot, [])
+            for _ in range(self.blocks_needed(slot, length)):
+                blocks.append(self.free_blocks.pop())
+                changed = True
+        if changed:
+            self._sync_table()
+
+    def free(self, slot: int) -> None:
+        """Return a finished sequence's blocks to the pool."""
+        self.free_blocks.extend(reversed(self.owned.pop(slot, [])))
+        self._sync_table()
+
+    def capacity(self, slot: int) -> int:
+        return len(self.owned.get(slot, ())) * self.block_size
+
+    def _sync_table(self) -> None:
+        host = torch.full((self.max_seqs, self.max_blocks_per_seq), -1, dtype=torch.int32)
+        for slot, blocks in self.owned.items():
+            host[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.table.copy_(host)
+
+
+class PagedKVCache(_CacheBase):
+    """Paged per-rank cache: per layer a pool ``[num_blocks, 2, KV_r, P, D]``, one shared block table."""
+
+    layout = CacheLayout.paged
+
+    def __init__(
+        self,
+        *,
+        config: AttentionConfig,
+        head_layout: HeadLayout,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        scales=None,
+        device="cpu",
+    ):
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size: must be a power of two, got {block_size}")
+        super().__init__(config, head_layout, num_layers, scales, device)
+        kv_r, d = self._shape_tail()
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks, block_size, max_seqs, max_blocks_per_seq, self.device)
+        self.data = torch.zeros(num_layers, num_blocks, 2, kv_r, block_size, d, dtype=self.storage_dtype, device=self.device)
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i], self.allocator.table)
+
+    def reserve(self, step: Step) -> None:
+        """Grow every sequence of ``step`` to its length after the step (all or nothing)."""
+        self.allocator.reserve(dict(zip(step.slots, step.total_lens)))
+
+    def free(self, slot: int) -> None:
+        self.allocator.free(slot)
+
+    def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
+        lengths = step.total_lens if lengths is None else lengths
+        for slot, n in zip(step.slots, lengths):
+            if n > self.allocator.capacity(slot):
+                raise CacheCapacityError(
+                    f"slot {slot}: needs {n} cached tokens, {self.allocator.capacity(slot)} reserved "
+                    "(call PagedKVCache.reserve(step) before the step)"
+                )

@@ -1,0 +1,204 @@
+"""The per-step batch description, built once per step and shared by every layer.
+
+A step holds ``B`` sequences. Sequence ``i`` brings ``new_lens[i]`` tokens on top of
+``past_lens[i]`` cached ones and lives in cache slot ``slots[i]`` (a batch row of a
+contiguous cache, a row of a paged cache's block table). The step's tokens are packed,
+sequence after sequence: ``[T, hidden]`` with ``T = sum(new_lens)``. A sequence with one new
+token and a non-empty past is in the generation phase; every other one is a context
+(prefill) chunk, which may start after cached tokens. Phases mix in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _ints(name: str, values, minimum: int) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in values)
+    except TypeError:
+        raise ValueError(f"Step.{name}: expected a sequence of ints, got {values!r}") from None
+    bad = [v for v in out if v < minimum]
+    if bad:
+        raise ValueError(f"Step.{name}: every entry must be >= {minimum}, got {list(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """Host-side lengths plus the device tensors every backend reads (built in ``__post_init__``).
+
+    Device tensors (on ``device``):
+      ``cu_seqlens [B+1]`` int32: token offsets of each sequence in the packed batch.
+      ``past [B]``, ``slot [B]`` int32; ``encoder [B]`` int32 or None.
+      ``positions [T]`` int32: absolute position of each token (past length + offset).
+      ``total_len [T]`` int32: its sequence's length after this step (dynamic NTK scaling).
+      ``token_seq [T]`` int32: index of each token's sequence.
+    """
+
+    new_lens: tuple[int, ...]
+    past_lens: tuple[int, ...] | None = None  # None: no cached tokens
+    slots: tuple[int, ...] | None = None  # None: sequence i uses slot i
+    encoder_lens: tuple[int, ...] | None = None  # cross attention: keys per sequence
+    beam_width: int = 1
+    cache_indirection: torch.Tensor | None = None  # [B_batch, beam_width, S_max] int32 beam ids
+    device: torch.device | str = "cpu"
+    _t: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
+        new = _ints("new_lens", self.new_lens, 1)
+        if not new:
+            raise ValueError("Step.new_lens: a step needs at least one sequence, got []")
+        set_("new_lens", new)
+        n = len(new)
+        past = (0,) * n if self.past_lens is None else _ints("past_lens", self.past_lens, 0)
+        slots = tuple(range(n)) if self.slots is None else _ints("slots", self.slots, 0)
+        for name, v in (("past_lens", past), ("slots", slots)):
+            if len(v) != n:
+                raise ValueError(f"Step.{name}: expected {n} entries (one per sequence in new_lens), got {len(v)}")
+        if len(set(slots)) != n:
+            raise ValueError(f"Step.slots: each sequence needs its own cache slot, got {list(slots)}")
+        set_("past_lens", past)
+        set_("slots", slots)
+        set_("device", torch.device(self.device))
+        if self.encoder_lens is not None:
+            enc = _ints("encoder_lens", self.encoder_lens, 0)
+            if len(enc) != n:
+                raise ValueError(f"Step.encoder_lens: expected {n} entries, got {len(enc)}")
+            set_("encoder_lens", enc)
+        self._check_beams()
+        self._build_tensors()
+
+    def _check_beams(self) -> None:
+        w = self.beam_width
+        if not isinstance(w, int) or w < 1:
+            raise ValueError(f"Step.beam_width: must be a positive int, got {w!r}")
+        ind = self.cache_indirection
+        if w == 1:
+            if ind is not None:
+                raise ValueError("Step.cache_indirection: given with beam_width=1; pass beam_width > 1 for beam search")
+            return
+        if ind is None:
+            raise ValueError(f"Step.cache_indirection: required for beam search (beam_width={w}), got None")
+        if ind.dim() != 3 or ind.shape[1] != w:
+            raise ValueError(f"Step.cache_indirection: expected shape [batch, beam_width={w}, max_seq_len], got {tuple(ind.shape)}")
+        if ind.dtype != torch.int32:
+            raise ValueError(f"Step.cache_indirection: expected dtype torch.int32, got {ind.dtype}")
+        if max(self.slots) >= ind.shape[0] * w:
+            raise ValueError(
+                f"Step.slots: slot {max(self.slots)} is outside cache_indirection's {ind.shape[0]} x {w} beams"
+            )
+        if max(p + q for p, q in zip(self.past_lens, self.new_lens)) > ind.shape[2]:
+            raise ValueError(f"Step.cache_indirection: covers {ind.shape[2]} positions, the step needs more")
+        object.__setattr__(self, "cache_indirection", ind.to(self.device))
+
+    def _build_tensors(self) -> None:
+        dev, i32 = self.device, torch.int32
+        new = torch.tensor(self.new_lens, dtype=i32)
+        past = torch.tensor(self.past_lens, dtype=i32)
+        cu = torch.zeros(len(new) + 1, dtype=i32)
+        cu[1:] = torch.cumsum(new, 0)
+        token_seq = torch.repeat_interleave(torch.arange(len(new), dtype=i32), new.long())
+        offset = torch.arange(int(cu[-1]), dtype=i32) - cu[token_seq.long()]
+        positions = past[token_seq.long()] + offset
+        t = self._t
+        t["cu_seqlens"] = cu.to(dev)
+        t["past"] = past.to(dev)
+        t["slot"] = torch.tensor(self.slots, dtype=i32).to(dev)
+        t["positions"] = positions.to(dev)
+        t["total_len"] = (past + new)[token_seq.long()].to(dev)
+        t["token_seq"] = token_seq.to(dev)
+        t["encoder"] = None if self.encoder_lens is None else torch.tensor(self.encoder_lens, dtype=i32).to(dev)
+
+    # ---- device tensors -------------------------------------------------------------------
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self._t["cu_seqlens"]
+
+    @property
+    def past(self) -> torch.Tensor:
+        return self._t["past"]
+
+    @property
+    def slot(self) -> torch.Tensor:
+        return self._t["slot"]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._t["positions"]
+
+    @property
+    def total_len(self) -> torch.Tensor:
+        return self._t["total_len"]
+
+    @property
+    def token_seq(self) -> torch.Tensor:
+        return self._t["token_seq"]
+
+    @property
+    def encoder(self) -> torch.Tensor | None:
+        return self._t["encoder"]
+
+    def memo(self, key: str, build):
+        """Per-step metadata a backend derives once and every layer reuses (e.g. the CUDA tile map)."""
+        if key not in self._t:
+            self._t[key] = build()
+        return self._t[key]
+
+    # ---- host-side views ------------------------------------------------------------------
+    @property
+    def num_seqs(self) -> int:
+        return len(self.new_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.new_lens)
+
+    @property
+    def total_lens(self) -> tuple[int, ...]:
+        return tuple(p + n for p, n in zip(self.past_lens, self.new_lens))
+
+    def is_generation(self, i: int) -> bool:
+        """One new token on top of a cached past: served by the decode kernel."""
+        return self.new_lens[i] == 1 and self.past_lens[i] > 0
+
+    def token_range(self, i: int) -> range:
+        start = sum(self.new_lens[:i])
+        return range(start, start + self.new_lens[i])
+
+    def require_encoder_lens(self, what: str) -> tuple[int, ...]:
+        if self.encoder_lens is None:
+            raise ValueError(f"Step.encoder_lens: required for {what}, got None")
+        return self.encoder_lens
+
+    def encoder_step(self) -> Step:
+        """The encoder tokens as a step of their own (cross-attention K/V written on the first decoder step)."""
+        enc = self.require_encoder_lens("cross attention")
+        if min(enc) < 1:
+            raise ValueError(f"Step.encoder_lens: projecting encoder output needs >= 1 token per sequence, got {list(enc)}")
+        return Step(new_lens=enc, slots=self.slots, device=self.device)
+
+    def subset(self, indices: list[int]) -> Step:
+        """The same step restricted to some sequences (used by tests: a mixed step equals separate runs)."""
+        pick = lambda v: None if v is None else tuple(v[i] for i in indices)  # noqa: E731
+        return Step(
+            new_lens=pick(self.new_lens),
+            past_lens=pick(self.past_lens),
+            slots=pick(self.slots),
+            encoder_lens=pick(self.encoder_lens),
+            beam_width=self.beam_width,
+            cache_indirection=self.cache_indirection,
+            device=self.device,
+        )
+
+
+def padding_to_packed(mask: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``mask [B, S]`` (1 = real token, padded on either side) -> flat token indices ``[T]`` and
+    the per-sequence lengths; ``padded.flatten(0, 1)[idx]`` is the packed batch."""
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask: expected shape [batch, seq_len], got {tuple(mask.shape)}")
+    m = mask.bool()
+    return m.flatten().nonzero().squeeze(1), tuple(int(x) for x in m.sum(1).tolist())
