@@ -13,7 +13,8 @@ import torch
 from .backends import get_backend
 from .backends.base import AttentionSpec
 from .comm import Communicator
-from .config import AttentionConfig, AttentionMaskType, PositionEmbeddingType
+from .config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
+from .fp8 import FP8ColumnLinear, FP8RowLinear
 from .kv_cache import KVCache, PagedKVCache
 from .linear import ColumnLinear, RowLinear
 from .position import RopeSpec, alibi_slopes
@@ -43,8 +44,12 @@ class _AttentionBase(torch.nn.Module):
         self.backend = get_backend(backend, self.device)
         d, dt = config.head_size, config.dtype
         kw = dict(comm=comm, dtype=dt, device=self.device)
-        self.qkv = ColumnLinear(config.hidden_size, config.qkv_size, bias=config.qkv_bias, rows=qkv_rows(self.layout, d), **kw)
-        self.dense = RowLinear(config.num_heads * d, config.hidden_size, bias=config.dense_bias, **kw)
+        column, row = ColumnLinear, RowLinear
+        if config.quant_mode is QuantMode.fp8_qdq:
+            column, row = FP8ColumnLinear, FP8RowLinear
+            kw.update(weight_scaling=config.fp8_weight_scaling, activation_scaling=config.fp8_activation_scaling)
+        self.qkv = column(config.hidden_size, config.qkv_size, bias=config.qkv_bias, rows=qkv_rows(self.layout, d), **kw)
+        self.dense = row(config.num_heads * d, config.hidden_size, bias=config.dense_bias, **kw)
         self.rope = RopeSpec.from_config(config)
         pe = config.position_embedding
         slopes = None
@@ -67,11 +72,22 @@ class _AttentionBase(torch.nn.Module):
         qkv_bias: torch.Tensor | None = None,
         dense_bias: torch.Tensor | None = None,
         relative_table: torch.Tensor | None = None,
+        qkv_input_scale: float | None = None,
+        dense_input_scale: float | None = None,
     ) -> None:
         """Load this rank's shard from full weights: fused ``[Q | K | V]`` ``[(H + 2KV)·D, hidden]``,
-        dense ``[hidden, H·D]``, and (relative attention) the table ``[H, num_buckets]``."""
+        dense ``[hidden, H·D]``, and (relative attention) the table ``[H, num_buckets]``.
+        FP8 projections with static activation scaling also take the calibrated input scales."""
         self.qkv.load_weights(qkv_weight, qkv_bias)
         self.dense.load_weights(dense_weight, dense_bias)
+        static = self.config.quant_mode is QuantMode.fp8_qdq and self.config.fp8_activation_scaling is Fp8ActivationScaling.static
+        for name, layer, scale in (("qkv_input_scale", self.qkv, qkv_input_scale), ("dense_input_scale", self.dense, dense_input_scale)):
+            if static and scale is None:
+                raise ValueError(f"{name}: FP8 with static activation scaling needs a calibrated scale, got None")
+            if not static and scale is not None:
+                raise ValueError(f"{name}: only for quant_mode=fp8_qdq with fp8_activation_scaling=static")
+            if static:
+                layer.set_input_scale(scale)
         if (relative_table is None) != (self.relative_table is None):
             raise ValueError(
                 "relative_table: expected "

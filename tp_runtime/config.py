@@ -8,7 +8,7 @@ nothing here is divided by the tensor-parallel size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -60,6 +60,23 @@ class KVCacheDType(str, Enum):
         return self is not KVCacheDType.auto
 
 
+class QuantMode(str, Enum):
+    """How the QKV and dense projections compute (independent of the KV-cache dtype)."""
+
+    none = "none"
+    fp8_qdq = "fp8_qdq"  # FP8 weights and activations, fp32 accumulate (fp8.py)
+
+
+class Fp8WeightScaling(str, Enum):
+    per_tensor = "per_tensor"
+    per_channel = "per_channel"  # one scale per output row
+
+
+class Fp8ActivationScaling(str, Enum):
+    dynamic = "dynamic"  # amax of the current input
+    static = "static"  # calibrated, given at load time
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -102,7 +119,9 @@ class AttentionConfig:
     cross_attention: bool = False
     dtype: torch.dtype = torch.float32
     kv_cache_dtype: KVCacheDType = KVCacheDType.auto
-    extra: dict = field(default_factory=dict, compare=False, repr=False)  # free-form, never read by the runtime
+    quant_mode: QuantMode = QuantMode.none
+    fp8_weight_scaling: Fp8WeightScaling = Fp8WeightScaling.per_tensor
+    fp8_activation_scaling: Fp8ActivationScaling = Fp8ActivationScaling.dynamic
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
@@ -110,6 +129,9 @@ class AttentionConfig:
         set_("rotary_scaling", _enum(RotaryScalingType, "rotary_scaling", self.rotary_scaling))
         set_("mask_type", _enum(AttentionMaskType, "mask_type", self.mask_type))
         set_("kv_cache_dtype", _enum(KVCacheDType, "kv_cache_dtype", self.kv_cache_dtype))
+        set_("quant_mode", _enum(QuantMode, "quant_mode", self.quant_mode))
+        set_("fp8_weight_scaling", _enum(Fp8WeightScaling, "fp8_weight_scaling", self.fp8_weight_scaling))
+        set_("fp8_activation_scaling", _enum(Fp8ActivationScaling, "fp8_activation_scaling", self.fp8_activation_scaling))
         for name in ("hidden_size", "num_heads", "max_position_embeddings", "num_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -161,6 +183,9 @@ class AttentionConfig:
                 pe.value,
                 "cross attention takes no position embedding (learned_absolute, or relative without a table)",
             )
+
+        if self.quant_mode is QuantMode.fp8_qdq and self.dtype is torch.float32:
+            _fail("quant_mode", self.quant_mode.value, "FP8 projections need fp16 or bf16 activations (dtype)")
 
     # ---- derived numbers (no state) -------------------------------------------------------
     @property

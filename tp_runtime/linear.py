@@ -4,6 +4,7 @@
 its output is this rank's slice. ``RowLinear`` keeps the matching input columns: a local
 GEMM gives a partial sum, which is all-reduced over the group; the bias is added once,
 after the reduce. Both allocate only their shard and load it from the full weight.
+Subclasses (``fp8.py``) change how the shard is stored and multiplied, not how it is chosen.
 """
 
 from __future__ import annotations
@@ -14,12 +15,54 @@ from .comm import Communicator
 from .sharding import even_range
 
 
-def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != expected:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")
 
 
-class ColumnLinear(torch.nn.Module):
+class _ShardedLinear(torch.nn.Module):
+    """Shard bookkeeping shared by both layers: full shapes, the local weight, the bias."""
+
+    def __init__(self, in_features: int, out_features: int, local_shape: tuple[int, int], bias_size: int | None, dtype, device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.weight = torch.nn.Parameter(torch.empty(*local_shape, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (
+            torch.nn.Parameter(torch.empty(bias_size, dtype=dtype, device=device), requires_grad=False)
+            if bias_size is not None
+            else None
+        )
+
+    def shard(self, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full ``weight [out, in]``."""
+        raise NotImplementedError
+
+    def shard_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Load this rank's shard from the full ``weight [out, in]`` and ``bias [out]``."""
+        check_shape("weight", weight, (self.out_features, self.in_features))
+        if (bias is None) != (self.bias is None):
+            raise ValueError(f"bias: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias")
+        if bias is not None:
+            check_shape("bias", bias, (self.out_features,))
+        self.store_weight(weight, self.shard(weight))
+        if bias is not None:
+            self.bias.copy_(self.shard_bias(bias))
+
+    def store_weight(self, full: torch.Tensor, local: torch.Tensor) -> None:
+        """Keep the local shard (FP8 layers quantize it here, with scales from ``full``)."""
+        del full
+        self.weight.copy_(local)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local] -> [..., out_local]
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class ColumnLinear(_ShardedLinear):
     """``y_r = x · W[rows]ᵀ + b[rows]`` where ``rows`` are this rank's output rows.
 
     ``rows`` defaults to the rank's even contiguous share of ``out_features``; the fused
@@ -37,36 +80,26 @@ class ColumnLinear(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        super().__init__()
         if rows is None:
             r = even_range(out_features, comm.size, comm.rank, "out_features")
             rows = torch.arange(r.start, r.stop)
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("rows", rows.to(torch.long), persistent=False)
         n = rows.numel()
-        self.weight = torch.nn.Parameter(torch.empty(n, in_features, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (
-            torch.nn.Parameter(torch.empty(n, dtype=dtype, device=device), requires_grad=False) if bias else None
-        )
+        super().__init__(in_features, out_features, (n, in_features), n if bias else None, dtype, device)
+        self.register_buffer("rows", rows.to(torch.long), persistent=False)
 
-    @torch.no_grad()
-    def load_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Load this rank's rows from the full ``weight [out, in]`` and ``bias [out]``."""
-        _check_shape("weight", weight, (self.out_features, self.in_features))
-        rows = self.rows.to(weight.device)
-        self.weight.copy_(weight.index_select(0, rows))
-        if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias")
-        if bias is not None:
-            _check_shape("bias", bias, (self.out_features,))
-            self.bias.copy_(bias.index_select(0, rows.to(bias.device)))
+    def shard(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_select(0, self.rows.to(weight.device))
+
+    def shard_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias.index_select(0, self.rows.to(bias.device))
 
     def forward(self, x: torch.Tensor, *, with_bias: bool = True) -> torch.Tensor:  # [..., in] -> [..., n_local]
         """``with_bias=False`` leaves the bias to a later fused step (attention's prepare kernel)."""
-        return torch.nn.functional.linear(x, self.weight, self.bias if with_bias else None)
+        y = self.matmul(x)
+        return y + self.bias if with_bias and self.bias is not None else y
 
 
-class RowLinear(torch.nn.Module):
+class RowLinear(_ShardedLinear):
     """``y = all_reduce(x_r · W[:, cols_r]ᵀ) + b``: input is this rank's slice of the features."""
 
     def __init__(
@@ -79,32 +112,16 @@ class RowLinear(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        super().__init__()
-        self.comm = comm
-        self.cols = even_range(in_features, comm.size, comm.rank, "in_features")
-        self.in_features, self.out_features = in_features, out_features
-        n = len(self.cols)
-        self.weight = torch.nn.Parameter(torch.empty(out_features, n, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (
-            torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
-        )
+        cols = even_range(in_features, comm.size, comm.rank, "in_features")
+        super().__init__(in_features, out_features, (out_features, len(cols)), out_features if bias else None, dtype, device)
+        self.comm, self.cols = comm, cols
 
-    @torch.no_grad()
-    def load_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Load this rank's columns from the full ``weight [out, in]``; the full ``bias [out]``."""
-        _check_shape("weight", weight, (self.out_features, self.in_features))
-        self.weight.copy_(weight[:, self.cols.start : self.cols.stop])
-        if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias")
-        if bias is not None:
-            _check_shape("bias", bias, (self.out_features,))
-            self.bias.copy_(bias)
+    def shard(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight[:, self.cols.start : self.cols.stop]
+
+    def shard_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias  # added once, after the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local] -> [..., out]
-        y = torch.nn.functional.linear(x, self.weight).contiguous()
-        y = self.comm.all_reduce(y)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        y = self.comm.all_reduce(self.matmul(x).contiguous())
+        return y + self.bias if self.bias is not None else y
