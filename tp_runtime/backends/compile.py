@@ -1,0 +1,307 @@
+"""Compiling and caching the CUDA kernels of ``kernels/`` (NVRTC through ``cupy.RawModule``).
+
+Every compile-time variant of every kernel family is named in ONE table, ``FAMILIES``: the source
+file, the C++ template the variant instantiates, and the values each template parameter may take
+(with the reason each variant exists). ``get_kernel(family, **params)`` checks the request
+against the table (an unsupported combination raises ``NotImplementedError`` listing what is
+supported), compiles the one instantiation it names and returns its ``cupy.RawKernel``.
+
+Caching, two levels:
+  * in-process: one ``RawKernel`` per (family, params), kept for the life of the process;
+  * on disk: CuPy's own kernel cache, keyed by source + options + name expression + NVRTC
+    version. Its folder is ``$CUPY_CACHE_DIR``; when that is unset we set it (before CuPy reads
+    it) to CuPy's per-user default ``~/.cupy/kernel_cache``, so every process of one user on a
+    node -- MPI ranks and the compile workers of ``precompile`` -- shares one cache. The
+    ``*.cuh`` headers a source includes are hashed into the compiled text, so editing a header
+    invalidates the cached binaries that might include it.
+
+Under ``mpirun``: call ``precompile(variants, local_comm)`` with the node-local communicator (the
+shared-memory split). Node-local rank 0 compiles everything (in parallel worker processes),
+then the node barriers, then every rank loads the binaries from the disk cache.
+
+Public API (stable; the decode family and the CUDA backend use it):
+  ``FAMILIES``, ``Family``, ``get_kernel(family, **params)``, ``kernel_options(hopper=False)``,
+  ``precompile(families_and_params, local_comm=None, workers=None)``, ``KernelCompileError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+os.environ.setdefault("CUPY_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache"))
+
+from ..resources import kernels_dir  # noqa: E402
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel variant; the message names the variant, the options and the log."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kernel family: a source file and the template instantiations it may be asked for.
+
+    ``template`` is a ``str.format`` pattern over the parameter names producing the NVRTC name
+    expression (e.g. ``"tp::foo<{dtype}, {head_size}>"``). ``params`` maps each parameter to
+    ``{python value: C++ token}``; the python values are what callers pass to ``get_kernel``
+    (torch dtypes and enums are accepted and normalised to their names/values). ``rule``
+    optionally rejects combinations the per-parameter lists cannot express: it returns a
+    message (unsupported) or None (fine). ``hopper_only`` families use sm_90a instructions.
+    """
+
+    source: str
+    template: str
+    params: Mapping[str, Mapping[object, str]]
+    rule: Callable[[dict], str | None] | None = None
+    hopper_only: bool = False
+    doc: str = field(default="", compare=False)
+
+
+_HALF_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+# Cache storage: what the K/V of the cache are stored as; int8/fp8 are dequantized on load.
+_CACHE_TYPES = {"auto": "tp::CacheAuto", "int8": "tp::CacheInt8", "fp8": "tp::CacheFp8"}
+
+FAMILIES: dict[str, Family] = {
+    # Fused bias + RoPE + cache write + Q out (kernels/prepare.cu). Memory-bound, so only the
+    # variants that change the inner loop's types are compile-time; everything else is a
+    # runtime argument.
+    "prepare": Family(
+        source="prepare.cu",
+        template="tp::prepare_kernel<{dtype}, {cache}, {layout}, {rope}>",
+        params={
+            # activation dtype: fp16 and bf16 (fp32 stays on the reference backend)
+            "dtype": _HALF_TYPES,
+            # cache storage: the quantizing store differs per type
+            "cache": _CACHE_TYPES,
+            # where a token's K/V row lives: batch row + position, or block table lookup
+            "layout": {"contiguous": "tp::LayoutContiguous", "paged": "tp::LayoutPaged", "none": "tp::LayoutNone"},
+            # pairing of rotated channels: none, GPT-J (2i, 2i+1), NeoX (i, i + rot/2)
+            "rope": {"none": "tp::RopeNone", "gptj": "tp::RopeGptj", "neox": "tp::RopeNeox"},
+        },
+        doc="bias + RoPE + K/V cache write (+quantize) + Q out",
+    ),
+    # FlashAttention-2-style context (prefill) attention (kernels/context_attention.cu).
+    "context": Family(
+        source="context_attention.cu",
+        template="tp::context_attention_kernel<{dtype}, {head_size}, {mask}, {bias}, {layout}, {cache}>",
+        params={
+            # mma.sync m16n8k16 takes fp16 or bf16 operands (fp32 accumulate in both)
+            "dtype": _HALF_TYPES,
+            # fragment counts and shared-memory tiles are sized by D at compile time; these are
+            # the head sizes of the models we serve (GPT-2/BERT 64, Falcon/GPT-J-ish 80/96,
+            # Llama 128, Gemma-style 256)
+            "head_size": {64: "64", 80: "80", 96: "96", 128: "128", 256: "256"},
+            # causal skips tiles above the diagonal; bidirectional adds ChatGLM's -10000 column;
+            # padding: every key of the sequence (encoders, cross attention)
+            "mask": {"causal": "tp::MaskCausal", "padding": "tp::MaskPadding", "bidirectional": "tp::MaskBidirectional"},
+            # additive score bias computed inside the loop: none, ALiBi slopes, T5 implicit
+            # buckets (bidirectional or causal buckets, a runtime flag), explicit [H, Q, K] table
+            "bias": {"none": "tp::BiasNone", "alibi": "tp::BiasAlibi", "relative": "tp::BiasRelative", "explicit": "tp::BiasExplicit"},
+            # K/V addressing: contiguous [B, 2, KV, S_max, D] or paged pool + block table
+            "layout": {"contiguous": "tp::LayoutContiguous", "paged": "tp::LayoutPaged"},
+            # K/V storage; int8/fp8 are dequantized while filling the shared-memory tile
+            "cache": _CACHE_TYPES,
+        },
+        doc="FlashAttention-2-style prefill over packed variable-length sequences with cached past",
+    ),
+    # "decode": added by the decode kernel's author (one entry, same shape as above).
+}
+
+_lock = threading.Lock()
+_kernels: dict[tuple, object] = {}
+_header_digest: dict[str, str] = {}
+
+
+def _normalise(value):
+    """torch dtypes -> 'float16' etc., enums -> their value; everything else unchanged."""
+    if isinstance(value, Enum):
+        return value.value
+    mod = type(value).__module__
+    if mod.startswith("torch") and type(value).__name__ == "dtype":
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def _resolve(family: str, params: dict) -> tuple[Family, dict, str]:
+    """Check a request against ``FAMILIES``; return the family, normalised params, name expression."""
+    if family not in FAMILIES:
+        raise NotImplementedError(f"kernel family {family!r}: not in FAMILIES; supported families: {sorted(FAMILIES)}")
+    fam = FAMILIES[family]
+    params = {k: _normalise(v) for k, v in params.items()}
+    missing, extra = set(fam.params) - set(params), set(params) - set(fam.params)
+    if missing or extra:
+        raise TypeError(
+            f"get_kernel({family!r}): expected parameters {sorted(fam.params)}, "
+            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    for name, allowed in fam.params.items():
+        if params[name] not in allowed:
+            raise NotImplementedError(
+                f"kernel family {family!r}: {name}={params[name]!r} is not supported; supported {name} values: "
+                f"{list(allowed)}. Supported combinations: " + _describe(fam)
+            )
+    if fam.rule is not None:
+        why = fam.rule(params)
+        if why:
+            raise NotImplementedError(f"kernel family {family!r} {params}: {why}. Supported: " + _describe(fam))
+    expr = fam.template.format(**{k: fam.params[k][v] for k, v in params.items()})
+    return fam, params, expr
+
+
+def _describe(fam: Family) -> str:
+    return "; ".join(f"{k} in {list(v)}" for k, v in fam.params.items())
+
+
+def supported(family: str) -> dict[str, list]:
+    """Allowed values of each parameter of ``family`` (for error messages, tests and docs)."""
+    if family not in FAMILIES:
+        raise NotImplementedError(f"kernel family {family!r}: supported families: {sorted(FAMILIES)}")
+    return {k: list(v) for k, v in FAMILIES[family].params.items()}
+
+
+def _arch() -> str:
+    import cupy
+
+    cc = cupy.cuda.Device().compute_capability  # e.g. "90"
+    return cc
+
+
+def kernel_options(hopper: bool = False) -> tuple[str, ...]:
+    """NVRTC options for the current device: ``-arch=sm_<cc>`` (``sm_90a`` only for ``hopper``
+    families), C++17, the kernels folder on the include path. CuPy adds ``-ftz=true``."""
+    cc = _arch()
+    if hopper:
+        if cc != "90":
+            raise NotImplementedError(f"this kernel uses Hopper-only instructions (sm_90a); the device is sm_{cc}")
+        arch = "-arch=sm_90a"
+    else:
+        arch = f"-arch=sm_{cc}"
+    return (arch, "-std=c++17", f"-I{kernels_dir()}", "-DTP_NVRTC=1")
+
+
+def _source(fam: Family) -> str:
+    """The source text, stamped with a digest of the headers in kernels/ (so CuPy's cache key,
+    which covers only this text, changes when an included header changes)."""
+    folder = kernels_dir()
+    path = folder / fam.source
+    if not path.is_file():
+        raise FileNotFoundError(f"kernel source {path} not found")
+    key = str(folder)
+    if key not in _header_digest:
+        h = hashlib.sha256()
+        for header in sorted(folder.glob("*.cuh")):
+            h.update(header.name.encode())
+            h.update(header.read_bytes())
+        _header_digest[key] = h.hexdigest()[:16]
+    return f"// tp_runtime headers {_header_digest[key]}\n" + path.read_text()
+
+
+def get_kernel(family: str, **params):
+    """The ``cupy.RawKernel`` of one variant, compiled on first use (then cached in process and on disk).
+
+    Raises ``NotImplementedError`` for an unsupported variant (listing the supported values) and
+    ``KernelCompileError`` (variant, options, NVRTC log) when compilation fails.
+    """
+    fam, params, expr = _resolve(family, params)
+    key = (family, tuple(sorted(params.items())))
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _kernels.get(key)
+        if kernel is None:
+            kernel = _compile(family, fam, params, expr)
+            _kernels[key] = kernel
+    return kernel
+
+
+def _compile(family: str, fam: Family, params: dict, expr: str):
+    import cupy
+    from cupy.cuda.compiler import CompileException
+
+    options = kernel_options(fam.hopper_only)
+    code = _source(fam)
+    try:
+        module = cupy.RawModule(code=code, options=options, name_expressions=[expr])
+        return module.get_function(expr)
+    except CompileException as e:
+        raise KernelCompileError(
+            f"compiling kernel family {family!r} variant {params} ({expr}) from {fam.source} with options "
+            f"{options} failed:\n{e}"
+        ) from e
+
+
+def _worker(device: int, family: str, params: dict) -> str:
+    """Compile one variant in a worker process (fills the shared disk cache)."""
+    import cupy
+
+    cupy.cuda.Device(device).use()
+    get_kernel(family, **params)
+    return family
+
+
+def _rank(comm) -> int:
+    return comm.Get_rank() if hasattr(comm, "Get_rank") else int(comm.rank)
+
+
+def _barrier(comm) -> None:
+    (comm.Barrier if hasattr(comm, "Barrier") else comm.barrier)()
+
+
+def precompile(
+    families_and_params: Iterable[tuple[str, Mapping]], local_comm=None, workers: int | None = None
+) -> list:
+    """Compile many variants, filling the disk cache, then load them all in this process.
+
+    ``families_and_params``: ``[(family, {param: value, ...}), ...]``. Every request is checked
+    first (unsupported ones raise before anything compiles). With ``local_comm`` (the node-local
+    communicator: mpi4py ``Barrier``/``Get_rank`` or ``barrier``/``rank``) only node-local rank 0
+    compiles, the node barriers, then every rank loads from the disk cache. Compilation runs in
+    up to ``workers`` processes (default: CPU count, at most 16); ``workers=1`` compiles here.
+    Returns the kernels in request order.
+    """
+    requests = [(f, dict(p)) for f, p in families_and_params]
+    for f, p in requests:
+        _resolve(f, p)
+    error = None
+    if local_comm is None or _rank(local_comm) == 0:
+        try:
+            _compile_parallel(requests, workers)
+        except BaseException as e:  # keep the barrier: the others must not wait forever
+            error = e
+    if local_comm is not None:
+        _barrier(local_comm)
+    if error is not None:
+        raise error
+    return [get_kernel(f, **p) for f, p in requests]
+
+
+def _compile_parallel(requests: list, workers: int | None) -> None:
+    todo, seen = [], set()
+    for f, p in requests:
+        fam, p2, _ = _resolve(f, p)
+        key = (f, tuple(sorted(p2.items())))
+        if key not in _kernels and key not in seen:
+            seen.add(key)
+            todo.append((f, p2))
+    n = min(workers or min(os.cpu_count() or 1, 16), len(todo))
+    if n <= 1:
+        for f, p in todo:
+            get_kernel(f, **p)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import cupy
+
+    device = cupy.cuda.Device().id
+    with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker, device, f, p) for f, p in todo]
+        for fut in futures:
+            fut.result()  # re-raises a worker's KernelCompileError here
