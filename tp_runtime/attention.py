@@ -13,6 +13,7 @@ import torch
 from .backends import get_backend
 from .backends.base import AttentionSpec
 from .comm import Communicator
+from .consistency import check_same, fingerprint_tensors, fingerprint_text
 from .config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
 from .fp8 import FP8ColumnLinear, FP8RowLinear
 from .kv_cache import KVCache, PagedKVCache
@@ -78,6 +79,13 @@ class _AttentionBase(torch.nn.Module):
         """Load this rank's shard from full weights: fused ``[Q | K | V]`` ``[(H + 2KV)·D, hidden]``,
         dense ``[hidden, H·D]``, and (relative attention) the table ``[H, num_buckets]``.
         FP8 projections with static activation scaling also take the calibrated input scales."""
+        check_same(self.comm, f"config of {type(self).__name__}", fingerprint_text(repr(self.config)), self.device)
+        check_same(
+            self.comm,
+            f"weights given to {type(self).__name__}.load_weights",
+            fingerprint_tensors(qkv_weight, dense_weight, qkv_bias, dense_bias, relative_table),
+            self.device,
+        )
         self.qkv.load_weights(qkv_weight, qkv_bias)
         self.dense.load_weights(dense_weight, dense_bias)
         static = self.config.quant_mode is QuantMode.fp8_qdq and self.config.fp8_activation_scaling is Fp8ActivationScaling.static
@@ -150,6 +158,9 @@ class _AttentionBase(torch.nn.Module):
 
     def _finish(self, ctx: torch.Tensor, shape: torch.Size, idx: torch.Tensor | None) -> torch.Tensor:
         out = self.dense(ctx.reshape(ctx.shape[0], -1))  # [T, hidden], all-reduced
+        # After the all-reduce every rank holds the same values, so this raises on all ranks or none.
+        if self.config.check_finite and not torch.isfinite(out).all():
+            raise FloatingPointError(f"{type(self).__name__}: output holds NaN or Inf (config.check_finite)")
         if idx is None:
             return out
         padded = torch.zeros(shape[0] * shape[1], out.shape[-1], dtype=out.dtype, device=out.device)

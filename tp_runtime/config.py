@@ -122,6 +122,7 @@ class AttentionConfig:
     quant_mode: QuantMode = QuantMode.none
     fp8_weight_scaling: Fp8WeightScaling = Fp8WeightScaling.per_tensor
     fp8_activation_scaling: Fp8ActivationScaling = Fp8ActivationScaling.dynamic
+    check_finite: bool = False  # raise if a layer's output holds NaN/Inf (costs one device sync per layer)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation

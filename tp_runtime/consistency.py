@@ -1,0 +1,47 @@
+"""Checks that every rank of a tensor-parallel group agrees (config, weights), failing on all of them.
+
+A mismatch must raise on every rank, never on one alone (that would leave the others waiting in
+the next collective): each rank contributes its fingerprint to an all-gather and every rank
+compares the same gathered values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .comm import Communicator
+
+
+def fingerprint_text(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1  # fits int64
+
+
+def fingerprint_tensors(*tensors: torch.Tensor | None) -> int:
+    """A cheap, order-sensitive digest of full tensors, computed on their device (no host copy of
+    the weights): sums of the values, their squares and their index-weighted values, in fp64."""
+    parts = []
+    for t in tensors:
+        if t is None:
+            parts.append("none")
+            continue
+        x = t.detach().reshape(-1).double()
+        ramp = torch.linspace(0.5, 1.5, x.numel(), dtype=torch.float64, device=x.device)
+        sums = torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum()]).tolist()
+        parts.append(f"{tuple(t.shape)}:{t.dtype}:" + ",".join(f"{s:.12e}" for s in sums))
+    return fingerprint_text("|".join(parts))
+
+
+def check_same(comm: Communicator, what: str, value: int, device: torch.device) -> None:
+    """Raise ``ValueError`` on every rank unless all ranks of ``comm`` hold the same ``value``."""
+    if comm.size == 1:
+        return
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    values = [int(v) for v in comm.all_gather(mine).reshape(-1).tolist()]
+    if len(set(values)) != 1:
+        groups = {}
+        for rank, v in enumerate(values):
+            groups.setdefault(v, []).append(rank)
+        listing = "; ".join(f"ranks {ranks}" for ranks in groups.values())
+        raise ValueError(f"{what} differs across the tensor-parallel group ({listing} agree among themselves)")
