@@ -1,0 +1,316 @@
+"""Whole tensor-parallel attention layer per step: ours against a plain torch.distributed layer.
+
+Run under the launcher, once per tp size, then merge the results:
+
+    launch/tp_run -n 1 launch/bench_tp.py --out launch/results/bench_tp_tp1.json
+    launch/tp_run -n 2 launch/bench_tp.py --out launch/results/bench_tp_tp2.json
+    launch/tp_run -n 4 launch/bench_tp.py --out launch/results/bench_tp_tp4.json
+    python launch/bench_tp.py --report launch/results/bench_tp_tp*.json   # table, BENCHMARKS.md rows, PNG
+
+A step is the whole layer: QKV GEMM, prepare (bias, RoPE, cache write), attention, dense GEMM,
+all-reduce, bias. The baseline is what a user would write instead (Megatron-style sharding,
+``F.linear``, RoPE in torch, ``scaled_dot_product_attention`` with its fastest available backend
+for the case, ``torch.distributed.all_reduce`` over NCCL), on the same shards and cache sizes.
+Timing: CUDA events around each step after warm-up, the median of many repeats, inputs rotated
+among several buffers. GPU idle time of a decode step is measured by queueing the steps behind a
+long sleep kernel (so the host is never in the way) and comparing with the eager time.
+``--smoke`` runs one tiny step of each on the CPU (CI), timing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import tp_runtime
+from tp_runtime.attention import Attention
+from tp_runtime.config import AttentionConfig, QuantMode
+from tp_runtime.kv_cache import KVCache, PagedKVCache
+from tp_runtime.position import RopeSpec, alibi_slopes, apply_rope
+from tp_runtime.sharding import qkv_rows, slice_heads
+from tp_runtime.step import Step
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    pe: str
+
+
+MODELS = (
+    Model("llama2-7b", 4096, 32, 32, "rope_gpt_neox"),
+    Model("llama2-70b", 8192, 64, 8, "rope_gpt_neox"),
+    Model("bloom-176b", 14336, 112, 112, "alibi"),  # 112 heads: not a power of two
+    Model("falcon-mqa", 4096, 64, 1, "rope_gpt_neox"),
+)
+PREFILL = (8, 2048)  # sequences x tokens
+DECODE = ((1, 16384), (8, 4096), (64, 2048), (256, 1024))  # batch x cached tokens
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="JSON output (rank 0)")
+    p.add_argument("--models", default=",".join(m.name for m in MODELS))
+    p.add_argument("--phases", default="prefill,decode")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--fp8", action="store_true", help="also time prefill with FP8 projections (vs bf16)")
+    p.add_argument("--smoke", action="store_true", help="one tiny step of each on the CPU, no timing")
+    p.add_argument("--report", nargs="*", default=None, help="merge result JSONs into a table, plot and BENCHMARKS.md rows")
+    return p.parse_args(argv)
+
+
+class BaselineLayer:
+    """The same sharded layer in plain torch: what a user would write with torch.distributed."""
+
+    def __init__(self, cfg: AttentionConfig, ours: Attention, dist_group):
+        self.cfg, self.layout, self.group = cfg, ours.layout, dist_group
+        self.w_qkv, self.b_qkv = ours.qkv.weight, ours.qkv.bias
+        self.w_dense, self.b_dense = ours.dense.weight, ours.dense.bias
+        self.rope = RopeSpec.from_config(cfg)
+        self.slopes = ours.alibi_slopes
+
+    def __call__(self, x, k_cache, v_cache, past: int, new: int, batch: int):
+        """x [B·new, hidden]; caches [B, KV_r, L_max, D]; every sequence has the same lengths."""
+        h, kv, d = self.layout.num_heads_per_rank, self.layout.num_kv_heads_per_rank, self.cfg.head_size
+        qkv = F.linear(x, self.w_qkv, self.b_qkv).view(batch, new, h + 2 * kv, d)
+        q, k, v = qkv[:, :, :h], qkv[:, :, h : h + kv], qkv[:, :, h + kv :]
+        if self.rope is not None:
+            pos = torch.arange(past, past + new, device=x.device).repeat(batch)
+            cos, sin = self.rope.cos_sin(pos, torch.full_like(pos, past + new))
+            q = apply_rope(q.reshape(-1, h, d), cos, sin, self.rope).view(batch, new, h, d)
+            k = apply_rope(k.reshape(-1, kv, d), cos, sin, self.rope).view(batch, new, kv, d)
+        k_cache[:, :, past : past + new] = k.transpose(1, 2)
+        v_cache[:, :, past : past + new] = v.transpose(1, 2)
+        keys, vals = k_cache[:, :, : past + new], v_cache[:, :, : past + new]
+        mask = None
+        if self.slopes is not None:  # ALiBi as an additive mask (+ causal), as users do with SDPA
+            qp = torch.arange(past, past + new, device=x.device)
+            kp = torch.arange(past + new, device=x.device)
+            rel = (kp[None] - qp[:, None]).float()
+            mask = self.slopes[:, None, None] * rel
+            mask = mask.masked_fill(rel > 0, float("-inf")).to(x.dtype)[None]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=mask is None and new > 1,
+            scale=self.cfg.softmax_scale, enable_gqa=h != kv,
+        )
+        y = F.linear(o.transpose(1, 2).reshape(batch * new, h * d), self.w_dense)
+        if self.group is not None:
+            torch.distributed.all_reduce(y, group=self.group)
+        return y + self.b_dense if self.b_dense is not None else y
+
+
+def time_steps(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` with CUDA events, after warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def gpu_busy_ms(fn, n: int = 20) -> float:
+    """GPU time of one step with the host out of the way: queue ``n`` steps behind a sleep kernel."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e8))  # ~100 ms at ~2 GHz: long enough for the host to queue every step
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / n
+
+
+def build(model: Model, world, dtype, quant=QuantMode.none, max_batch=8, max_len=2048):
+    cfg = AttentionConfig(hidden_size=model.hidden, num_heads=model.heads, num_kv_heads=model.kv_heads,
+                          position_embedding=model.pe, dtype=dtype, quant_mode=quant)
+    dev = world.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    layer = Attention(cfg, comm=world.tp_comm, device=dev)
+    s = 1 / math.sqrt(model.hidden)
+    layer.load_weights(
+        qkv_weight=(torch.randn(cfg.qkv_size, model.hidden, device=dev, generator=gen) * s).to(dtype),
+        dense_weight=(torch.randn(model.hidden, model.heads * cfg.head_size, device=dev, generator=gen) * s).to(dtype),
+        qkv_bias=(torch.randn(cfg.qkv_size, device=dev, generator=gen) * 0.1).to(dtype),
+        dense_bias=(torch.randn(model.hidden, device=dev, generator=gen) * 0.1).to(dtype),
+    )
+    return cfg, layer
+
+
+def bench_case(model, world, group, phase, batch, length, repeats, dtype, paged=False, quant=QuantMode.none):
+    dev = world.device
+    new = length if phase == "prefill" else 1
+    past = 0 if phase == "prefill" else length - 1
+    cfg, layer = build(model, world, dtype, quant)
+    lay = layer.layout
+    if paged:
+        block = 64
+        per_seq = -(-length // block)
+        cache = PagedKVCache(config=cfg, head_layout=lay, num_layers=1, num_blocks=batch * per_seq, block_size=block,
+                             max_seqs=batch, max_blocks_per_seq=per_seq, device=dev)
+    else:
+        cache = KVCache(config=cfg, head_layout=lay, num_layers=1, max_batch=batch, max_seq_len=length, device=dev)
+    cache.data.normal_()  # cached past: random, never zeros
+    step = Step(new_lens=[new] * batch, past_lens=[past] * batch, device=dev)
+    if paged:
+        cache.reserve(step)
+    xs = [torch.randn(batch * new, model.hidden, device=dev, dtype=dtype) for _ in range(4)]
+    it = iter(range(1 << 30))
+    ours = lambda: layer(xs[next(it) % 4], step, cache)  # noqa: E731
+    row = dict(model=model.name, phase=phase, batch=batch, length=length, tp=world.tp_size, paged=paged,
+               quant=quant.value, dtype=str(dtype).removeprefix("torch."))
+    row["ours_ms"] = time_steps(ours, repeats)
+    if phase == "decode" and not paged and quant is QuantMode.none:
+        busy = gpu_busy_ms(ours)
+        row["gpu_busy_ms"] = busy
+        row["gpu_idle_pct"] = max(0.0, 100 * (1 - busy / row["ours_ms"]))
+    if quant is QuantMode.none and not paged:
+        base = BaselineLayer(cfg, layer, group)
+        kc = torch.randn(batch, lay.num_kv_heads_per_rank, length, cfg.head_size, device=dev, dtype=dtype)
+        vc = torch.randn_like(kc)
+        base_fn = lambda: base(xs[next(it) % 4], kc, vc, past, new, batch)  # noqa: E731
+        row["baseline_ms"] = time_steps(base_fn, repeats)
+        row["ratio"] = row["baseline_ms"] / row["ours_ms"]
+    row["tokens_per_s"] = batch * new / row["ours_ms"] * 1e3
+    del cache
+    torch.cuda.empty_cache()
+    return row
+
+
+def smoke(world) -> None:
+    """CI: one tiny prefill and decode step of ours and of the baseline on the CPU, checked equal."""
+    model = Model("tiny", 64, 4, 2, "rope_gpt_neox")
+    cfg, layer = build(model, world, torch.float32)
+    cache = KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=2, max_seq_len=8, device=world.device)
+    base = BaselineLayer(cfg, layer, torch.distributed.group.WORLD if world.tp_size > 1 else None)
+    kc = torch.zeros(2, layer.layout.num_kv_heads_per_rank, 8, cfg.head_size)
+    vc = torch.zeros_like(kc)
+    x = torch.randn(2 * 5, 64)
+    ours = layer(x, Step(new_lens=[5, 5]), cache)
+    theirs = base(x, kc, vc, 0, 5, 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    x1 = torch.randn(2, 64)
+    ours = layer(x1, Step(new_lens=[1, 1], past_lens=[5, 5]), cache)
+    theirs = base(x1, kc, vc, 5, 1, 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    world.log.info("bench_tp smoke: ours equals the torch.distributed baseline (prefill and decode), tp=%d", world.tp_size)
+
+
+def init_torch_distributed(world):
+    """torch.distributed over the same ranks, its rendezvous address shared over MPI."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    port = comm.bcast(29500 + (os.getpid() % 2000) if world.rank == 0 else None, root=0)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    backend = "nccl" if world.device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, rank=world.rank, world_size=world.size,
+                                         device_id=world.device if backend == "nccl" else None)
+    return torch.distributed.group.WORLD if world.size > 1 else None
+
+
+def run(args) -> list[dict]:
+    world = tp_runtime.init(device="cpu" if args.smoke else None)
+    group = init_torch_distributed(world)
+    try:
+        if args.smoke:
+            smoke(world)
+            return []
+        return measure(args, world, group)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def measure(args, world, group) -> list[dict]:
+    dtype = torch.float16
+    rows = []
+    models = [m for m in MODELS if m.name in args.models.split(",")]
+    for m in models:
+        if m.heads % world.tp_size:
+            continue
+        if "prefill" in args.phases:
+            rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, dtype))
+            if args.fp8:
+                rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16))
+                rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16, quant=QuantMode.fp8_qdq))
+        if "decode" in args.phases:
+            for batch, length in DECODE:
+                rows.append(bench_case(m, world, group, "decode", batch, length, args.repeats, dtype))
+            rows.append(bench_case(m, world, group, "decode", 64, 2048, args.repeats, dtype, paged=True))
+        world.log.info("%s done", m.name)
+    result = dict(gpu=torch.cuda.get_device_name(world.device), tp=world.tp_size, rows=rows)
+    if world.rank == 0:
+        print_table(rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    return rows
+
+
+def print_table(rows) -> None:
+    print(f"{'model':12} {'phase':8} {'B':>4} {'L':>6} {'tp':>2} {'paged':>5} {'quant':>7} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6}")
+    for r in rows:
+        print(f"{r['model']:12} {r['phase']:8} {r['batch']:4} {r['length']:6} {r['tp']:2} {str(r['paged']):>5} {r['quant']:>7} "
+              f"{r['ours_ms']:9.3f} {r.get('baseline_ms', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f} "
+              f"{r.get('gpu_idle_pct', float('nan')):6.1f}")
+
+
+def report(paths) -> None:
+    """Merge per-tp JSONs: ratios, strong-scaling efficiency (t1 / (tp · t_tp)), markdown and a plot."""
+    results = [json.load(open(p)) for p in sorted(set(sum((glob.glob(p) for p in paths), [])))]
+    key = lambda r: (r["model"], r["phase"], r["batch"], r["length"], r["paged"], r["quant"], r["dtype"])  # noqa: E731
+    t1 = {key(r): r["ours_ms"] for res in results if res["tp"] == 1 for r in res["rows"]}
+    lines = ["| GPU | model | phase | batch | len | tp | ours ms | baseline ms | ratio | scaling eff. | idle % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            eff = t1.get(key(r))
+            eff = f"{100 * eff / (r['tp'] * r['ours_ms']):.0f}%" if eff else "-"
+            extra = " paged" if r["paged"] else (" fp8" if r["quant"] != "none" else "")
+            lines.append(f"| {res['gpu']} | {r['model']}{extra} | {r['phase']} | {r['batch']} | {r['length']} | {r['tp']} | "
+                         f"{r['ours_ms']:.3f} | {r.get('baseline_ms', float('nan')):.3f} | {r.get('ratio', float('nan')):.2f} | "
+                         f"{eff} | {r.get('gpu_idle_pct', float('nan')):.1f} |")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for res in results:
+        rows = [r for r in res["rows"] if "ratio" in r]
+        ax.bar([f"{r['model']}\n{r['phase']} B{r['batch']}" + f"\ntp{res['tp']}" for r in rows], [r["ratio"] for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("baseline time / our time")
+    ax.tick_params(axis="x", labelsize=5, rotation=90)
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(paths[0]) or ".", "bench_tp.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    if a.report is not None:
+        report(a.report)
+    else:
+        run(a)
