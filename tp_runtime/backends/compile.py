@@ -99,10 +99,17 @@ FAMILIES: dict[str, Family] = {
             "head_size": {64: "64", 80: "80", 96: "96", 128: "128", 256: "256"},
             # causal skips tiles above the diagonal; bidirectional adds ChatGLM's -10000 column;
             # padding: every key of the sequence (encoders, cross attention)
-            "mask": {"causal": "tp::MaskCausal", "padding": "tp::MaskPadding", "bidirectional": "tp::MaskBidirectional"},
-            # additive score bias computed inside the loop: none, ALiBi slopes, T5 implicit
-            # buckets (bidirectional or causal buckets, a runtime flag), explicit [H, Q, K] table
-            "bias": {"none": "tp::BiasNone", "alibi": "tp::BiasAlibi", "relative": "tp::BiasRelative", "explicit": "tp::BiasExplicit"},
+            "mask": {
+                "causal": "tp::MaskCausal",
+                "padding": "tp::MaskPadding",
+                "bidirectional": "tp::MaskBidirectional",
+            },
+            # additive score bias computed inside the loop: none; ALiBi from the per-head slopes;
+            # "table": a bias read from an fp32 table at h·sh + q·sq + k·sk + off -- one variant
+            # serves both T5 forms: the explicit [H, Q, K] table, and the implicit bucket table
+            # expanded on the host into a per-distance table (so the buckets, bidirectional or
+            # causal, come from the same function as the reference's)
+            "bias": {"none": "tp::BiasNone", "alibi": "tp::BiasAlibi", "table": "tp::BiasTable"},
             # K/V addressing: contiguous [B, 2, KV, S_max, D] or paged pool + block table
             "layout": {"contiguous": "tp::LayoutContiguous", "paged": "tp::LayoutPaged"},
             # K/V storage; int8/fp8 are dequantized while filling the shared-memory tile
@@ -254,9 +261,7 @@ def _barrier(comm) -> None:
     (comm.Barrier if hasattr(comm, "Barrier") else comm.barrier)()
 
 
-def precompile(
-    families_and_params: Iterable[tuple[str, Mapping]], local_comm=None, workers: int | None = None
-) -> list:
+def precompile(families_and_params: Iterable[tuple[str, Mapping]], local_comm=None, workers: int | None = None) -> list:
     """Compile many variants, filling the disk cache, then load them all in this process.
 
     ``families_and_params``: ``[(family, {param: value, ...}), ...]``. Every request is checked

@@ -1,0 +1,119 @@
+// Fused prepare: QKV bias + RoPE + K/V cache write (quantizing for int8/fp8) + Q/K/V out.
+//
+// One pass over qkv [T, (H + 2·KV)·D]: each thread owns one channel PAIR of one head of one token
+// (the two channels a rotation mixes; plain adjacent pairs elsewhere), so the rotation needs no
+// communication. Memory-bound: qkv read once; q/k/v written once, K/V also into the cache.
+//
+// Numerics follow tp_runtime.backends.reference.prepare exactly:
+//   x = T(qkv + bias)                       (fp32 add, rounded to the activation type T)
+//   angle = fp32(t · inv_freq[seq, i])      (fp64 product; t = position, divided by the linear
+//                                            factor in fp64; inv_freq = 1 / base^(2i/rot) computed
+//                                            in fp64 on the host per sequence: dynamic NTK base)
+//   x' = T(x·cos − y·sin), y' = T(y·cos + x·sin)   (fp32, no FMA contraction, as torch)
+// GPT-J pairs channels (2i, 2i+1); NeoX pairs (i, i + rot/2); channels >= rot pass through.
+#include "common.cuh"
+#include "kv_access.cuh"
+
+namespace tp {
+
+struct RopeNone {
+  static constexpr int kind = 0;
+};
+struct RopeGptj {
+  static constexpr int kind = 1;
+};
+struct RopeNeox {
+  static constexpr int kind = 2;
+};
+
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float<T>(from_float<T>(x));
+}
+
+// Params layout (built by tp_runtime/backends/cuda.py:_prepare_args, same order):
+//   qkv        [T, (H + 2KV)·D]  activations (row stride qkv_stride elements)
+//   bias       [(H + 2KV)·D] or null
+//   q_out      [T, H, D];  k_out, v_out [T, KV, D] (contiguous)
+//   cache      layer's cache data (contiguous or paged pool), storage per Cache
+//   addr       block table / heads / length / head size (see kv_access.cuh)
+//   positions  [T] int32 absolute positions; token_seq [T] int32; slots [B] int32
+//   inv_freq   [B, rot/2] fp64 (RoPE only)
+//   pos_div    linear scaling factor (1.0 otherwise), fp64
+//   num_tokens, H, KV, D, rot, qkv_stride; quant_scale (fp32, int8/fp8 caches)
+template <typename T, typename Cache, typename Layout, typename Rope>
+__global__ void __launch_bounds__(256) prepare_kernel(
+    const T* __restrict__ qkv, const T* __restrict__ bias, T* __restrict__ q_out, T* __restrict__ k_out,
+    T* __restrict__ v_out, void* __restrict__ cache, const int* __restrict__ block_table, int bt_stride,
+    int cache_len, int log2_cache_len, const int* __restrict__ positions, const int* __restrict__ token_seq,
+    const int* __restrict__ slots, const double* __restrict__ inv_freq, double pos_div, int num_tokens,
+    int num_heads, int num_kv_heads, int head_size, int rot, int qkv_stride, float quant_scale) {
+  const int D = head_size;
+  const int half_d = D >> 1, half_rot = rot >> 1;
+  const int heads = num_heads + 2 * num_kv_heads;
+  const int per_token = heads * half_d;
+  KVAddr addr{block_table, bt_stride, num_kv_heads, cache_len, log2_cache_len, D};
+  // grid: x = token, y = chunks of 256 pairs within the token (no 64-bit division per thread)
+  const int tok = blockIdx.x;
+  const int rem = blockIdx.y * blockDim.x + threadIdx.x;
+  if (tok < num_tokens && rem < per_token) {
+    const int hh = rem / half_d;  // head among [Q heads | K heads | V heads]
+    const int j = rem - hh * half_d;
+    const bool rotate = Rope::kind != 0 && hh < num_heads + num_kv_heads && j < half_rot;
+    // NeoX rotated pair (j, j + rot/2); otherwise adjacent channels (2j, 2j + 1): for GPT-J that is
+    // the rotated pair, past rot (j >= rot/2) it covers channels rot..D-1, and V heads take all.
+    const int e0 = (rotate && Rope::kind == 2) ? j : 2 * j;
+    const int e1 = (rotate && Rope::kind == 2) ? j + half_rot : 2 * j + 1;
+    const T* src = qkv + (i64)tok * qkv_stride + hh * D;
+    float x0 = to_float<T>(src[e0]), x1 = to_float<T>(src[e1]);
+    if (bias != nullptr) {
+      x0 = __fadd_rn(x0, to_float<T>(bias[hh * D + e0]));
+      x1 = __fadd_rn(x1, to_float<T>(bias[hh * D + e1]));
+    }
+    x0 = round_to<T>(x0);
+    x1 = round_to<T>(x1);
+    if (rotate) {
+      const int seq = token_seq[tok];
+      double t = (double)positions[tok];
+      t = __ddiv_rn(t, pos_div);
+      const float angle = (float)__dmul_rn(t, inv_freq[(i64)seq * half_rot + j]);
+      float s, c;
+      sincosf(angle, &s, &c);
+      const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+      const float y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+      x0 = round_to<T>(y0);
+      x1 = round_to<T>(y1);
+    }
+    const T t0 = from_float<T>(x0), t1 = from_float<T>(x1);
+    if (hh < num_heads) {
+      T* dst = q_out + ((i64)tok * num_heads + hh) * D;
+      dst[e0] = t0;
+      dst[e1] = t1;
+      return;
+    }
+    const int kv01 = hh < num_heads + num_kv_heads ? 0 : 1;
+    const int kvh = hh - num_heads - kv01 * num_kv_heads;
+    if (k_out != nullptr) {
+      T* dst = (kv01 ? v_out : k_out) + ((i64)tok * num_kv_heads + kvh) * D;
+      dst[e0] = t0;
+      dst[e1] = t1;
+    }
+    if constexpr (Layout::kHasCache) {
+      const int pos = positions[tok];
+      const int slot = slots[token_seq[tok]];
+      const i64 row = Layout::row(addr, slot, kv01, kvh, pos);
+      if (row < 0) return;  // paged: no block allocated (block id -1); never write outside the pool
+      if constexpr (Cache::kQuantized) {
+        u8* c8 = reinterpret_cast<u8*>(cache) + row;
+        c8[e0] = Cache::encode(x0, quant_scale);
+        c8[e1] = Cache::encode(x1, quant_scale);
+      } else {
+        T* ct = reinterpret_cast<T*>(cache) + row;
+        ct[e0] = t0;
+        ct[e1] = t1;
+      }
+    }
+  }
+}
+
+}  // namespace tp

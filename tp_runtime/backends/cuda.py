@@ -1,0 +1,401 @@
+"""The CUDA backend: the operations of ``reference.py`` (same signatures) as CuPy RawKernel launches.
+
+``prepare`` is one fused kernel (``kernels/prepare.cu``: bias, RoPE, cache write with int8/fp8
+quantization, Q/K/V out). ``attend`` splits the step (``route``): generation-phase sequences go
+to the decode kernel (``cuda_decode.decode``, when that module exists), everything else to the
+FlashAttention-2-style context kernel (``kernels/context_attention.cu``). Activations are fp16 or
+bf16; fp32 raises (use ``backend='reference'``). Kernels run on torch's current stream with raw
+device pointers and typed scalars. Per-step metadata (the context tile map, key counts, RoPE
+frequencies) is built once per step through ``step.memo`` and reused by every layer.
+
+Public: ``name``, ``prepare``, ``attend``, ``route``, ``prepare_variant``, ``context_variant``,
+``CONTEXT_TILES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from ..config import KVCacheDType
+from ..kv_cache import CacheLayout, LayerKV
+from ..position import RopeSpec, relative_bucket
+from ..sharding import HeadLayout
+from ..step import Step
+from .base import AttentionSpec, key_lengths
+from .compile import get_kernel
+
+name = "cuda"
+
+# Tile shapes of the context kernel per head size: (warps per block, keys per K/V tile); a block
+# covers 16·warps query rows. KEEP IN SYNC with ContextTiles<D> in kernels/context_attention.cu.
+CONTEXT_TILES = {64: (8, 128), 80: (8, 64), 96: (8, 64), 128: (8, 64), 256: (4, 32)}
+
+_HALF = (torch.float16, torch.bfloat16)
+_PREPARE_THREADS = 256
+
+
+# ---- launching -------------------------------------------------------------------------------
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError("backend='cuda' needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)") from e
+    return cupy
+
+
+def _ptr(t: torch.Tensor | None):
+    return _cupy().uint64(0 if t is None else t.data_ptr())
+
+
+_i32 = lambda v: _cupy().int32(int(v))  # noqa: E731
+_i64 = lambda v: _cupy().int64(int(v))  # noqa: E731
+_f32 = lambda v: _cupy().float32(float(v))  # noqa: E731
+_f64 = lambda v: _cupy().float64(float(v))  # noqa: E731
+
+_smem_set: set = set()
+
+
+def _launch(kernel, grid, block, args, device: torch.device, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream of ``device``."""
+    cupy = _cupy()
+    with cupy.cuda.Device(device.index):
+        key = (id(kernel), device.index)
+        if shared_mem > 48 * 1024 and key not in _smem_set:
+            kernel.max_dynamic_shared_size_bytes = shared_mem
+            _smem_set.add(key)
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
+        with stream:
+            kernel(tuple(grid), tuple(block), args, shared_mem=shared_mem)
+
+
+def _check_activation(t: torch.Tensor, what: str) -> None:
+    if t.dtype == torch.float32:
+        raise TypeError(
+            f"{what}: the CUDA backend runs fp16 and bf16 activations, got float32; "
+            "use backend='reference' for fp32 (or a half-precision config dtype)"
+        )
+    if t.dtype not in _HALF:
+        raise TypeError(f"{what}: expected dtype float16 or bfloat16, got {t.dtype}")
+    if not t.is_cuda:
+        raise ValueError(f"{what}: the CUDA backend needs CUDA tensors, got device {t.device}")
+
+
+def _cache_geometry(kv: LayerKV, kv_heads: int, head_size: int, dtype: torch.dtype):
+    """(cache_len, log2_cache_len, block_table, bt_stride) after checking the cache's shape."""
+    data = kv.data
+    if data.dim() != 5 or data.shape[1] != 2 or data.shape[2] != kv_heads or data.shape[4] != head_size:
+        raise ValueError(
+            f"kv.data: expected [rows, 2, {kv_heads} (KV heads on this rank), len, {head_size}], "
+            f"got {tuple(data.shape)}"
+        )
+    if not data.is_contiguous():
+        raise ValueError("kv.data: the CUDA backend needs a contiguous cache tensor")
+    expected = kv.kind.storage_dtype(dtype)
+    if data.dtype != expected:
+        raise ValueError(
+            f"kv.data: a {kv.kind.value} cache for {dtype} activations stores {expected}, got {data.dtype}"
+        )
+    length = data.shape[3]
+    if kv.layout is CacheLayout.paged:
+        table = kv.block_table
+        if table is None or table.dtype != torch.int32 or table.dim() != 2 or not table.is_contiguous():
+            raise ValueError("kv.block_table: a paged cache needs a contiguous int32 [max_seqs, max_blocks] table")
+        if length & (length - 1):
+            raise ValueError(f"kv: paged block size must be a power of two, got {length}")
+        return length, length.bit_length() - 1, table, table.shape[1]
+    return length, 0, None, 0
+
+
+# ---- prepare -----------------------------------------------------------------------------------
+def prepare_variant(dtype: torch.dtype, rope: RopeSpec | None, kv: LayerKV | None) -> dict:
+    """Template parameters of the prepare kernel for these inputs (see compile.FAMILIES)."""
+    rope_kind = "none"
+    if rope is not None:
+        rope_kind = "gptj" if rope.style.value == "rope_gptj" else "neox"
+    return {
+        "dtype": dtype,
+        "cache": "auto" if kv is None else kv.kind.value,
+        "layout": "none" if kv is None else kv.layout.value,
+        "rope": rope_kind,
+    }
+
+
+def _rope_inv_freq(step: Step, rope: RopeSpec) -> torch.Tensor:
+    """``[B, rot/2]`` fp64 inverse frequencies per sequence (dynamic NTK: per-sequence base), built
+    with the reference's own arithmetic and cached for the step."""
+
+    def build():
+        base = rope.base_for_length(torch.tensor(step.total_lens, dtype=torch.float64))[:, None]
+        i = torch.arange(rope.rotary_dim // 2, dtype=torch.float64)[None, :]
+        return (1.0 / base ** (2 * i / rope.rotary_dim)).contiguous().to(step.device)
+
+    return step.memo(("cuda.rope_inv_freq", rope), build)
+
+
+def _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot):
+    """The prepare kernel's parameters, in the order of ``tp::prepare_kernel`` (kernels/prepare.cu)."""
+    cache_len, log2_len, table, bt_stride = geometry
+    # fmt: off
+    return (
+        _ptr(qkv), _ptr(bias),                      # qkv [T, (H+2KV)·D], bias [(H+2KV)·D] or null
+        _ptr(q), _ptr(k), _ptr(v),                  # q [T, H, D]; k, v [T, KV, D]
+        _ptr(None if kv is None else kv.data),      # the layer's cache (or null: write nothing)
+        _ptr(table), _i32(bt_stride),               # paged: block table and its row stride
+        _i32(cache_len), _i32(log2_len),            # S_max (contiguous) | P and log2(P) (paged)
+        _ptr(step.positions), _ptr(step.token_seq), _ptr(step.slot),  # [T], [T], [B] int32
+        _ptr(inv_freq), _f64(pos_div),              # RoPE: [B, rot/2] fp64 1/base^(2i/rot); linear factor
+        _i32(qkv.shape[0]), _i32(h_r), _i32(kv_r), _i32(d), _i32(rot),
+        _i32(qkv.stride(0)),                        # qkv row stride (elements)
+        _f32(1.0 if kv is None else kv.quant_scale),  # int8/fp8: store x·quant_scale
+    )
+    # fmt: on
+
+
+def prepare(
+    qkv: torch.Tensor,
+    bias: torch.Tensor | None,
+    step: Step,
+    *,
+    head_layout: HeadLayout,
+    head_size: int,
+    rope: RopeSpec | None,
+    kv: LayerKV | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_activation(qkv, "qkv")
+    h_r, kv_r, d = head_layout.num_heads_per_rank, head_layout.num_kv_heads_per_rank, head_size
+    width = (h_r + 2 * kv_r) * d
+    if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
+        raise ValueError(f"qkv: expected a row-contiguous [tokens, {width}] tensor, got shape {tuple(qkv.shape)}")
+    if qkv.shape[0] != step.num_tokens:
+        raise ValueError(f"qkv: expected {step.num_tokens} tokens (the step's), got {qkv.shape[0]}")
+    if d % 2:
+        raise NotImplementedError(
+            f"head_size={d}: the CUDA prepare kernel needs an even head size; use backend='reference'"
+        )
+    if bias is not None:
+        if bias.numel() != width:
+            raise ValueError(f"bias: expected {width} elements, got {bias.numel()}")
+        bias = bias.reshape(width).to(device=qkv.device, dtype=qkv.dtype).contiguous()
+    t = qkv.shape[0]
+    dev = qkv.device
+    q = torch.empty(t, h_r, d, dtype=qkv.dtype, device=dev)
+    k = torch.empty(t, kv_r, d, dtype=qkv.dtype, device=dev)
+    v = torch.empty(t, kv_r, d, dtype=qkv.dtype, device=dev)
+    if t == 0:
+        return q, k, v
+    geometry = (0, 0, None, 0)
+    if kv is not None:
+        geometry = _cache_geometry(kv, kv_r, d, qkv.dtype)
+        if kv.layout is CacheLayout.contiguous:
+            if max(step.total_lens) > geometry[0]:
+                raise ValueError(
+                    f"kv: a sequence needs {max(step.total_lens)} positions, the cache holds {geometry[0]}"
+                )
+            if max(step.slots) >= kv.data.shape[0]:
+                raise ValueError(f"kv: slot {max(step.slots)} is outside the cache's {kv.data.shape[0]} rows")
+    rot, inv_freq, pos_div = 0, None, 1.0
+    if rope is not None:
+        rot = rope.rotary_dim
+        inv_freq = _rope_inv_freq(step, rope)
+        if rope.scaling.value == "linear":
+            pos_div = rope.factor
+    kernel = get_kernel("prepare", **prepare_variant(qkv.dtype, rope, kv))
+    args = _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot)
+    per_token = (h_r + 2 * kv_r) * d // 2
+    grid = (t, -(-per_token // _PREPARE_THREADS), 1)
+    _launch(kernel, grid, (_PREPARE_THREADS, 1, 1), args, dev)
+    return q, k, v
+
+
+# ---- attend ------------------------------------------------------------------------------------
+_decode_module = None
+
+
+def _decode_fn():
+    """``cuda_decode.decode`` if that module exists (written separately), else None."""
+    global _decode_module
+    if _decode_module is None:
+        try:
+            _decode_module = importlib.import_module(".cuda_decode", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.cuda_decode":
+                raise
+            _decode_module = False
+    return getattr(_decode_module, "decode", None) if _decode_module else None
+
+
+def route(step: Step, spec: AttentionSpec, *, decode_available: bool | None = None) -> tuple[list[int], list[int]]:
+    """Split the step's sequences: ``(context kernel ids, decode kernel ids)``.
+
+    Decode takes generation-phase sequences (one new token on a cached past) and, for cross
+    attention, every sequence with one new token; everything else (and everything, while the
+    decode module is absent) goes to the context kernel, which is exact for one-token queries too.
+    """
+    if decode_available is None:
+        decode_available = _decode_fn() is not None
+    ctx, dec = [], []
+    for i in range(step.num_seqs):
+        one = step.new_lens[i] == 1
+        if decode_available and ((spec.cross and one) or step.is_generation(i)):
+            dec.append(i)
+        else:
+            ctx.append(i)
+    return ctx, dec
+
+
+def attend(
+    q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, *, decode_splits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_activation(q, "q")
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [tokens, heads, head_size], got shape {tuple(q.shape)}")
+    t, h_r, d = q.shape
+    if t != step.num_tokens:
+        raise ValueError(f"q: expected {step.num_tokens} tokens (the step's), got {t}")
+    if q.stride(2) != 1 or q.stride(1) != d or q.stride(0) % 8 or q.data_ptr() % 16:
+        q = q.contiguous()
+    out = torch.empty(t, h_r, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, h_r, dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    ctx_ids, dec_ids = route(step, spec)
+    if dec_ids:
+        _decode_fn()(q, kv, step, dec_ids, spec, out, lse, decode_splits)
+    if ctx_ids:
+        _context(q, kv, step, spec, ctx_ids, out, lse)
+    return out, lse
+
+
+def context_variant(dtype: torch.dtype, head_size: int, spec: AttentionSpec, kv: LayerKV) -> dict:
+    """Template parameters of the context kernel for these inputs (see compile.FAMILIES)."""
+    biases = [spec.alibi_slopes is not None, spec.relative_table is not None, spec.relative_bias is not None]
+    if sum(biases) > 1:
+        raise NotImplementedError(
+            "the CUDA context kernel adds one position bias (ALiBi, a relative bucket table or an explicit "
+            "relative bias), got several; use backend='reference'"
+        )
+    bias = "alibi" if biases[0] else ("table" if biases[1] or biases[2] else "none")
+    mask = "padding" if spec.cross else spec.mask.value
+    return {
+        "dtype": dtype,
+        "head_size": head_size,
+        "mask": mask,
+        "bias": bias,
+        "layout": kv.layout.value,
+        "cache": kv.kind.value,
+    }
+
+
+def _context_tiles(step: Step, ids: list[int], n_keys: tuple[int, ...], block_m: int, causal: bool) -> torch.Tensor:
+    """``[num_tiles, 2]`` int32 (sequence, first query row), longest work first; once per step."""
+
+    def build():
+        tiles = []
+        for i in ids:
+            new, past = step.new_lens[i], step.past_lens[i]
+            for m0 in range(0, new, block_m):
+                keys = min(n_keys[i], past + min(m0 + block_m, new)) if causal else n_keys[i]
+                tiles.append((keys, i, m0))
+        tiles.sort(key=lambda x: -x[0])  # stable: equal work keeps sequence order
+        return torch.tensor([[i, m0] for _, i, m0 in tiles], dtype=torch.int32).reshape(-1, 2).to(step.device)
+
+    return step.memo(("cuda.context_tiles", block_m, causal, tuple(ids), n_keys), build)
+
+
+def _table_bias(spec: AttentionSpec, step: Step, ids: list[int], n_keys: tuple[int, ...]):
+    """(table, sh, sq, sk, off): the BiasTable operand, so bias(h, q, k) = table[h·sh + q·sq + k·sk + off]."""
+    q_max = max(step.total_lens[i] for i in ids)  # query positions < q_max
+    k_max = max(max(n_keys[i] for i in ids), 1)
+    if spec.relative_bias is not None:
+        rb = spec.relative_bias
+        if rb.dim() != 3 or rb.shape[1] < q_max or rb.shape[2] < k_max:
+            raise ValueError(
+                f"relative_bias: expected [H_r, >= {q_max} query positions, >= {k_max} keys], got {tuple(rb.shape)}"
+            )
+        rb = rb.to(device=step.device, dtype=torch.float32).contiguous()
+        return rb, rb.shape[1] * rb.shape[2], rb.shape[2], 1, 0
+    # implicit T5 buckets: expand the [H_r, num_buckets] table to one value per distance k − q,
+    # using the reference's bucket function itself
+    bidir = spec.bidirectional_buckets
+
+    def build():
+        rel = torch.arange(-(q_max - 1), k_max, dtype=torch.long)
+        b = relative_bucket(rel, bidirectional=bidir, num_buckets=spec.num_buckets, max_distance=spec.max_distance)
+        return b.to(step.device)
+
+    buckets = step.memo(("cuda.rel_buckets", q_max, k_max, bidir, spec.num_buckets, spec.max_distance), build)
+    dense = spec.relative_table.to(device=step.device, dtype=torch.float32)[:, buckets].contiguous()
+    return dense, dense.shape[1], -1, 1, q_max - 1
+
+
+def _context_args(q, out, lse, kv, geometry, tiles, step, n_keys_dev, h_r, scale_log2, v_scale, alibi, table):
+    """The context kernel's parameters, in the order of ``tp::context_attention_kernel``."""
+    cache_len, log2_len, block_table, bt_stride = geometry
+    tab, tab_h, tab_q, tab_k, tab_off = table if table is not None else (None, 0, 0, 0, 0)
+    # fmt: off
+    return (
+        _ptr(q), _i32(q.stride(0)),                 # q [T, H, D], token stride
+        _ptr(out), _i32(out.stride(0)),             # out [T, H, D], token stride
+        _ptr(lse),                                  # lse [T, H] fp32
+        _ptr(kv.data), _ptr(block_table), _i32(bt_stride),  # cache; paged: block table, row stride
+        _i32(cache_len), _i32(log2_len),            # S_max (contiguous) | P and log2(P) (paged)
+        _ptr(tiles),                                # [num_tiles, 2] (sequence, first query row)
+        _ptr(step.cu_seqlens), _ptr(step.past), _ptr(n_keys_dev), _ptr(step.slot),  # per sequence
+        _i32(h_r), _i32(kv.num_kv_heads),
+        _f32(scale_log2), _f32(v_scale),            # softmax_scale·log2(e)·k_dequant; v_dequant
+        _ptr(alibi),                                # [H] fp32 slopes or null
+        _ptr(tab), _i64(tab_h), _i64(tab_q), _i64(tab_k), _i64(tab_off),  # BiasTable operand
+    )
+    # fmt: on
+
+
+def _context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: list[int], out, lse) -> None:
+    t, h_r, d = q.shape
+    if d not in CONTEXT_TILES:
+        raise NotImplementedError(
+            f"head_size={d}: the CUDA context kernel supports head sizes {sorted(CONTEXT_TILES)}; "
+            "use backend='reference'"
+        )
+    if step.beam_width > 1 and any(step.past_lens[i] > 0 for i in ids):
+        raise NotImplementedError(
+            "beam search with a cached past in the context phase (a context chunk on top of beams) is not "
+            "implemented on the CUDA backend; use backend='reference' "
+            "(generation steps with beams go to the decode kernel)"
+        )
+    kv_r = kv.num_kv_heads
+    if h_r % kv_r:
+        raise ValueError(f"q: {h_r} query heads are not a multiple of the cache's {kv_r} KV heads")
+    geometry = _cache_geometry(kv, kv_r, d, q.dtype)
+    n_keys = key_lengths(step, spec)
+    if kv.layout is CacheLayout.contiguous:
+        need = max(n_keys[i] for i in ids)
+        if need > geometry[0]:
+            raise ValueError(f"kv: a sequence reads {need} cached positions, the cache holds {geometry[0]}")
+    variant = context_variant(q.dtype, d, spec, kv)
+    kernel = get_kernel("context", **variant)
+    warps, block_n = CONTEXT_TILES[d]
+    block_m = 16 * warps
+    causal = variant["mask"] == "causal"
+    tiles = _context_tiles(step, ids, n_keys, block_m, causal)
+    if spec.cross:
+        n_keys_dev = step.encoder
+    else:
+        n_keys_dev = step.memo(
+            "cuda.total_lens", lambda: torch.tensor(step.total_lens, dtype=torch.int32).to(step.device)
+        )
+    alibi = None
+    if variant["bias"] == "alibi":
+        alibi = spec.alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        if alibi.numel() != h_r:
+            raise ValueError(f"alibi_slopes: expected {h_r} slopes (heads on this rank), got {alibi.numel()}")
+    table = _table_bias(spec, step, ids, n_keys) if variant["bias"] == "table" else None
+    dq = kv.dequant_scale if kv.kind is not KVCacheDType.auto else 1.0
+    scale_log2 = spec.softmax_scale * math.log2(math.e) * dq
+    args = _context_args(q, out, lse, kv, geometry, tiles, step, n_keys_dev, h_r, scale_log2, dq, alibi, table)
+    if tiles.shape[0] > 65535:
+        raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
+    smem = (block_m + 4 * block_n) * (d + 8) * q.element_size()
+    _launch(kernel, (h_r, tiles.shape[0], 1), (32 * warps, 1, 1), args, q.device, shared_mem=smem)
