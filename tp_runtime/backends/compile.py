@@ -117,7 +117,26 @@ FAMILIES: dict[str, Family] = {
         },
         doc="FlashAttention-2-style prefill over packed variable-length sequences with cached past",
     ),
-    # "decode": added by the decode kernel's author (one entry, same shape as above).
+    # Generation-phase attention (kernels/decode_attention.cu): one query token per sequence,
+    # flash-decoding with key splits merged by log-sum-exp in the same launch.
+    "decode": Family(
+        source="decode_attention.cu",
+        template="tp::decode_attention_kernel<{dtype}, {cache}, {layout}, {head_size}, {heads}>",
+        params={
+            # activation dtype of q and out (fp32 accumulate inside)
+            "dtype": _HALF_TYPES,
+            # K/V storage; int8/fp8 are dequantized in registers inside the dot product
+            "cache": _CACHE_TYPES,
+            # K/V addressing: contiguous rows, or a block table (its row slice kept in shared memory)
+            "layout": {"contiguous": "tp::LayoutContiguous", "paged": "tp::LayoutPaged"},
+            # the registers holding q and the output accumulators are sized by D
+            "head_size": {64: "64", 80: "80", 96: "96", 128: "128", 256: "256"},
+            # query heads one block serves from one KV head (GQA packing: K/V read once for all):
+            # the group rounded up to a power of two, at most 8 (larger groups use several chunks)
+            "heads": {1: "1", 2: "2", 4: "4", 8: "8"},
+        },
+        doc="flash-decoding: one query token per sequence against its cached keys",
+    ),
 }
 
 _lock = threading.Lock()
@@ -215,11 +234,15 @@ def get_kernel(family: str, **params):
     Raises ``NotImplementedError`` for an unsupported variant (listing the supported values) and
     ``KernelCompileError`` (variant, options, NVRTC log) when compilation fails.
     """
+    try:
+        key = (family, tuple(sorted((k, _normalise(v)) for k, v in params.items())))
+        kernel = _kernels.get(key)
+    except TypeError:  # unhashable or unsortable values: let _resolve say what is wrong
+        key, kernel = None, None
+    if kernel is not None:
+        return kernel  # fast path: every launch after the first
     fam, params, expr = _resolve(family, params)
     key = (family, tuple(sorted(params.items())))
-    kernel = _kernels.get(key)
-    if kernel is not None:
-        return kernel
     with _lock:
         kernel = _kernels.get(key)
         if kernel is None:

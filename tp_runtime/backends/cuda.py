@@ -58,6 +58,12 @@ _f64 = lambda v: _cupy().float64(float(v))  # noqa: E731
 _smem_set: set = set()
 
 
+def _new(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests replace it with a NaN-filled allocator, so an
+    element a kernel fails to write shows up)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _launch(kernel, grid, block, args, device: torch.device, shared_mem: int = 0) -> None:
     """Launch on torch's current stream of ``device``."""
     cupy = _cupy()
@@ -127,10 +133,11 @@ def _rope_inv_freq(step: Step, rope: RopeSpec) -> torch.Tensor:
     """``[B, rot/2]`` fp64 inverse frequencies per sequence (dynamic NTK: per-sequence base), built
     with the reference's own arithmetic and cached for the step."""
 
-    def build():
-        base = rope.base_for_length(torch.tensor(step.total_lens, dtype=torch.float64))[:, None]
-        i = torch.arange(rope.rotary_dim // 2, dtype=torch.float64)[None, :]
-        return (1.0 / base ** (2 * i / rope.rotary_dim)).contiguous().to(step.device)
+    def build():  # on the step's device, exactly as reference's RopeSpec.cos_sin computes it
+        dev = step.device
+        base = rope.base_for_length(torch.tensor(step.total_lens, dtype=torch.float64, device=dev))[:, None]
+        i = torch.arange(rope.rotary_dim // 2, dtype=torch.float64, device=dev)[None, :]
+        return (1.0 / base ** (2 * i / rope.rotary_dim)).contiguous()
 
     return step.memo(("cuda.rope_inv_freq", rope), build)
 
@@ -181,9 +188,9 @@ def prepare(
         bias = bias.reshape(width).to(device=qkv.device, dtype=qkv.dtype).contiguous()
     t = qkv.shape[0]
     dev = qkv.device
-    q = torch.empty(t, h_r, d, dtype=qkv.dtype, device=dev)
-    k = torch.empty(t, kv_r, d, dtype=qkv.dtype, device=dev)
-    v = torch.empty(t, kv_r, d, dtype=qkv.dtype, device=dev)
+    q = _new((t, h_r, d), qkv.dtype, dev)
+    k = _new((t, kv_r, d), qkv.dtype, dev)
+    v = _new((t, kv_r, d), qkv.dtype, dev)
     if t == 0:
         return q, k, v
     geometry = (0, 0, None, 0)
@@ -257,8 +264,8 @@ def attend(
         raise ValueError(f"q: expected {step.num_tokens} tokens (the step's), got {t}")
     if q.stride(2) != 1 or q.stride(1) != d or q.stride(0) % 8 or q.data_ptr() % 16:
         q = q.contiguous()
-    out = torch.empty(t, h_r, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(t, h_r, dtype=torch.float32, device=q.device)
+    out = _new((t, h_r, d), q.dtype, q.device)
+    lse = _new((t, h_r), torch.float32, q.device)
     if t == 0:
         return out, lse
     ctx_ids, dec_ids = route(step, spec)
