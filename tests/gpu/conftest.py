@@ -19,6 +19,7 @@ import pytest
 import torch
 
 NAN = float("nan")
+torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references in full fp32 (torch's default, made explicit)
 
 
 @pytest.fixture(scope="session", autouse=True)
