@@ -1,0 +1,555 @@
+// Generation-phase (decode) attention: one query token per sequence against its cached keys.
+//
+// Memory-bound: every cached K and V byte is read once, 2·B·KV_r·L·D·bytes per call, so the
+// figure of merit is bytes read per second against the device's copy bandwidth
+// (kernels/NOTES_decode.md has the numbers). Launched by tp_runtime/backends/cuda_decode.py,
+// whose _params() is the one place that builds the argument list below.
+//
+// Work split: one thread block (128 threads) per (head chunk, key split, KV head, sequence).
+// A block serves HPB query heads that share its KV head (GQA packing: K/V read once for all of
+// them); HPB = min(8, next power of two of the group), larger groups use several head chunks.
+// The block's keys [k_begin, k_end) stream through shared memory in tiles of kTileKeys keys,
+// kStages deep, by 16-byte cp.async copies (zero-filled past the last key); so several tiles
+// are in flight while one is computed, and the copy and compute layouts are independent.
+//
+// Compute layout: kLanes lanes share one key row, 8 elements each (16 B of fp16, 8 B of int8);
+// kHG head groups of kGH heads each; kKG key groups take the tile's keys round robin. A thread
+// keeps its 8 query elements of kGH heads and 8 output accumulators per head in registers, forms
+// partial dot products, sums them over its kLanes lanes with xor shuffles, and runs its own
+// online softmax (running max m, sum l, base-2 exponent) over its keys. At the end the key groups
+// are merged through shared memory; int8/fp8 K are dequantized inside the dot product (the
+// per-tensor scale folded into the score scale), V's scale is applied to the final output.
+//
+// Multi-block (num_splits > 1): each split writes its normalised partial output and base-2
+// log-sum-exp to a workspace; the last split block of a (sequence, KV head, head chunk) to
+// finish (an atomic counter, reset by that block) merges them by log-sum-exp and writes the
+// output. That merge is the "small merge kernel" of the flash-decoding plan, run inside the
+// same launch so a split call costs one launch, not two.
+//
+// Masking: a decode query sits at q_pos = past (its own key was written by prepare), so causal,
+// padding and bidirectional masks all let it see keys 0..past (ChatGLM's hidden last column is
+// hidden only from earlier queries); cross attention sees encoder keys 0..encoder_len-1. The mask
+// type matters only for T5 buckets, which the host folds into the bias table. Zero keys: zeros,
+// lse -inf.
+#include "kv_access.cuh"
+
+namespace tp {
+
+namespace decode {
+
+constexpr int kThreads = 128;
+constexpr int kStages = 3;
+// Shared memory for the K/V pipeline (and, reused after it, the merge scratch). Mirrored by
+// PIPE_BYTES in tp_runtime/backends/cuda_decode.py; the kernel traps if given less.
+constexpr int kPipeBytes = 48 * 1024;
+constexpr int kMaxTileKeys = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+constexpr int pow2_ceil(int x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+constexpr int pow2_floor(int x) {
+  int p = 1;
+  while (p * 2 <= x) p *= 2;
+  return p;
+}
+constexpr int cmin(int a, int b) { return a < b ? a : b; }
+constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+// What the cache stores per element, by activation type and cache kind.
+template <typename T, typename Cache>
+struct Storage {
+  using type = T;
+};
+template <typename T>
+struct Storage<T, CacheInt8> {
+  using type = signed char;
+};
+template <typename T>
+struct Storage<T, CacheFp8> {
+  using type = unsigned char;  // e4m3fn bits
+};
+
+template <typename Layout>
+struct IsPaged {
+  static constexpr bool value = false;
+};
+template <>
+struct IsPaged<LayoutPaged> {
+  static constexpr bool value = true;
+};
+
+// Eight consecutive stored elements (from shared memory) -> fp32, exactly.
+template <typename S>
+struct Vec8;
+
+template <>
+struct Vec8<__half> {
+  __device__ __forceinline__ static void load(const unsigned char* p, float (&f)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h;
+      *reinterpret_cast<unsigned*>(&h) = w[i];
+      const float2 t = __half22float2(h);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  }
+};
+
+template <>
+struct Vec8<__nv_bfloat16> {
+  __device__ __forceinline__ static void load(const unsigned char* p, float (&f)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // bf16 -> fp32 is a 16-bit shift
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+};
+
+template <>
+struct Vec8<signed char> {
+  // int8 -> fp32 without I2F: flip the sign bit (x + 128 as a byte), drop the byte into the
+  // mantissa of 2^23 with one byte permute, subtract 2^23 + 128 (exact).
+  __device__ __forceinline__ static void four(unsigned w, float* f) {
+    const unsigned x = w ^ 0x80808080u;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) f[b] = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7440u | b)) - 8388736.0f;
+  }
+  __device__ __forceinline__ static void load(const unsigned char* p, float (&f)[8]) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    four(u.x, f);
+    four(u.y, f + 4);
+  }
+};
+
+template <>
+struct Vec8<unsigned char> {  // fp8 e4m3fn
+  __device__ __forceinline__ static void four(unsigned w, float* f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // hardware e4m3x2 -> f16x2 (low byte -> low half), exact
+      unsigned r;
+      const unsigned short pair = (unsigned short)(w >> (16 * i));
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(pair));
+      __half2 h;
+      *reinterpret_cast<unsigned*>(&h) = r;
+      const float2 t = __half22float2(h);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+#else
+#pragma unroll
+    for (int b = 0; b < 4; ++b) f[b] = fp8_e4m3_to_float((u8)(w >> (8 * b)));
+#endif
+  }
+  __device__ __forceinline__ static void load(const unsigned char* p, float (&f)[8]) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    four(u.x, f);
+    four(u.y, f + 4);
+  }
+};
+
+// Compile-time shape of one variant (see the layout notes at the top of the file).
+template <typename T, typename Cache, int D, int HPB>
+struct Traits {
+  using S = typename Storage<T, Cache>::type;
+  static constexpr int kElem = sizeof(S);
+  static constexpr int kRowBytes = D * kElem;             // one K (or V) row of the cache
+  static constexpr int kChunks = kRowBytes / 16;          // 16-byte copies per row
+  static constexpr int kActive = D / 8;                   // lanes holding data
+  static constexpr int kLanes = pow2_ceil(kActive);       // lanes per key row (idle ones for D 80/96)
+  static constexpr int kGH = HPB < 4 ? HPB : 4;           // heads per thread
+  static constexpr int kHG = HPB / kGH;                   // head groups
+  static constexpr int kKG = kThreads / (kLanes * kHG);   // key groups
+  // ~8 KB of K per tile (and as much V): 3 stages of 16 KB keep 32 KB in flight per block.
+  static constexpr int kTileKeys = cmin(kMaxTileKeys, cmax(kKG, pow2_floor(8192 / kRowBytes)));
+  static constexpr int kKPG = kTileKeys / kKG;            // keys per key group per tile
+  static constexpr int kKB = cmin(kKPG, cmax(1, 16 / kGH));  // keys per online-softmax update
+  static constexpr int kStageBytes = 2 * kTileKeys * kRowBytes;
+  static constexpr int kRedBytes = (2 + D) * kKG * HPB * 4;  // key-group merge scratch
+
+  static_assert(D % 8 == 0 && kRowBytes % 16 == 0, "head size must be a multiple of 8 (16 bytes of int8)");
+  static_assert(HPB == 1 || HPB == 2 || HPB == 4 || HPB == 8, "heads per block: 1, 2, 4 or 8");
+  static_assert(kLanes <= 32 && kKG >= 1, "a key row must fit one warp");
+  static_assert(kTileKeys % kKG == 0 && kKPG % kKB == 0, "tile must split evenly over key groups");
+  static_assert(kStages * kStageBytes <= kPipeBytes, "pipeline exceeds kPipeBytes");
+  static_assert(kRedBytes <= kPipeBytes, "merge scratch exceeds kPipeBytes");
+};
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int n = ok ? 16 : 0;  // 0: zero-fill, nothing read
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+}  // namespace decode
+
+// Argument layout: built by tp_runtime/backends/cuda_decode.py::_params (same order, same types).
+// Grid (head_chunks * num_splits, KV_r, num_seqs); block 128; dynamic shared memory
+// round_up(4 * table_cap, 16) + kPipeBytes.
+template <typename T, typename Cache, typename Layout, int D, int HPB>
+__global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_attention_kernel(
+    const T* __restrict__ q,            // [T, H_r, D]
+    T* __restrict__ out,                // [T, H_r, D]: written at the served sequences' rows
+    float* __restrict__ lse,            // [T, H_r]: natural-log log-sum-exp, -inf for no keys
+    float* __restrict__ part_o,         // [n, H_r, num_splits, D] split outputs (num_splits > 1)
+    float* __restrict__ part_lse,       // [n, H_r, num_splits] their base-2 lse
+    int* __restrict__ counters,         // [n, KV_r, head_chunks], zero on entry, left zero
+    const void* __restrict__ cache,     // LayerKV.data (storage type of Cache)
+    long long s_row,                    // element strides of cache: slot (contiguous) / block (paged)
+    long long s_kv,                     //   K -> V
+    long long s_head,                   //   KV head; a position is D elements, an element 1
+    const int* __restrict__ block_table,  // paged: [max_seqs, bt_stride] block ids
+    int bt_stride, int log2_page,       // paged: row stride of the table, log2(P)
+    int table_cap,                      // block-table entries that fit the shared-memory slice
+    const int* __restrict__ seq_ids,    // [n] sequences to serve
+    const int* __restrict__ cu_seqlens,  // [B+1]: a sequence's token row
+    const int* __restrict__ past,       // [B]: q_pos
+    const int* __restrict__ slots,      // [B]: cache slot
+    const int* __restrict__ encoder,    // [B] encoder lengths: cross attention keys; null: self (past + 1 keys)
+    const int* __restrict__ cache_ind,  // beam search [B/W, W, ind_len] beam ids, or null
+    int beam_width, int ind_len,
+    const float* __restrict__ alibi,    // [H_r] effective slopes, or null
+    const float* __restrict__ bias_tab,  // relative bias(h, q, k) = bias_tab[h·b_sh + q·b_sq + k·b_sk + b_off]
+    long long b_sh, long long b_sq, long long b_sk, long long b_off,  // (explicit or bucket-expanded), or null
+    int num_heads,                      // H_r
+    int group,                          // query heads per KV head
+    int head_chunks, int num_splits,
+    float qk_scale,                     // softmax_scale * dequant_scale * log2(e)
+    float v_scale) {                    // dequant_scale
+  using namespace decode;
+  using Tr = Traits<T, Cache, D, HPB>;
+  using S = typename Tr::S;
+  constexpr int TK = Tr::kTileKeys, GH = Tr::kGH, KG = Tr::kKG, KPG = Tr::kKPG, KB = Tr::kKB;
+  constexpr int LANES = Tr::kLanes, ACTIVE = Tr::kActive, ROW = Tr::kRowBytes, CH = Tr::kChunks;
+  constexpr bool kPaged = IsPaged<Layout>::value;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int table_bytes = (table_cap * 4 + 15) & ~15;
+  int* s_table = reinterpret_cast<int*>(smem);
+  unsigned char* pipe = smem + table_bytes;
+  if (threadIdx.x == 0) {
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (unsigned)(table_bytes + kPipeBytes)) __trap();  // launcher and kernel disagree
+  }
+
+  const int tid = threadIdx.x;
+  const int lane = tid % LANES;
+  const int hg = (tid / LANES) % Tr::kHG;
+  const int kg = tid / (LANES * Tr::kHG);
+  const int hc = blockIdx.x % head_chunks, split = blockIdx.x / head_chunks;
+  const int kvh = blockIdx.y, si = blockIdx.z;
+  const int seq = seq_ids[si];
+  const int row = cu_seqlens[seq];
+  const int q_pos = past[seq];
+  const int slot = slots[seq];
+  const int n_keys = encoder != nullptr ? encoder[seq] : q_pos + 1;
+
+  // This split's keys: the sequence's keys in num_splits chunks of whole tiles.
+  int chunk = (n_keys + num_splits - 1) / num_splits;
+  chunk = (chunk + TK - 1) / TK * TK;
+  const int k_begin = min(split * chunk, n_keys);
+  const int k_end = min(k_begin + chunk, n_keys);
+  const int n_tiles = (k_end - k_begin + TK - 1) / TK;
+
+  // Paged without beams: the split's slice of the block-table row, in shared memory when it fits.
+  const int* table = nullptr;
+  int first_blk = 0;
+  if (kPaged && beam_width <= 1 && n_tiles > 0) {
+    first_blk = k_begin >> log2_page;
+    const int count = ((k_end - 1) >> log2_page) - first_blk + 1;
+    const int* grow = block_table + (long long)slot * bt_stride + first_blk;
+    if (count <= table_cap) {
+      for (int i = tid; i < count; i += kThreads) s_table[i] = grow[i];
+      table = s_table;
+    } else {
+      table = grow;
+    }
+  }
+  __syncthreads();
+
+  const S* base = reinterpret_cast<const S*>(cache);
+  // Element offset of key t's K row.
+  auto locate = [&](int t) -> long long {
+    int src = slot;
+    if (beam_width > 1 && t < q_pos) src = slot / beam_width * beam_width + cache_ind[(long long)slot * ind_len + t];
+    if constexpr (kPaged) {
+      const int blk = beam_width > 1 ? block_table[(long long)src * bt_stride + (t >> log2_page)]
+                                     : table[(t >> log2_page) - first_blk];
+      return (long long)blk * s_row + kvh * s_head + (long long)(t & ((1 << log2_page) - 1)) * D;
+    } else {
+      return (long long)src * s_row + kvh * s_head + (long long)t * D;
+    }
+  };
+  auto load_tile = [&](int tile, int stage) {
+    const int t0 = k_begin + tile * TK;
+    unsigned char* sk = pipe + stage * Tr::kStageBytes;
+    unsigned char* sv = sk + TK * ROW;
+#pragma unroll
+    for (int i = 0; i < (TK * CH + kThreads - 1) / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      if (TK * CH % kThreads == 0 || c < TK * CH) {
+        const int key = c / CH, part = c - key * CH;
+        const int t = t0 + key;
+        const bool ok = t < k_end;
+        const S* src = ok ? base + locate(t) + part * (16 / Tr::kElem) : base;
+        cp_async16(sk + key * ROW + part * 16, src, ok);
+        cp_async16(sv + key * ROW + part * 16, ok ? src + s_kv : base, ok);
+      }
+    }
+  };
+
+  // Queries (8 elements of GH heads), ALiBi slopes (base 2), running softmax state.
+  float qv[GH][8], acc[GH][8], m[GH], l[GH], slope[GH];
+  int hb[GH];  // query head for bias lookups (a valid one for padded heads)
+#pragma unroll
+  for (int h = 0; h < GH; ++h) {
+    const int hig = hc * HPB + hg * GH + h;
+    const bool valid = hig < group;
+    hb[h] = kvh * group + (valid ? hig : 0);
+    const T* qp = q + ((long long)row * num_heads + hb[h]) * D + lane * 8;
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      float2 f = make_float2(0.f, 0.f);
+      if (valid && lane < ACTIVE) f = load2(qp + e);
+      qv[h][e] = f.x;
+      qv[h][e + 1] = f.y;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
+    m[h] = -INFINITY;
+    l[h] = 0.f;
+    slope[h] = alibi != nullptr ? alibi[hb[h]] * kLog2e : 0.f;
+  }
+
+  auto compute = [&](int stage, int t0) {
+    const unsigned char* sk = pipe + stage * Tr::kStageBytes;
+    const unsigned char* sv = sk + TK * ROW;
+#pragma unroll
+    for (int jb = 0; jb < KPG; jb += KB) {
+      float s[KB][GH];
+#pragma unroll
+      for (int jj = 0; jj < KB; ++jj) {
+        float kf[8];
+        if (lane < ACTIVE) {
+          Vec8<S>::load(sk + ((jb + jj) * KG + kg) * ROW + lane * 8 * Tr::kElem, kf);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) kf[e] = 0.f;
+        }
+#pragma unroll
+        for (int h = 0; h < GH; ++h) {
+          float d = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) d = fmaf(qv[h][e], kf[e], d);
+          s[jj][h] = d;
+        }
+      }
+#pragma unroll
+      for (int off = LANES / 2; off >= 1; off /= 2) {
+#pragma unroll
+        for (int jj = 0; jj < KB; ++jj) {
+#pragma unroll
+          for (int h = 0; h < GH; ++h) s[jj][h] += __shfl_xor_sync(0xffffffffu, s[jj][h], off);
+        }
+      }
+      // Scale, position bias (base 2), keys past the split's end masked.
+#pragma unroll
+      for (int jj = 0; jj < KB; ++jj) {
+        const int t = t0 + (jb + jj) * KG + kg;
+        const bool ok = t < k_end;
+        const int rel = t - q_pos;
+#pragma unroll
+        for (int h = 0; h < GH; ++h) {
+          float v = s[jj][h] * qk_scale;
+          if (alibi != nullptr) v = fmaf(slope[h], (float)rel, v);
+          if (ok && bias_tab != nullptr) v = fmaf(bias_tab[hb[h] * b_sh + q_pos * b_sq + t * b_sk + b_off], kLog2e, v);
+          s[jj][h] = ok ? v : -INFINITY;
+        }
+      }
+      // Online softmax: new max, rescale what was summed, exponentiate these keys.
+#pragma unroll
+      for (int h = 0; h < GH; ++h) {
+        float mx = m[h];
+#pragma unroll
+        for (int jj = 0; jj < KB; ++jj) mx = fmaxf(mx, s[jj][h]);
+        const float mu = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(m[h] - mu);
+        m[h] = mx;
+        l[h] *= alpha;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[h][e] *= alpha;
+#pragma unroll
+        for (int jj = 0; jj < KB; ++jj) {
+          const float p = exp2f(s[jj][h] - mu);
+          s[jj][h] = p;
+          l[h] += p;
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < KB; ++jj) {
+        float vf[8];
+        if (lane < ACTIVE) {
+          Vec8<S>::load(sv + ((jb + jj) * KG + kg) * ROW + lane * 8 * Tr::kElem, vf);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vf[e] = 0.f;
+        }
+#pragma unroll
+        for (int h = 0; h < GH; ++h) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(s[jj][h], vf[e], acc[h][e]);
+        }
+      }
+    }
+  };
+
+  // The pipeline: kStages - 1 tiles ahead of the one being computed.
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < n_tiles) load_tile(st, st);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n_tiles; ++it) {
+    const int next = it + kStages - 1;
+    if (next < n_tiles) load_tile(next, next % kStages);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+    compute(it % kStages, k_begin + it * TK);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the key groups (shared memory scratch over the pipeline buffers).
+  float* red_m = reinterpret_cast<float*>(pipe);  // [KG][HPB]
+  float* red_l = red_m + KG * HPB;                // [KG][HPB]
+  float* red_o = red_l + KG * HPB;                // [KG][HPB][D]
+  if (lane == 0) {
+#pragma unroll
+    for (int h = 0; h < GH; ++h) {
+      red_m[kg * HPB + hg * GH + h] = m[h];
+      red_l[kg * HPB + hg * GH + h] = l[h];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < GH; ++h) {
+    const int hh = hg * GH + h;
+    float mx = -INFINITY;
+    for (int g = 0; g < KG; ++g) mx = fmaxf(mx, red_m[g * HPB + hh]);
+    const float f = exp2f(m[h] - (mx == -INFINITY ? 0.f : mx));
+    if (lane < ACTIVE) {
+      float4* dst = reinterpret_cast<float4*>(red_o + (kg * HPB + hh) * D + lane * 8);
+      dst[0] = make_float4(acc[h][0] * f, acc[h][1] * f, acc[h][2] * f, acc[h][3] * f);
+      dst[1] = make_float4(acc[h][4] * f, acc[h][5] * f, acc[h][6] * f, acc[h][7] * f);
+    }
+  }
+  __syncthreads();
+
+  const bool multi = num_splits > 1;
+  for (int idx = tid; idx < HPB * D; idx += kThreads) {
+    const int hh = idx / D, d = idx - hh * D;
+    const int hig = hc * HPB + hh;
+    if (hig >= group) continue;
+    const int head = kvh * group + hig;
+    float mx = -INFINITY;
+    for (int g = 0; g < KG; ++g) mx = fmaxf(mx, red_m[g * HPB + hh]);
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f, o = 0.f;
+    for (int g = 0; g < KG; ++g) {
+      sum += red_l[g * HPB + hh] * exp2f(red_m[g * HPB + hh] - mu);
+      o += red_o[(g * HPB + hh) * D + d];
+    }
+    const float val = sum > 0.f ? o / sum * v_scale : 0.f;
+    const float lse2 = sum > 0.f ? mu + log2f(sum) : -INFINITY;
+    if (!multi) {
+      out[((long long)row * num_heads + head) * D + d] = from_float<T>(val);
+      if (d == 0) lse[(long long)row * num_heads + head] = lse2 * kLn2;
+    } else {
+      const long long pb = ((long long)si * num_heads + head) * num_splits + split;
+      part_o[pb * D + d] = val;
+      if (d == 0) part_lse[pb] = lse2;
+    }
+  }
+  if (!multi) return;
+
+  // Split merge: the last block of this (sequence, KV head, head chunk) combines all splits.
+  __threadfence();
+  __syncthreads();
+  bool last = false;
+  if (tid == 0) {
+    const int ci = (si * gridDim.y + kvh) * head_chunks + hc;
+    last = atomicAdd(counters + ci, 1) == num_splits - 1;
+    if (last) counters[ci] = 0;  // every split has arrived: ready for the next launch
+  }
+  if (!__syncthreads_or(last)) return;
+  __threadfence();
+
+  float* w = reinterpret_cast<float*>(pipe);  // [HPB][num_splits] lse, then weights
+  float* w_max = w + HPB * num_splits;        // [HPB]
+  float* w_sum = w_max + HPB;                 // [HPB]
+  for (int idx = tid; idx < HPB * num_splits; idx += kThreads) {
+    const int hh = idx / num_splits, sp = idx - hh * num_splits;
+    const int hig = hc * HPB + hh;
+    w[idx] = hig < group ? __ldcg(part_lse + ((long long)si * num_heads + kvh * group + hig) * num_splits + sp)
+                         : -INFINITY;
+  }
+  __syncthreads();
+  const int warp = tid / 32, wl = tid % 32;
+  for (int hh = warp; hh < HPB; hh += kThreads / 32) {
+    float mx = -INFINITY;
+    for (int sp = wl; sp < num_splits; sp += 32) mx = fmaxf(mx, w[hh * num_splits + sp]);
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f;
+    for (int sp = wl; sp < num_splits; sp += 32) sum += exp2f(w[hh * num_splits + sp] - mu);
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (wl == 0) {
+      w_max[hh] = mu;
+      w_sum[hh] = sum;
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < HPB * num_splits; idx += kThreads) {
+    const int hh = idx / num_splits;
+    w[idx] = w_sum[hh] > 0.f ? exp2f(w[idx] - w_max[hh]) / w_sum[hh] : 0.f;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < HPB * D; idx += kThreads) {
+    const int hh = idx / D, d = idx - hh * D;
+    const int hig = hc * HPB + hh;
+    if (hig >= group) continue;
+    const int head = kvh * group + hig;
+    const long long pb = ((long long)si * num_heads + head) * num_splits;
+    float o = 0.f;
+    for (int sp = 0; sp < num_splits; ++sp) {
+      const float wt = w[hh * num_splits + sp];
+      if (wt > 0.f) o = fmaf(wt, __ldcg(part_o + (pb + sp) * D + d), o);  // empty splits never read
+    }
+    out[((long long)row * num_heads + head) * D + d] = from_float<T>(o);
+    if (d == 0) {
+      lse[(long long)row * num_heads + head] = w_sum[hh] > 0.f ? (w_max[hh] + log2f(w_sum[hh])) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+}  // namespace tp

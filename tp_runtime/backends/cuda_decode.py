@@ -1,0 +1,223 @@
+"""Generation-phase attention on the GPU: the launcher of ``kernels/decode_attention.cu``.
+
+``decode(q, kv, step, seq_ids, spec, out, lse, splits)`` serves sequences with one query token
+(``step.is_generation(i)``, or any one-token query of cross attention) against their cached keys:
+sequence ``i`` sees keys ``0 .. past_i`` (self attention: its new token was written by
+``prepare``) or ``0 .. encoder_len_i − 1`` (cross). It writes ``out [T, H_r, D]`` (q's dtype) and
+``lse [T, H_r]`` (fp32, natural log, ``-inf`` with no keys) at those sequences' token rows only.
+``cuda.attend`` calls it; see ``backends/base.py`` for the semantics it shares with ``reference``.
+
+One thread block per (head chunk, key split, KV head, sequence) serves the query heads of its KV
+head together, so K/V are read once. ``splits`` (None: ``choose_splits``) cuts each sequence's keys
+into that many chunks; the kernel merges the chunks by log-sum-exp in the same launch, so any
+split count gives the single-split result up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kv_cache import CacheLayout, LayerKV
+from ..step import Step
+from .base import AttentionSpec, key_lengths
+from .compile import get_kernel
+from .cuda import _cache_geometry, _check_activation, _f32, _i32, _i64, _launch, _ptr, _table_bias
+
+THREADS = 128  # decode::kThreads
+PIPE_BYTES = 48 * 1024  # decode::kPipeBytes: the K/V pipeline's shared memory (the kernel traps on less)
+TABLE_CAP = 1024  # paged: block-table entries of a split kept in shared memory (else read from global)
+MAX_HEADS_PER_BLOCK = 8
+MIN_KEYS_PER_SPLIT = 256  # a split shorter than this costs more in merging than it gains
+MAX_SPLITS = 512  # the merge keeps heads x splits weights in the pipeline's shared memory
+HEAD_SIZES = (64, 80, 96, 128, 256)
+
+
+def heads_per_block(group: int) -> int:
+    """Query heads one block serves from its KV head: the group rounded up to a power of two, at
+    most 8 (a group of 32 runs as 4 chunks of 8; padded heads compute nothing that is stored)."""
+    return min(MAX_HEADS_PER_BLOCK, 1 << (group - 1).bit_length())
+
+
+def choose_splits(blocks: int, max_keys: int, resident: int) -> int:
+    """Key splits per sequence: 1 when ``blocks`` (sequences x KV heads x head chunks) already fill
+    the ``resident`` block slots of the GPU (SMs x blocks per SM), else as many as one wave holds
+    (rounded down: a few blocks spilling into a second wave would cost a whole block's time),
+    keeping at least ``MIN_KEYS_PER_SPLIT`` keys per split."""
+    if blocks >= resident or max_keys < 2 * MIN_KEYS_PER_SPLIT:
+        return 1
+    return max(1, min(resident // blocks, max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def variant(dtype: torch.dtype, kv: LayerKV, head_size: int, group: int) -> dict:
+    """Template parameters of the decode kernel (compile.FAMILIES["decode"])."""
+    return {
+        "dtype": dtype,
+        "cache": kv.kind.value,
+        "layout": kv.layout.value,
+        "head_size": head_size,
+        "heads": heads_per_block(group),
+    }
+
+
+_resident_cache: dict = {}
+
+
+def _resident_blocks(kernel, device: torch.device, smem: int) -> int:
+    """Blocks of ``kernel`` resident on the whole GPU at once (SMs x per-SM limit by registers and
+    shared memory), the size of one wave."""
+    key = (id(kernel), device.index, smem)
+    if key not in _resident_cache:
+        props = torch.cuda.get_device_properties(device)
+        warp_regs = -(-max(kernel.num_regs, 1) * 32 // 256) * 256  # allocated per warp, 256 at a time
+        by_regs = props.regs_per_multiprocessor // (warp_regs * THREADS // 32)
+        by_smem = props.shared_memory_per_multiprocessor // (smem + 1024)  # 1 KB reserved per block
+        _resident_cache[key] = props.multi_processor_count * max(1, min(by_regs, by_smem, 16))
+    return _resident_cache[key]
+
+
+_counters: dict = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters of the split merge, per (device, stream); the kernel leaves
+    them zero, so they are allocated (and zeroed) only when a larger launch needs more."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
+
+
+def _seq_ids(step: Step, seq_ids) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """(device int32 ids, host ids or None when given as a device tensor)."""
+    if isinstance(seq_ids, torch.Tensor):
+        if seq_ids.dtype != torch.int32 or seq_ids.dim() != 1 or seq_ids.device != step.device:
+            raise ValueError(
+                f"seq_ids: expected a 1-D int32 tensor on {step.device}, got {seq_ids.dtype} "
+                f"{tuple(seq_ids.shape)} on {seq_ids.device}"
+            )
+        return seq_ids.contiguous(), None
+    ids = tuple(int(i) for i in seq_ids)
+    bad = [i for i in ids if not 0 <= i < step.num_seqs]
+    if bad:
+        raise ValueError(f"seq_ids: {bad} are not sequences of this step (it has {step.num_seqs})")
+    dev = step.memo(("cuda_decode.seq_ids", ids), lambda: torch.tensor(ids, dtype=torch.int32).to(step.device))
+    return dev, ids
+
+
+def _params(q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev, spec_ops, shape, scales, cross):
+    """The decode kernel's parameters, in the order of ``tp::decode_attention_kernel``."""
+    _, log2_page, block_table, bt_stride = geometry
+    alibi, table = spec_ops
+    tab, tab_h, tab_q, tab_k, tab_off = table if table is not None else (None, 0, 0, 0, 0)
+    ind = step.cache_indirection if step.beam_width > 1 else None
+    h_r, group, head_chunks, splits = shape
+    qk_scale, v_scale = scales
+    data = kv.data
+    table_cap = TABLE_CAP if kv.layout is CacheLayout.paged else 0
+    # fmt: off
+    return (
+        _ptr(q), _ptr(out), _ptr(lse),              # q, out [T, H_r, D]; lse [T, H_r] fp32
+        _ptr(part_o), _ptr(part_lse),               # split workspace [n, H_r, S, D], [n, H_r, S] fp32
+        _ptr(counters),                             # [n, KV_r, head_chunks] int32, zero
+        _ptr(data),                                 # the layer's cache
+        _i64(data.stride(0)), _i64(data.stride(1)), _i64(data.stride(2)),  # slot|block, K->V, KV head
+        _ptr(block_table), _i32(bt_stride),         # paged: block table, its row stride
+        _i32(log2_page), _i32(table_cap),           # paged: log2(P); table entries in shared memory
+        _ptr(seq_dev),                              # [n] int32 sequences to serve
+        _ptr(step.cu_seqlens), _ptr(step.past), _ptr(step.slot),  # per sequence: token row, q_pos, slot
+        _ptr(step.encoder if cross else None),      # cross: encoder lengths (keys); null: self
+        _ptr(ind), _i32(step.beam_width),           # beams: [B/W, W, S_ind] int32 cache indirection
+        _i32(0 if ind is None else ind.shape[2]),
+        _ptr(alibi),                                # [H_r] fp32 effective ALiBi slopes, or null
+        _ptr(tab), _i64(tab_h), _i64(tab_q), _i64(tab_k), _i64(tab_off),  # relative bias table
+        _i32(h_r), _i32(group), _i32(head_chunks), _i32(splits),
+        _f32(qk_scale), _f32(v_scale),              # softmax_scale·dequant·log2(e); dequant
+    )
+    # fmt: on
+
+
+def decode(
+    q: torch.Tensor,
+    kv: LayerKV,
+    step: Step,
+    seq_ids,
+    spec: AttentionSpec,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    splits: int | None = None,
+) -> None:
+    """Attention of one-token queries (rows ``step.cu_seqlens[seq_ids]``) over their cached keys.
+
+    ``q [T, H_r, D]`` fp16/bf16; ``seq_ids``: sequence indices (a list, or an int32 device tensor);
+    ``out``/``lse`` are written at those rows only; ``splits`` forces the key split count.
+    """
+    _check_activation(q, "q")
+    if q.dim() != 3 or not q.is_contiguous():
+        raise ValueError(f"q: expected a contiguous [tokens, heads, head_size] tensor, got {tuple(q.shape)}")
+    t, h_r, d = q.shape
+    if d not in HEAD_SIZES:
+        raise NotImplementedError(f"head_size={d}: the decode kernel supports {HEAD_SIZES}; use backend='reference'")
+    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    if lse.shape != (t, h_r) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse: expected a contiguous float32 tensor of shape {(t, h_r)}")
+    kv_r = kv.num_kv_heads
+    if h_r % kv_r:
+        raise ValueError(f"q: {h_r} query heads are not a multiple of the cache's {kv_r} KV heads")
+    geometry = _cache_geometry(kv, kv_r, d, q.dtype)
+    seq_dev, ids = _seq_ids(step, seq_ids)
+    n = seq_dev.numel()
+    if n == 0:
+        return
+    if n > 65535:
+        raise NotImplementedError(f"{n} sequences in one decode launch: more than a grid's z (65535)")
+    all_keys = key_lengths(step, spec)
+    served = range(step.num_seqs) if ids is None else ids
+    if ids is not None:
+        bad = [i for i in ids if step.new_lens[i] != 1]
+        if bad:
+            raise ValueError(f"seq_ids: sequences {bad} have more than one new token; decode serves one-token queries")
+    max_keys = max(all_keys[i] for i in served)
+    if kv.layout is CacheLayout.contiguous and max_keys > geometry[0]:
+        raise ValueError(f"kv: a sequence reads {max_keys} cached positions, the cache holds {geometry[0]}")
+
+    if splits is not None and not 1 <= int(splits) <= MAX_SPLITS:
+        raise ValueError(f"splits: expected 1..{MAX_SPLITS} or None, got {splits}")
+    group = h_r // kv_r
+    hpb = heads_per_block(group)
+    head_chunks = -(-group // hpb)
+    kernel = get_kernel("decode", **variant(q.dtype, kv, d, group))
+    smem = PIPE_BYTES + (4 * TABLE_CAP if kv.layout is CacheLayout.paged else 0)
+    blocks = n * kv_r * head_chunks
+    if splits is None:
+        splits = choose_splits(blocks, max_keys, _resident_blocks(kernel, q.device, smem))
+    splits = int(splits)
+
+    alibi = None
+    if spec.alibi_slopes is not None:
+        alibi = spec.alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        if alibi.numel() != h_r:
+            raise ValueError(f"alibi_slopes: expected {h_r} slopes (heads on this rank), got {alibi.numel()}")
+    table = None
+    if spec.relative_table is not None or spec.relative_bias is not None:
+        if spec.relative_table is not None and spec.relative_bias is not None:
+            raise NotImplementedError("relative_table and relative_bias together; give one")
+        table = _table_bias(spec, step, list(served), all_keys)
+
+    if splits > 1:
+        part_o = torch.empty((n, h_r, splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((n, h_r, splits), dtype=torch.float32, device=q.device)
+        counters = _split_counters(q.device, n * kv_r * head_chunks)
+    else:
+        part_o = part_lse = counters = None
+    dq = kv.dequant_scale if kv.kind.is_quantized else 1.0
+    scales = (spec.softmax_scale * dq * math.log2(math.e), dq)
+    args = _params(
+        q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev, (alibi, table),
+        (h_r, group, head_chunks, splits), scales, spec.cross,
+    )  # fmt: skip
+    _launch(kernel, (head_chunks * splits, kv_r, n), (THREADS, 1, 1), args, q.device, shared_mem=smem)
