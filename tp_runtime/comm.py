@@ -2,8 +2,11 @@
 
 ``Communicator`` is what layers see. Implementations:
   - ``NoComm``: group of size 1, no communication at all.
-  - ``MpiComm`` (CPU tensors) and ``NcclComm`` (CUDA tensors): see below.
+  - ``MpiComm``: CPU tensors, over an mpi4py communicator.
+  - ``NcclComm``: CUDA tensors, NCCL through ``cupy.cuda.nccl``, on torch's current stream.
 All collectives act in place where the result has the input's shape and return a tensor.
+Every collective of ``MpiComm`` and ``NcclComm`` checks its tensor first (device, dtype,
+contiguity) and raises ``ValueError``/``TypeError`` naming what it expected and what it got.
 """
 
 from __future__ import annotations
@@ -49,3 +52,182 @@ class NoComm(Communicator):
 
     def barrier(self) -> None:
         return None
+
+
+# Floating types are what layers communicate; the integer types are for internal use
+# (lengths, flags). Both implementations support exactly these.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64)
+
+
+def check_tensor(who: str, tensor: object, device: torch.device) -> None:
+    """Raise unless ``tensor`` is a contiguous tensor of a supported dtype on ``device``.
+
+    ``device`` with no index (``cpu``) matches any tensor of that device type.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != device.type or (device.index is not None and tensor.device != device):
+        raise ValueError(f"{who}: expected a tensor on {device}, got one on {tensor.device}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{who}: expected dtype in ({names}), got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError(
+            f"{who}: expected a contiguous tensor, got shape {tuple(tensor.shape)} with strides {tensor.stride()}"
+        )
+
+
+def raise_if_any(mpi_comm, error: str | None, what: str, payload: object = None) -> object:
+    """Collective over ``mpi_comm``: raise on every rank if any rank passes an ``error``.
+
+    Use it where one rank alone could fail and leave the others waiting in the next
+    collective. Returns rank 0's ``payload`` (so one exchange can also share a value).
+    """
+    gathered = mpi_comm.allgather((error, payload))
+    failed = [(rank, err) for rank, (err, _) in enumerate(gathered) if err is not None]
+    if failed:
+        lines = "; ".join(f"rank {rank}: {err}" for rank, err in failed)
+        raise RuntimeError(f"{what} failed on {len(failed)} of {len(gathered)} ranks: {lines}")
+    return gathered[0][1]
+
+
+def _check_root(who: str, root: int, size: int) -> None:
+    if not 0 <= root < size:
+        raise ValueError(f"{who}: expected root in [0, {size}), got {root}")
+
+
+class MpiComm(Communicator):
+    """CPU tensors over an mpi4py communicator (the CPU path and CI).
+
+    MPI has no bfloat16 and mpi4py no portable half type, so ``all_reduce`` of fp16 and
+    bf16 sums a float32 copy and rounds the result once (more accurate than a reduction in
+    the half type). ``all_gather`` and ``broadcast`` only move data: half types travel as
+    their 16-bit patterns, exactly.
+    """
+
+    def __init__(self, mpi_comm):
+        # Imported here, not at the top: importing mpi4py.MPI initialises MPI, which
+        # `import tp_runtime` must not do (world.init does it).
+        from mpi4py import MPI
+
+        self._in_place, self._sum = MPI.IN_PLACE, MPI.SUM
+        self._comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+
+    @staticmethod
+    def _buffer(tensor: torch.Tensor):
+        """A numpy view sharing ``tensor``'s memory that MPI can move bit for bit."""
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.view(torch.int16)
+        return tensor.detach().numpy()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        check_tensor("MpiComm.all_reduce", tensor, torch.device("cpu"))
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            wide = tensor.float()
+            self._comm.Allreduce(self._in_place, wide.numpy(), op=self._sum)
+            return tensor.copy_(wide)
+        self._comm.Allreduce(self._in_place, self._buffer(tensor), op=self._sum)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        check_tensor("MpiComm.all_gather", tensor, torch.device("cpu"))
+        out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype)
+        self._comm.Allgather(self._buffer(tensor), self._buffer(out))
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        check_tensor("MpiComm.broadcast", tensor, torch.device("cpu"))
+        _check_root("MpiComm.broadcast", root, self.size)
+        self._comm.Bcast(self._buffer(tensor), root=root)
+        return tensor
+
+    def barrier(self) -> None:
+        self._comm.Barrier()
+
+
+class NcclComm(Communicator):
+    """CUDA tensors on ``device`` through NCCL (``cupy.cuda.nccl``), one rank per GPU.
+
+    Collectives are enqueued on torch's current stream with raw device pointers, so they
+    order with the surrounding torch work and bf16 needs no CuPy dtype. Construction is
+    collective over ``mpi_comm``: rank 0 makes the NCCL id and shares it over MPI together
+    with every rank's error, if any, so a failure on one rank raises on all of them instead
+    of leaving the others hanging.
+    """
+
+    def __init__(self, mpi_comm, device: torch.device | str):
+        import cupy
+        from cupy.cuda import nccl
+
+        self._mpi = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or self.device.index is None:
+            raise ValueError(f"NcclComm: expected a device like cuda:0, got {device}")
+        # NCCL binds the communicator to the current device: set it, for torch and CuPy, first.
+        torch.cuda.set_device(self.device)
+        cupy.cuda.Device(self.device.index).use()
+
+        # Every rank checks it can load NCCL, rank 0 also makes the id; all ranks then see
+        # every error, so none is left waiting in ncclCommInitRank for a rank that gave up.
+        unique_id, error = None, None
+        try:
+            if not nccl.available:
+                raise RuntimeError("CuPy cannot load the NCCL library (libnccl.so.2); install nvidia-nccl-cu*")
+            if self.rank == 0:
+                unique_id = nccl.get_unique_id()
+        except Exception as exc:  # any failure must reach every rank, whatever its type
+            error = f"{type(exc).__name__}: {exc}"
+        unique_id = raise_if_any(mpi_comm, error, "NcclComm setup", payload=unique_id)
+
+        self._nccl = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+        self._dtypes = {
+            torch.float32: nccl.NCCL_FLOAT32,
+            torch.float16: nccl.NCCL_FLOAT16,
+            torch.bfloat16: nccl.NCCL_BFLOAT16,
+            torch.int32: nccl.NCCL_INT32,
+            torch.int64: nccl.NCCL_INT64,
+        }
+        self._sum = nccl.NCCL_SUM
+        # Warm-up: NCCL connects lazily, so the first collective is slow; pay for it here,
+        # and check the result so a broken setup fails at construction, not mid-run.
+        probe = torch.ones(1, device=self.device)
+        self.all_reduce(probe)
+        if probe.item() != self.size:
+            raise RuntimeError(f"NcclComm: warm-up all_reduce of ones gave {probe.item()}, expected {self.size}")
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        check_tensor("NcclComm.all_reduce", tensor, self.device)
+        ptr = tensor.data_ptr()
+        self._nccl.allReduce(ptr, ptr, tensor.numel(), self._dtypes[tensor.dtype], self._sum, self._stream())
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        check_tensor("NcclComm.all_gather", tensor, self.device)
+        out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype, device=self.device)
+        self._nccl.allGather(
+            tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype], self._stream()
+        )
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        check_tensor("NcclComm.broadcast", tensor, self.device)
+        _check_root("NcclComm.broadcast", root, self.size)
+        ptr = tensor.data_ptr()
+        self._nccl.broadcast(ptr, ptr, tensor.numel(), self._dtypes[tensor.dtype], root, self._stream())
+        return tensor
+
+    def barrier(self) -> None:
+        """Return once every rank's work enqueued so far on its current stream has finished."""
+        torch.cuda.current_stream(self.device).synchronize()
+        self._mpi.Barrier()
+
+    def abort(self) -> None:
+        """Abandon the communicator without waiting for peers (after an error; it is unusable then)."""
+        self._nccl.abort()

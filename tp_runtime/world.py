@@ -1,0 +1,219 @@
+"""This process's place in the job: MPI rank, node-local rank, device, tensor-parallel group.
+
+``init()`` is called once per process, on every rank, after the job has been started by
+``mpirun`` (``launch/tp_run``); run without mpirun it gives a world of one rank.
+Ranks ``[k*tp_size, (k+1)*tp_size)`` form TP group ``k`` (its ``dp_rank``); a world larger
+than ``tp_size`` holds several independent groups (data-parallel replicas).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .comm import Communicator, MpiComm, NcclComm, NoComm, raise_if_any
+
+DEVICE_ENV = "TP_RUNTIME_DEVICE"
+LAUNCHED_ENV = "TP_RUN_NPROCS"  # set by launch/tp_run: the number of ranks it asked mpirun for
+_DEVICE_REQUESTS = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int  # in MPI.COMM_WORLD
+    size: int
+    local_rank: int  # among the ranks on this node (MPI shared-memory split)
+    local_size: int
+    device: torch.device  # cuda:<local_rank>, or cpu
+    tp_size: int
+    tp_rank: int
+    dp_rank: int  # which TP group this rank belongs to
+    tp_comm: Communicator = field(repr=False)  # NoComm at tp_size 1, else NcclComm (CUDA) or MpiComm (CPU)
+    local_comm: object = field(repr=False)  # MPI communicator of this node's ranks, e.g. for one-per-node work
+    log: logging.Logger = field(repr=False)  # prints on world rank 0 only
+    log_all: logging.Logger = field(repr=False)  # prints on every rank, prefixed with the rank
+
+    @property
+    def dp_size(self) -> int:
+        """Number of TP groups."""
+        return self.size // self.tp_size
+
+
+_world: World | None = None
+
+
+def init(tp_size: int | None = None, device: str | None = None) -> World:
+    """Set up this rank (collective: every rank of the job must call it).
+
+    ``tp_size``: ranks per tensor-parallel group; ``None`` means the whole world.
+    ``device``: ``"cuda"``, ``"cpu"`` or ``"auto"``/``None`` (CUDA where torch and CuPy can
+    use it, else CPU); when ``None`` the environment variable ``TP_RUNTIME_DEVICE`` may set it.
+    A second call returns the same world, or raises if its arguments ask for another one.
+    """
+    global _world
+    if _world is not None:
+        _check_same(_world, tp_size, device)
+        return _world
+
+    from mpi4py import MPI  # initialises MPI (once per process)
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    launched = os.environ.get(LAUNCHED_ENV)
+    if launched is not None and int(launched) != size:
+        raise RuntimeError(
+            f"launch/tp_run started {launched} ranks but MPI reports a world of {size}: the mpirun used "
+            "belongs to another MPI library than mpi4py's (set MPIRUN=... to the matching one)"
+        )
+    tp = size if tp_size is None else tp_size
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp_size must be a positive int or None, got {tp_size!r}")
+    if size % tp:
+        raise ValueError(f"world size {size} is not divisible by tp_size {tp}: TP groups must be equal")
+    request = _device_request(device)
+
+    local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = local_comm.Get_rank(), local_comm.Get_size()
+
+    # Device choice can fail on one rank only (e.g. one node with fewer GPUs): agree first,
+    # so every rank raises together; and a mix of CUDA and CPU ranks could never communicate.
+    chosen, error = None, None
+    try:
+        chosen = _pick_device(request, local_rank, local_size)
+    except RuntimeError as exc:
+        error = str(exc)
+    raise_if_any(comm, error, "tp_runtime.init: choosing the device")
+    kinds = comm.allgather(chosen.type)
+    if len(set(kinds)) > 1:
+        raise RuntimeError(f"tp_runtime.init: ranks chose different device types, by rank: {kinds}")
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+
+    if tp == 1:
+        tp_comm: Communicator = NoComm()
+    else:
+        tp_mpi = comm.Split(color=rank // tp, key=rank)
+        tp_comm = NcclComm(tp_mpi, chosen) if chosen.type == "cuda" else MpiComm(tp_mpi)
+
+    log, log_all = _loggers(rank, size)
+    _world = World(
+        rank=rank,
+        size=size,
+        local_rank=local_rank,
+        local_size=local_size,
+        device=chosen,
+        tp_size=tp,
+        tp_rank=rank % tp,
+        dp_rank=rank // tp,
+        tp_comm=tp_comm,
+        local_comm=local_comm,
+        log=log,
+        log_all=log_all,
+    )
+    return _world
+
+
+def init_torch_distributed(world: World):
+    """Start torch.distributed over the same ranks, for baselines; returns this rank's TP group.
+
+    NCCL on CUDA, gloo on the CPU. Rank 0 picks a free port and shares its address over MPI
+    (127.0.0.1 when the whole job is on one node, else its host name or $MASTER_ADDR).
+    Collective: every rank calls it once, after init().
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    address = None
+    if world.rank == 0:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        host = "127.0.0.1" if world.local_size == world.size else os.environ.get("MASTER_ADDR", socket.gethostname())
+        address = (host, port)
+    from mpi4py import MPI
+
+    host, port = MPI.COMM_WORLD.bcast(address, root=0)
+    cuda = world.device.type == "cuda"
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://{host}:{port}",
+        rank=world.rank,
+        world_size=world.size,
+        device_id=world.device if cuda else None,
+    )
+    if world.tp_size == world.size:
+        return dist.group.WORLD
+    # new_group is collective over the whole world: every rank creates every TP group.
+    groups = [dist.new_group(list(range(k * world.tp_size, (k + 1) * world.tp_size))) for k in range(world.dp_size)]
+    return groups[world.dp_rank]
+
+
+def _device_request(device: str | None) -> str:
+    request = device if device is not None else os.environ.get(DEVICE_ENV, "auto")
+    if request not in _DEVICE_REQUESTS:
+        source = "device" if device is not None else DEVICE_ENV
+        raise ValueError(f"{source}: expected one of {_DEVICE_REQUESTS}, got {request!r}")
+    return request
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why this process cannot run CUDA work (torch and CuPy both needed), or None if it can."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # ImportError, or any CUDA runtime error: both mean "not usable"
+        return f"CuPy is not usable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _pick_device(request: str, local_rank: int, local_size: int) -> torch.device:
+    if request == "cpu":
+        return torch.device("cpu")
+    reason = cuda_unusable_reason()
+    if reason is not None:
+        if request == "cuda":
+            raise RuntimeError(f"device 'cuda' was requested but {reason}")
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if local_size > gpus:
+        raise RuntimeError(
+            f"{local_size} ranks on this node but only {gpus} GPUs visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one rank drives one GPU; "
+            f"start fewer ranks per node, or {DEVICE_ENV}=cpu"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def _check_same(world: World, tp_size: int | None, device: str | None) -> None:
+    """A repeated init() may omit arguments, but those it gives must describe ``world``."""
+    problems = []
+    if tp_size is not None and tp_size != world.tp_size:
+        problems.append(f"tp_size={tp_size} (initialised with {world.tp_size})")
+    if device not in (None, "auto") and device != world.device.type:
+        problems.append(f"device={device!r} (initialised with {world.device})")
+    if problems:
+        raise RuntimeError(f"tp_runtime.init called again with different arguments: {', '.join(problems)}")
+
+
+def _loggers(rank: int, size: int) -> tuple[logging.Logger, logging.Logger]:
+    """``tp_runtime`` (and its children) print on rank 0 only; ``tp_runtime.all`` on every rank."""
+    log = logging.getLogger("tp_runtime")
+    log_all = logging.getLogger("tp_runtime.all")
+    log_all.propagate = False
+    for logger, fmt in ((log, "%(message)s"), (log_all, f"[rank {rank}/{size}] %(message)s")):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    if rank != 0:
+        # Effective level of every tp_runtime.* logger that sets none itself: silent here.
+        log.setLevel(logging.CRITICAL + 1)
+    return log, log_all
