@@ -1,0 +1,81 @@
+"""Run a script on N MPI ranks from a test, the way a user would: through launch/tp_run.
+
+mpirun starts in a new session, so on timeout the whole job (mpirun, its daemons, every
+rank) can be killed and the test fails with what the job printed, instead of a hung
+collective stalling the test run. Killing mpirun's process group is not enough: Open MPI
+puts each rank in a process group of its own (same session), so the session is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TP_RUN = REPO / "launch" / "tp_run"
+
+
+@dataclass
+class MpiResult:
+    returncode: int
+    output: str  # stdout and stderr of every rank, interleaved
+    elapsed: float  # seconds
+
+
+def run_mpi(
+    nprocs: int, script: str | os.PathLike, *args: object, timeout: float = 120, env: dict[str, str] | None = None
+) -> MpiResult:
+    """Run ``script args`` on ``nprocs`` ranks with this test's Python; ``env`` adds variables."""
+    full_env = dict(os.environ)
+    # The ranks use this interpreter and this checkout, whatever is installed elsewhere.
+    full_env["PYTHON"] = sys.executable
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    full_env.update(env or {})
+    command = [str(TP_RUN), "-n", str(nprocs), str(script), *map(str, args)]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish within {timeout} s; output so far:\n{output}")
+    return MpiResult(proc.returncode, output, time.monotonic() - start)
+
+
+def _kill_session(session: int) -> None:
+    """SIGKILL every process of ``session`` (Linux: the session id is field 6 of /proc/PID/stat)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The command name, in parentheses, may hold spaces: split after its closing one.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to kill
+
+
+def assert_passed(result: MpiResult, nprocs: int) -> None:
+    """The job exited 0 and every rank reached its end (printed ``PASS rank r``)."""
+    assert result.returncode == 0, f"job failed (exit {result.returncode}):\n{result.output}"
+    missing = [r for r in range(nprocs) if f"PASS rank {r}\n" not in result.output]
+    assert not missing, f"ranks {missing} did not report PASS:\n{result.output}"
