@@ -48,32 +48,12 @@ struct BiasTable {  // table[h·sh + q·sq + k·sk + off] (explicit T5 table, or
   static constexpr int kind = 2;
 };
 
-// Tile shapes per head size. KEEP IN SYNC with CONTEXT_TILES in tp_runtime/backends/cuda.py.
-//   kWarps: warps per block, 16 query rows each (BM = 16·kWarps)
-//   kBlockN: keys per K/V tile
-// Registers per thread ~ O (D/2) + S (BN/2) + Q fragments (D/4 when kept in registers).
-template <int D>
-struct ContextTiles;
-template <>
-struct ContextTiles<64> {
-  static constexpr int kWarps = 8, kBlockN = 128;
-};
-template <>
-struct ContextTiles<80> {
-  static constexpr int kWarps = 8, kBlockN = 64;
-};
-template <>
-struct ContextTiles<96> {
-  static constexpr int kWarps = 8, kBlockN = 64;
-};
-template <>
-struct ContextTiles<128> {
-  static constexpr int kWarps = 8, kBlockN = 64;
-};
-template <>
-struct ContextTiles<256> {
-  static constexpr int kWarps = 4, kBlockN = 32;
-};
+// Tile shapes are template parameters (kWarps, kMT, BN), chosen per head size by ONE table in
+// Python (CONTEXT_TILES in tp_runtime/backends/cuda.py, checked by compile.FAMILIES):
+//   kWarps warps per block, each owning kMT m-tiles of 16 query rows (BM = 16·kWarps·kMT rows);
+//   BN keys per K/V tile. With kMT = 2 every K/V fragment read from shared memory feeds two
+//   MMAs (half the shared-memory traffic per flop); Q fragments stay in registers only when
+//   kMT·D <= 128 (else they are re-read with ldmatrix every tile).
 
 namespace ctx {
 
@@ -162,8 +142,8 @@ __device__ __forceinline__ void convert16(const uint4& raw, uint4 (&dst)[2]) {
 //   num_heads, num_kv_heads                             query head h reads KV head h / (H / KV)
 //   scale_log2  softmax_scale · log2(e) · k_dequant;  v_scale  V dequant (1 unless int8/fp8)
 //   alibi [H] fp32 slopes;  table, tab_h, tab_q, tab_k, tab_off (BiasTable)
-template <typename T, int D, typename Mask, typename Bias, typename Layout, typename Cache>
-__global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_attention_kernel(
+template <typename T, int D, typename Mask, typename Bias, typename Layout, typename Cache, int kWarps, int kMT, int BN>
+__global__ void __launch_bounds__(kWarps * 32, kWarps <= 4 ? 2 : 1) context_attention_kernel(
     const T* __restrict__ q, int q_stride, T* __restrict__ out, int out_stride, float* __restrict__ lse,
     const void* __restrict__ kv, const int* __restrict__ block_table, int bt_stride, int cache_len,
     int log2_cache_len, const int* __restrict__ tiles, const int* __restrict__ cu_seqlens,
@@ -171,19 +151,18 @@ __global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_atten
     int num_kv_heads, float scale_log2, float v_scale, const float* __restrict__ alibi,
     const float* __restrict__ table, long long tab_h, long long tab_q, long long tab_k, long long tab_off) {
   using namespace ctx;
-  constexpr int kWarps = ContextTiles<D>::kWarps;
-  constexpr int BM = 16 * kWarps;
-  constexpr int BN = ContextTiles<D>::kBlockN;
+  constexpr int kWarpRows = 16 * kMT;
+  constexpr int BM = kWarpRows * kWarps;
   constexpr int kThreads = kWarps * 32;
   constexpr int kStride = D + 8;   // shared-memory row stride (elements)
   constexpr int kChunks = D / 8;   // 16-byte chunks per row
   constexpr int kNT = BN / 8;      // n-tiles of S (8 keys each)
   constexpr int kKS = D / 16;      // k-steps of Q·Kᵀ
   constexpr int kDT = D / 8;       // n-tiles of O
-  constexpr bool kQRegs = D <= 128;  // keep Q fragments in registers (else re-read from shared memory)
+  constexpr bool kQRegs = kMT * D <= 128;  // keep Q fragments in registers (else re-read from shared memory)
   // Scores kept raw until the exp (one FFMA per element) when nothing is added to them.
   constexpr bool kScaleLate = Bias::kind == 0 && Mask::kind != 2;
-  static_assert(D % 16 == 0 && BN % 16 == 0, "tile shapes");
+  static_assert(D % 16 == 0 && BN % 16 == 0 && (kMT == 1 || kMT == 2), "tile shapes");
 
   extern __shared__ uint4 smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -206,6 +185,7 @@ __global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_atten
   const int no_mask_end = Mask::kind == 0 ? min(nk, qpos0 + 1) : (Mask::kind == 2 ? nk - 1 : nk);
   const int n_kb = k_end > 0 ? (k_end + BN - 1) / BN : 0;
   const KVAddr addr{block_table, bt_stride, num_kv_heads, cache_len, log2_cache_len, D};
+  const int wrow0 = warp * kWarpRows;  // this warp's first row in the tile
 
   // ---- tile loaders -----------------------------------------------------------------------
   auto load_q = [&]() {
@@ -254,6 +234,10 @@ __global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_atten
       }
     }
   };
+  // Q fragment (A operand) of m-tile mt, k-step ks, from shared memory
+  auto q_frag = [&](u32(&a)[4], int mt, int ks) {
+    ldsm_x4(a, smem_u32(sQ + (wrow0 + mt * 16 + (lane & 15)) * kStride + ks * 16 + (lane >> 4) * 8));
+  };
 
   // ---- prologue: Q and the first (last-in-sequence) K tile, then its V tile ---------------
   load_q();
@@ -262,13 +246,17 @@ __global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_atten
   if (n_kb > 0) load_kv(1, n_kb - 1, sV);
   cp_async_commit();
 
-  float o[kDT][4];
+  float o[kMT][kDT][4];
+  float m_r[kMT][2], l_r[kMT][2];  // running max (log2 units, scaled) and sum (own columns only)
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_r[2] = {-INFINITY, -INFINITY};  // running max, log2 units (scaled)
-  float l_r[2] = {0.f, 0.f};              // running sum (this thread's columns only)
-  u32 qf[kQRegs ? kKS : 1][4];
-  const int qrow0 = qpos0 + warp * 16 + g;  // position of this thread's first row (second: +8)
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    m_r[mt][0] = m_r[mt][1] = -INFINITY;
+    l_r[mt][0] = l_r[mt][1] = 0.f;
+  }
+  u32 qf[kQRegs ? kMT : 1][kQRegs ? kKS : 1][4];
+  const int qrow0 = qpos0 + wrow0 + g;  // position of this thread's first row (others: +8, +16, +24)
   const float slope_log2 = Bias::kind == 1 ? alibi[h] * kLog2e : 0.f;
 
   for (int it = 0; it < n_kb; ++it) {
@@ -278,33 +266,44 @@ __global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_atten
     const T* v_tile = sV + buf * BN * kStride;
     cp_async_wait<1>();
     __syncthreads();  // K[kb] (and Q) visible to every warp; buffer buf^1 free
-    if (kQRegs && it == 0) {
+    if constexpr (kQRegs) {
+      if (it == 0) {
 #pragma unroll
-      for (int ks = 0; ks < kKS; ++ks)
-        ldsm_x4(qf[kQRegs ? ks : 0], smem_u32(sQ + (warp * 16 + (lane & 15)) * kStride + ks * 16 + (lane >> 4) * 8));
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < kKS; ++ks) q_frag(qf[kQRegs ? mt : 0][kQRegs ? ks : 0], mt, ks);
+      }
     }
     if (kb > 0) load_kv(0, kb - 1, sK + (buf ^ 1) * BN * kStride);
     cp_async_commit();
 
-    // ---- S = Q·Kᵀ (16 rows × BN keys per warp) ----
-    float s[kNT][4];
+    // ---- S = Q·Kᵀ (kMT·16 rows × BN keys per warp); each K fragment feeds kMT MMAs ----
+    float s[kMT][kNT][4];
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kKS; ++ks) {
-      u32 a[4];
-      if constexpr (kQRegs) {
+      u32 a[kMT][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = qf[kQRegs ? ks : 0][i];
-      } else {
-        ldsm_x4(a, smem_u32(sQ + (warp * 16 + (lane & 15)) * kStride + ks * 16 + (lane >> 4) * 8));
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (kQRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[mt][i] = qf[kQRegs ? mt : 0][kQRegs ? ks : 0][i];
+        } else {
+          q_frag(a[mt], mt, ks);
+        }
       }
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         u32 b[4];
         ldsm_x4(b, smem_u32(k_tile + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * kStride + ks * 16 + ((lane >> 3) & 1) * 8));
-        Mma<T>::run(s[2 * np], a, b[0], b[1]);
-        Mma<T>::run(s[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma<T>::run(s[mt][2 * np], a[mt], b[0], b[1]);
+          Mma<T>::run(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
 
@@ -312,70 +311,79 @@ __global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_atten
     const bool masked = (kb + 1) * BN > no_mask_end;
     const int kcol0 = kb * BN + 2 * t4;
 #pragma unroll
-    for (int n = 0; n < kNT; ++n) {
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kpos = kcol0 + n * 8 + (e & 1);
-        const int qp = qrow0 + (e >> 1) * 8;
-        float x = s[n][e];
-        if constexpr (!kScaleLate) {
-          float b = 0.f;
-          if constexpr (Bias::kind == 1) b = slope_log2 * (float)(kpos - qp);
-          if constexpr (Bias::kind == 2) {
-            // clamp: rows past the sequence and keys past n_keys are discarded / masked anyway,
-            // but must not index outside the table
-            const int qc = min(qp, qpos0 + rows - 1), kc = min(kpos, nk - 1);
-            b = __ldg(table + (h * tab_h + qc * tab_q + kc * tab_k + tab_off)) * kLog2e;
+      for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int kpos = kcol0 + n * 8 + (e & 1);
+          const int qp = qrow0 + mt * 16 + (e >> 1) * 8;
+          float x = s[mt][n][e];
+          if constexpr (!kScaleLate) {
+            float b = 0.f;
+            if constexpr (Bias::kind == 1) b = slope_log2 * (float)(kpos - qp);
+            if constexpr (Bias::kind == 2) {
+              // clamp: rows past the sequence and keys past n_keys are discarded / masked anyway,
+              // but must not index outside the table
+              const int qc = min(qp, qpos0 + rows - 1), kc = min(kpos, nk - 1);
+              b = __ldg(table + (h * tab_h + qc * tab_q + kc * tab_k + tab_off)) * kLog2e;
+            }
+            x = fmaf(x, scale_log2, b);
           }
-          x = fmaf(x, scale_log2, b);
+          if (masked) {
+            if (kpos >= nk || (Mask::kind == 0 && kpos > qp)) x = -INFINITY;
+            if (Mask::kind == 2 && kpos == nk - 1 && qp < nk - 1) x += kBidirectionalMask * kLog2e;
+          }
+          s[mt][n][e] = x;
         }
-        if (masked) {
-          if (kpos >= nk || (Mask::kind == 0 && kpos > qp)) x = -INFINITY;
-          if (Mask::kind == 2 && kpos == nk - 1 && qp < nk - 1) x += kBidirectionalMask * kLog2e;
-        }
-        s[n][e] = x;
       }
     }
 
-    // ---- online softmax (fp32, log2 units) ----
-    float mx[2] = {-INFINITY, -INFINITY};
+    // ---- online softmax (fp32, log2 units); P becomes the A operand of P·V ----
+    u32 pa[kMT][kNT / 2][4];
 #pragma unroll
-    for (int n = 0; n < kNT; ++n) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
-    }
-    float m_use[2], alpha[2];
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      if constexpr (kScaleLate) mx[r] *= scale_log2;  // scale_log2 > 0 keeps the order (and -inf)
-      const float m_new = fmaxf(m_r[r], mx[r]);
-      m_use[r] = m_new == -INFINITY ? 0.f : m_new;
-      alpha[r] = ex2(m_r[r] - m_use[r]);
-      m_r[r] = m_new;
-      l_r[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
-    u32 pa[kNT / 2][4];  // P as A fragments, one per 16 keys
-#pragma unroll
-    for (int n = 0; n < kNT; ++n) {
-      float p[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float mu = m_use[e >> 1];
-        p[e] = kScaleLate ? ex2(fmaf(s[n][e], scale_log2, -mu)) : ex2(s[n][e] - mu);
+      for (int n = 0; n < kNT; ++n) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[mt][n][0], s[mt][n][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[mt][n][2], s[mt][n][3]));
       }
-      l_r[0] += p[0] + p[1];
-      l_r[1] += p[2] + p[3];
-      pa[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(p[0], p[1]);
-      pa[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(p[2], p[3]);
+      float m_use[2], alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        if constexpr (kScaleLate) mx[r] *= scale_log2;  // scale_log2 > 0 keeps the order (and -inf)
+        const float m_new = fmaxf(m_r[mt][r], mx[r]);
+        m_use[r] = m_new == -INFINITY ? 0.f : m_new;
+        alpha[r] = ex2(m_r[mt][r] - m_use[r]);
+        m_r[mt][r] = m_new;
+        l_r[mt][r] *= alpha[r];
+      }
+      // rescale O only when some row's max grew (warp-uniform branch; alpha == 1 is a no-op)
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+        for (int i = 0; i < kDT; ++i) {
+          o[mt][i][0] *= alpha[0];
+          o[mt][i][1] *= alpha[0];
+          o[mt][i][2] *= alpha[1];
+          o[mt][i][3] *= alpha[1];
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float mu = m_use[e >> 1];
+          p[e] = kScaleLate ? ex2(fmaf(s[mt][n][e], scale_log2, -mu)) : ex2(s[mt][n][e] - mu);
+        }
+        l_r[mt][0] += p[0] + p[1];
+        l_r[mt][1] += p[2] + p[3];
+        pa[mt][n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(p[0], p[1]);
+        pa[mt][n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(p[2], p[3]);
+      }
     }
 
     cp_async_wait<1>();
@@ -383,52 +391,55 @@ __global__ void __launch_bounds__(ContextTiles<D>::kWarps * 32, 1) context_atten
     if (kb > 0) load_kv(1, kb - 1, sV + (buf ^ 1) * BN * kStride);
     cp_async_commit();
 
-    // ---- O += P·V ----
+    // ---- O += P·V; each V fragment feeds kMT MMAs ----
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         u32 b[4];
         ldsm_x4_t(b, smem_u32(v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + dp * 16 + (lane >> 4) * 8));
-        Mma<T>::run(o[2 * dp], pa[kk], b[0], b[1]);
-        Mma<T>::run(o[2 * dp + 1], pa[kk], b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma<T>::run(o[mt][2 * dp], pa[mt][kk], b[0], b[1]);
+          Mma<T>::run(o[mt][2 * dp + 1], pa[mt][kk], b[2], b[3]);
+        }
       }
     }
   }
   cp_async_wait<0>();
 
   // ---- epilogue: normalise, stage through this warp's rows of sQ, 16-byte stores ----
-  float inv[2], row_lse[2];
+  __syncwarp();  // each warp reads (Q fragments) and now writes only its own rows of sQ
+  T* stage = sQ + wrow0 * kStride;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
-    const bool any = l_r[r] > 0.f;
-    inv[r] = any ? v_scale / l_r[r] : 0.f;
-    row_lse[r] = any ? (m_r[r] + log2f(l_r[r])) * kLn2 : -INFINITY;
-  }
-  __syncwarp();  // each warp reads (Q fragments) and now writes only its own 16 rows of sQ
-  T* stage = sQ + warp * 16 * kStride;
+  for (int mt = 0; mt < kMT; ++mt) {
+    float inv[2];
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) {
-    const int col = i * 8 + 2 * t4;
-    *reinterpret_cast<u32*>(stage + g * kStride + col) = Mma<T>::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
-    *reinterpret_cast<u32*>(stage + (g + 8) * kStride + col) = Mma<T>::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
+    for (int r = 0; r < 2; ++r) {
+      float l = l_r[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const bool any = l > 0.f;
+      inv[r] = any ? v_scale / l : 0.f;
+      const int row = m0 + wrow0 + mt * 16 + g + 8 * r;
+      if (t4 == 0 && row < new_len)
+        lse[(i64)(tok0 + row) * num_heads + h] = any ? (m_r[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+    }
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      const int col = i * 8 + 2 * t4;
+      T* r0 = stage + (mt * 16 + g) * kStride + col;
+      *reinterpret_cast<u32*>(r0) = Mma<T>::pack(o[mt][i][0] * inv[0], o[mt][i][1] * inv[0]);
+      *reinterpret_cast<u32*>(r0 + 8 * kStride) = Mma<T>::pack(o[mt][i][2] * inv[1], o[mt][i][3] * inv[1]);
+    }
   }
   __syncwarp();
-  for (int c = lane; c < 16 * kChunks; c += 32) {
+  for (int c = lane; c < kWarpRows * kChunks; c += 32) {
     const int r = c / kChunks, ch = c % kChunks;
-    const int row = m0 + warp * 16 + r;
+    const int row = m0 + wrow0 + r;
     if (row < new_len)
       *reinterpret_cast<uint4*>(out + (i64)(tok0 + row) * out_stride + h * D + ch * 8) =
           *reinterpret_cast<const uint4*>(stage + r * kStride + ch * 8);
-  }
-  if (t4 == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = m0 + warp * 16 + g + 8 * r;
-      if (row < new_len) lse[(i64)(tok0 + row) * num_heads + h] = row_lse[r];
-    }
   }
 }
 

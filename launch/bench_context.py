@@ -40,6 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--inner", type=int, default=5)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument(
+        "--tiles",
+        nargs="*",
+        default=[],
+        metavar="W,MT,BN",
+        help="also time these context-kernel tile shapes (warps, m-tiles per warp, keys per tile)",
+    )
     return p.parse_args(argv)
 
 
@@ -89,11 +96,32 @@ def _one(dtype, d, s, causal, args) -> dict:
         cache = torch.randn(b, 2, h, s, d, device=dev, dtype=dtype)
         sets.append((q, LayerKV(CacheLayout.contiguous, cache, KVCacheDType.auto, 1.0)))
     flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
-    row = {"dtype": str(dtype).removeprefix("torch."), "head_size": d, "seq_len": s, "batch": b, "heads": h,
-           "causal": causal, "flops": flops}
+    row = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "head_size": d,
+        "seq_len": s,
+        "batch": b,
+        "heads": h,
+        "causal": causal,
+        "flops": flops,
+    }
     ours = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in sets]
     ms = _time(ours, args.repeats, args.inner)
+    row["tiles"] = list(cuda.CONTEXT_TILES[d])
     row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
+    default = cuda.CONTEXT_TILES[d]
+    for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
+        cfg = tuple(int(x) for x in text.split(","))
+        if cfg == default:
+            continue
+        cuda.CONTEXT_TILES[d] = cfg
+        try:
+            ms_t = _time(ours, args.repeats, args.inner)
+            row[f"tiles_{text}_tflops"] = flops / ms_t / 1e9
+        except NotImplementedError:  # the tile shape does not fit this head size
+            pass
+        finally:
+            cuda.CONTEXT_TILES[d] = default
     if not args.no_baselines:
         from torch.nn.attention import SDPBackend
 
@@ -117,6 +145,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Benchmark every configuration in ``args``; print a table, write JSON to ``args.out``."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_context needs a CUDA GPU")
+    _precompile(args)
     rows = []
     for dt in args.dtypes:
         dtype = getattr(torch, dt)
@@ -133,15 +162,51 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _precompile(args) -> None:
+    """Compile every kernel variant the run times, in parallel, before any timing."""
+    from tp_runtime.backends import compile as kc
+    from tp_runtime.backends import cuda
+
+    wanted = []
+    for dt in args.dtypes:
+        for d in args.head_sizes:
+            shapes = [cuda.CONTEXT_TILES[d]] + [tuple(int(x) for x in t.split(",")) for t in args.tiles or []]
+            for c in args.causal:
+                for w, mt, bn in dict.fromkeys(shapes):
+                    v = {
+                        "dtype": dt,
+                        "head_size": d,
+                        "mask": "causal" if c == "causal" else "padding",
+                        "bias": "none",
+                        "layout": "contiguous",
+                        "cache": "auto",
+                        "warps": w,
+                        "m_tiles": mt,
+                        "block_n": bn,
+                    }
+                    try:
+                        kc._resolve("context", v)
+                    except NotImplementedError:
+                        continue
+                    wanted.append(("context", v))
+    kc.precompile(wanted)
+
+
 def _print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'dtype':9} {'D':>4} {'mask':6} {'S':>6} {'B':>3} {'H':>3} | {'ours':>7} {'flash':>7} {'cudnn':>7}"
-              f" | {'/flash':>6} {'/cudnn':>6}   (TFLOP/s)")
+        print(
+            f"{'dtype':9} {'D':>4} {'mask':6} {'S':>6} {'B':>3} {'H':>3} | {'ours':>7} {'flash':>7} {'cudnn':>7}"
+            f" | {'/flash':>6} {'/cudnn':>6}   (TFLOP/s)"
+        )
     f = lambda k: f"{r[k]:7.1f}" if k in r else "    n/a"  # noqa: E731
     g = lambda k: f"{r[k]:6.2f}" if k in r else "   n/a"  # noqa: E731
-    print(f"{r['dtype']:9} {r['head_size']:>4} {'causal' if r['causal'] else 'full':6} {r['seq_len']:>6} {r['batch']:>3}"
-          f" {r['heads']:>3} | {f('ours_tflops')} {f('flash_tflops')} {f('cudnn_tflops')} |"
-          f" {g('ratio_vs_flash')} {g('ratio_vs_cudnn')}", flush=True)
+    print(
+        f"{r['dtype']:9} {r['head_size']:>4} {'causal' if r['causal'] else 'full':6} {r['seq_len']:>6} {r['batch']:>3}"
+        f" {r['heads']:>3} | {f('ours_tflops')} {f('flash_tflops')} {f('cudnn_tflops')} |"
+        f" {g('ratio_vs_flash')} {g('ratio_vs_cudnn')}"
+        + "".join(f" {k[6:-7]}:{v:.0f}" for k, v in r.items() if k.startswith("tiles_")),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def make_kv(
     elif kv_kind is KVCacheDType.fp8:
         dequant = scale / 448.0
     n_rows = max(slots) + 2
-    capacity = tuple(max(c, n) for c, n in zip(capacity or lengths, lengths))
+    capacity = tuple(max(c, n) for c, n in zip(capacity or lengths, lengths, strict=True))
     if layout == "contiguous":
         s_max = max(max(capacity), 1) + 5
         data = poisoned((n_rows, 2, kv_heads, s_max, head_size), storage, device)
@@ -108,7 +108,7 @@ def make_kv(
         perm = torch.randperm(n_blocks).tolist()
         table = torch.full((n_rows, max(max(need), 1) + 1), -1, dtype=torch.int32)
         at = 0
-        for slot, k in zip(slots, need):
+        for slot, k in zip(slots, need, strict=True):
             table[slot, :k] = torch.tensor(perm[at : at + k], dtype=torch.int32)
             at += k
         data = poisoned((n_blocks, 2, kv_heads, block_size, head_size), storage, device)
@@ -165,7 +165,9 @@ def check_attention(out, lse, q, kv, step, spec, ids=None, what=""):
     pt_err = (pt - ref).abs().max().item()
     eps = torch.finfo(q.dtype).eps
     floor = eps * max(ref.abs().max().item(), 1e-3)
-    assert err <= 2 * pt_err + floor, f"{what}: max error {err:.3e} > 2 x torch {q.dtype} error {pt_err:.3e} + {floor:.1e}"
+    assert err <= 2 * pt_err + floor, (
+        f"{what}: max error {err:.3e} > 2 x torch {q.dtype} error {pt_err:.3e} + {floor:.1e}"
+    )
     inf_ref = torch.isinf(ref_lse)
     assert torch.equal(inf_ref, torch.isinf(got_lse)), f"{what}: -inf lse rows differ"
     assert (got_lse[inf_ref] < 0).all()

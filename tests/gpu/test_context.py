@@ -25,6 +25,7 @@ F16, BF16 = torch.float16, torch.bfloat16
 # (id, dtype, D, H, KV, mask, bias, layout, cache, new_lens, past_lens, encoder_lens, block_size)
 # mask "cross" = cross attention (keys = encoder_lens, no causal mask);
 # bias: none | alibi | relative (implicit T5 buckets) | explicit ([H, Q, K] table)
+# fmt: off
 CASES = [
     ("f16-d128-odd-lengths", F16, 128, 4, 4, "causal", "none", "contiguous", "auto", [1, 7, 97, 1025], None, None, 16),
     ("bf16-d128-4097", BF16, 128, 2, 2, "causal", "none", "contiguous", "auto", [4097], None, None, 16),
@@ -36,7 +37,8 @@ CASES = [
     ("bf16-d96-gqa-past", BF16, 96, 4, 2, "causal", "none", "contiguous", "auto", [97, 250], [3, 0], None, 16),
     ("f16-d256", F16, 256, 2, 2, "causal", "none", "contiguous", "auto", [130, 7], [0, 5], None, 16),
     ("bf16-d256-explicit-paged", BF16, 256, 2, 1, "padding", "explicit", "paged", "auto", [40, 9], None, None, 32),
-    ("f16-d128-bidirectional", F16, 128, 4, 4, "bidirectional", "none", "contiguous", "auto", [50, 129, 1], None, None, 16),
+    ("f16-d128-bidirectional", F16, 128, 4, 4, "bidirectional", "none", "contiguous", "auto",
+     [50, 129, 1], None, None, 16),
     ("f16-d64-t5-encoder", F16, 64, 4, 4, "padding", "relative", "contiguous", "auto", [77, 7], None, None, 16),
     ("bf16-d64-t5-decoder-past", BF16, 64, 4, 4, "causal", "relative", "paged", "auto", [5, 40], [20, 0], None, 8),
     ("f16-d128-int8", F16, 128, 4, 2, "causal", "none", "contiguous", "int8", [97, 300], [10, 0], None, 16),
@@ -46,10 +48,14 @@ CASES = [
     ("f16-d64-cross", F16, 64, 4, 2, "cross", "none", "contiguous", "auto", [7, 1, 20], [0, 3, 0], [33, 0, 97], 16),
     ("bf16-d128-cross-paged-int8", BF16, 128, 4, 4, "cross", "none", "paged", "int8", [3, 1], [0, 0], [100, 5], 16),
 ]
+# fmt: on
 
 
 def _variant(dtype, d, mask, bias, layout, cache):
+    from tp_runtime.backends.cuda import context_tiles
+
     return {
+        **context_tiles(d),
         "dtype": dtype,
         "head_size": d,
         "mask": "padding" if mask == "cross" else mask,
@@ -97,7 +103,14 @@ def test_context_kernel(case, gpu, poison_outputs, context_only):
     spec = _spec(mask, bias, h, d, step, gen)
     lengths = step.encoder_lens if spec.cross else step.total_lens
     kv = gpu.make_kv(
-        layout=layout, kind=cache, dtype=dtype, kv_heads=kv_h, head_size=d, slots=slots, lengths=lengths, block_size=block
+        layout=layout,
+        kind=cache,
+        dtype=dtype,
+        kv_heads=kv_h,
+        head_size=d,
+        slots=slots,
+        lengths=lengths,
+        block_size=block,
     )
     q = (torch.randn(step.num_tokens, h, d, device="cuda") * 1.5).to(dtype)
     out, lse = cuda.attend(q, kv, step, spec)
@@ -112,8 +125,15 @@ def test_context_repeatable_and_layer_reuse(gpu, context_only):
 
     step = Step(new_lens=[333, 64], past_lens=[0, 17], device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=0.125)
-    kv = gpu.make_kv(layout="contiguous", kind="auto", dtype=F16, kv_heads=4, head_size=128, slots=step.slots,
-                     lengths=step.total_lens)
+    kv = gpu.make_kv(
+        layout="contiguous",
+        kind="auto",
+        dtype=F16,
+        kv_heads=4,
+        head_size=128,
+        slots=step.slots,
+        lengths=step.total_lens,
+    )
     q = torch.randn(step.num_tokens, 4, 128, device="cuda").to(F16)
     a, la = cuda.attend(q, kv, step, spec)
     memo_keys = set(step._t)
@@ -137,8 +157,9 @@ def test_beam_context_with_past_raises(gpu, context_only):
     ind = torch.zeros(1, 2, 16, dtype=torch.int32)
     step = Step(new_lens=[2, 2], past_lens=[3, 3], beam_width=2, cache_indirection=ind, device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=0.125)
-    kv = gpu.make_kv(layout="contiguous", kind="auto", dtype=F16, kv_heads=2, head_size=64, slots=step.slots,
-                     lengths=step.total_lens)
+    kv = gpu.make_kv(
+        layout="contiguous", kind="auto", dtype=F16, kv_heads=2, head_size=64, slots=step.slots, lengths=step.total_lens
+    )
     with pytest.raises(NotImplementedError, match="beam"):
         cuda.attend(torch.randn(4, 2, 64, device="cuda").to(F16), kv, step, spec)
 
@@ -160,12 +181,22 @@ def test_attend_mixed_step_with_decode(gpu, poison_outputs):
 
     step = Step(new_lens=[1, 97, 1, 1, 40], past_lens=[500, 0, 33, 4096, 7], slots=(4, 0, 2, 1, 3), device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(128))
-    kv = gpu.make_kv(layout="paged", kind="auto", dtype=BF16, kv_heads=2, head_size=128, slots=step.slots,
-                     lengths=step.total_lens, block_size=32)
+    kv = gpu.make_kv(
+        layout="paged",
+        kind="auto",
+        dtype=BF16,
+        kv_heads=2,
+        head_size=128,
+        slots=step.slots,
+        lengths=step.total_lens,
+        block_size=32,
+    )
     q = torch.randn(step.num_tokens, 8, 128, device="cuda").to(BF16)
     out, lse = cuda.attend(q, kv, step, spec)
     torch.cuda.synchronize()
-    gpu.check_attention(out, lse, q, kv, step, spec, what=f"mixed step (decode module: {cuda._decode_fn() is not None})")
+    gpu.check_attention(
+        out, lse, q, kv, step, spec, what=f"mixed step (decode module: {cuda._decode_fn() is not None})"
+    )
 
 
 KERNEL_VARIANTS += [

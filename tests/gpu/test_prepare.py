@@ -24,6 +24,7 @@ GPTJ, NEOX = PositionEmbeddingType.rope_gptj, PositionEmbeddingType.rope_gpt_neo
 NONE, LINEAR, DYNAMIC = RotaryScalingType.none, RotaryScalingType.linear, RotaryScalingType.dynamic
 
 # (id, dtype, D, H, KV, rope (style, rot, scaling, factor) or None, layout ("none": no cache), cache, bias)
+# fmt: off
 CASES = [
     ("f16-neox-full-contiguous", F16, 128, 4, 2, (NEOX, 128, NONE, 1.0), "contiguous", "auto", True),
     ("bf16-gptj-linear-paged", BF16, 64, 4, 4, (GPTJ, 64, LINEAR, 2.0), "paged", "auto", True),
@@ -33,6 +34,7 @@ CASES = [
     ("bf16-no-rope-int8-paged", BF16, 64, 8, 2, None, "paged", "int8", True),
     ("bf16-neox-fp8-contiguous", BF16, 256, 2, 2, (NEOX, 256, NONE, 1.0), "contiguous", "fp8", False),
 ]
+# fmt: on
 
 
 def _rope(r):
@@ -89,8 +91,17 @@ def test_prepare_kernel(case, gpu, poison_outputs):
     rope = _rope(rope_t)
     kv_ref = kv_got = None
     if layout != "none":
-        base = gpu.make_kv(layout=layout, kind=cache, dtype=dtype, kv_heads=kv_h, head_size=d, slots=slots,
-                           lengths=step.past_lens, capacity=step.total_lens, block_size=32)
+        base = gpu.make_kv(
+            layout=layout,
+            kind=cache,
+            dtype=dtype,
+            kv_heads=kv_h,
+            head_size=d,
+            slots=slots,
+            lengths=step.past_lens,
+            capacity=step.total_lens,
+            block_size=32,
+        )
         kv_ref = base
         kv_got = LayerKV(base.layout, base.data.clone(), base.kind, base.dequant_scale, base.block_table)
     common = dict(head_layout=hl, head_size=d, rope=rope)
@@ -98,7 +109,9 @@ def test_prepare_kernel(case, gpu, poison_outputs):
     q, k, v = cuda.prepare(qkv, bias, step, kv=kv_got, **common)
     torch.cuda.synchronize()
     what = f"{name} (seed {seed})"
-    flips = sum(_ulp_close(a, b, dtype, f"{what} {n}") for n, a, b in (("q", q, q_ref), ("k", k, k_ref), ("v", v, v_ref)))
+    flips = sum(
+        _ulp_close(a, b, dtype, f"{what} {n}") for n, a, b in (("q", q, q_ref), ("k", k, k_ref), ("v", v, v_ref))
+    )
     assert flips <= 1e-3 * (q.numel() + k.numel() + v.numel()), f"{what}: {flips} one-ulp differences (cos/sin only)"
     if kv_got is None:
         return

@@ -67,6 +67,17 @@ _HALF_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 # Cache storage: what the K/V of the cache are stored as; int8/fp8 are dequantized on load.
 _CACHE_TYPES = {"auto": "tp::CacheAuto", "int8": "tp::CacheInt8", "fp8": "tp::CacheFp8"}
 
+def _context_tile_rule(p: dict) -> str | None:
+    """Tile shapes whose accumulators fit the register file without spilling (ptxas, sm_90)."""
+    d, w, mt, bn = p["head_size"], p["warps"], p["m_tiles"], p["block_n"]
+    regs = mt * d // 2 + mt * bn // 2 + (mt * d // 4 if mt * d <= 128 else 0)  # O + S + Q fragments
+    if regs > 192:
+        return f"tile warps={w}, m_tiles={mt}, block_n={bn} needs ~{regs} accumulator registers per thread at D={d}"
+    if (16 * w * mt + 4 * bn) * (d + 8) * 2 > 227 * 1024:
+        return f"tile warps={w}, m_tiles={mt}, block_n={bn} needs more than 227 KB of shared memory at D={d}"
+    return None
+
+
 FAMILIES: dict[str, Family] = {
     # Fused bias + RoPE + cache write + Q out (kernels/prepare.cu). Memory-bound, so only the
     # variants that change the inner loop's types are compile-time; everything else is a
@@ -89,7 +100,8 @@ FAMILIES: dict[str, Family] = {
     # FlashAttention-2-style context (prefill) attention (kernels/context_attention.cu).
     "context": Family(
         source="context_attention.cu",
-        template="tp::context_attention_kernel<{dtype}, {head_size}, {mask}, {bias}, {layout}, {cache}>",
+        template="tp::context_attention_kernel<{dtype}, {head_size}, {mask}, {bias}, {layout}, {cache}, "
+        "{warps}, {m_tiles}, {block_n}>",
         params={
             # mma.sync m16n8k16 takes fp16 or bf16 operands (fp32 accumulate in both)
             "dtype": _HALF_TYPES,
@@ -114,7 +126,14 @@ FAMILIES: dict[str, Family] = {
             "layout": {"contiguous": "tp::LayoutContiguous", "paged": "tp::LayoutPaged"},
             # K/V storage; int8/fp8 are dequantized while filling the shared-memory tile
             "cache": _CACHE_TYPES,
+            # tile shape, picked per head size by cuda.CONTEXT_TILES (measured, see
+            # kernels/NOTES_context.md): warps per block; m-tiles of 16 query rows per warp (2: each
+            # K/V fragment feeds two MMAs, half the shared-memory traffic); keys per K/V tile
+            "warps": {4: "4", 8: "8"},
+            "m_tiles": {1: "1", 2: "2"},
+            "block_n": {32: "32", 64: "64", 128: "128"},
         },
+        rule=lambda p: _context_tile_rule(p),
         doc="FlashAttention-2-style prefill over packed variable-length sequences with cached past",
     ),
     # Generation-phase attention (kernels/decode_attention.cu): one query token per sequence,

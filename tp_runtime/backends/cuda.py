@@ -9,7 +9,7 @@ device pointers and typed scalars. Per-step metadata (the context tile map, key 
 frequencies) is built once per step through ``step.memo`` and reused by every layer.
 
 Public: ``name``, ``prepare``, ``attend``, ``route``, ``prepare_variant``, ``context_variant``,
-``CONTEXT_TILES``.
+``CONTEXT_TILES``, ``context_tiles``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,22 @@ from .compile import get_kernel
 
 name = "cuda"
 
-# Tile shapes of the context kernel per head size: (warps per block, keys per K/V tile); a block
-# covers 16·warps query rows. KEEP IN SYNC with ContextTiles<D> in kernels/context_attention.cu.
-CONTEXT_TILES = {64: (8, 128), 80: (8, 64), 96: (8, 64), 128: (8, 64), 256: (4, 32)}
+# Tile shapes of the context kernel per head size: (warps per block, m-tiles of 16 query rows per
+# warp, keys per K/V tile); a block covers 16·warps·m_tiles query rows. The one place they are
+# chosen (measured: kernels/NOTES_context.md); compile.FAMILIES checks that they fit.
+CONTEXT_TILES = {64: (4, 2, 64), 80: (4, 2, 64), 96: (4, 2, 64), 128: (4, 2, 64), 256: (4, 1, 32)}
+
+
+def context_tiles(head_size: int) -> dict:
+    """Tile template parameters of the context kernel for ``head_size``."""
+    if head_size not in CONTEXT_TILES:
+        raise NotImplementedError(
+            f"head_size={head_size}: the CUDA context kernel supports head sizes {sorted(CONTEXT_TILES)}; "
+            "use backend='reference'"
+        )
+    w, mt, bn = CONTEXT_TILES[head_size]
+    return {"warps": w, "m_tiles": mt, "block_n": bn}
+
 
 _HALF = (torch.float16, torch.bfloat16)
 _PREPARE_THREADS = 256
@@ -286,17 +299,12 @@ def context_variant(dtype: torch.dtype, head_size: int, spec: AttentionSpec, kv:
         )
     bias = "alibi" if biases[0] else ("table" if biases[1] or biases[2] else "none")
     mask = "padding" if spec.cross else spec.mask.value
-    return {
-        "dtype": dtype,
-        "head_size": head_size,
-        "mask": mask,
-        "bias": bias,
-        "layout": kv.layout.value,
-        "cache": kv.kind.value,
-    }
+    layout, cache = kv.layout.value, kv.kind.value
+    return {"dtype": dtype, "head_size": head_size, "mask": mask, "bias": bias, "layout": layout, "cache": cache,
+            **context_tiles(head_size)}
 
 
-def _context_tiles(step: Step, ids: list[int], n_keys: tuple[int, ...], block_m: int, causal: bool) -> torch.Tensor:
+def _tile_map(step: Step, ids: list[int], n_keys: tuple[int, ...], block_m: int, causal: bool) -> torch.Tensor:
     """``[num_tiles, 2]`` int32 (sequence, first query row), longest work first; once per step."""
 
     def build():
@@ -383,10 +391,10 @@ def _context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: list[int], ou
             raise ValueError(f"kv: a sequence reads {need} cached positions, the cache holds {geometry[0]}")
     variant = context_variant(q.dtype, d, spec, kv)
     kernel = get_kernel("context", **variant)
-    warps, block_n = CONTEXT_TILES[d]
-    block_m = 16 * warps
+    warps, m_tiles, block_n = variant["warps"], variant["m_tiles"], variant["block_n"]
+    block_m = 16 * warps * m_tiles
     causal = variant["mask"] == "causal"
-    tiles = _context_tiles(step, ids, n_keys, block_m, causal)
+    tiles = _tile_map(step, ids, n_keys, block_m, causal)
     if spec.cross:
         n_keys_dev = step.encoder
     else:
