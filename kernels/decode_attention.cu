@@ -45,6 +45,7 @@ constexpr int kPipeBytes = 48 * 1024;
 constexpr int kMaxTileKeys = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+#define kNegInf __int_as_float(0xff800000u)  // -inf (NVRTC has no math.h INFINITY)
 
 constexpr int pow2_ceil(int x) {
   int p = 1;
@@ -332,7 +333,7 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
-    m[h] = -INFINITY;
+    m[h] = kNegInf;
     l[h] = 0.f;
     slope[h] = alibi != nullptr ? alibi[hb[h]] * kLog2e : 0.f;
   }
@@ -379,7 +380,7 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
           float v = s[jj][h] * qk_scale;
           if (alibi != nullptr) v = fmaf(slope[h], (float)rel, v);
           if (ok && bias_tab != nullptr) v = fmaf(bias_tab[hb[h] * b_sh + q_pos * b_sq + t * b_sk + b_off], kLog2e, v);
-          s[jj][h] = ok ? v : -INFINITY;
+          s[jj][h] = ok ? v : kNegInf;
         }
       }
       // Online softmax: new max, rescale what was summed, exponentiate these keys.
@@ -388,7 +389,7 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
         float mx = m[h];
 #pragma unroll
         for (int jj = 0; jj < KB; ++jj) mx = fmaxf(mx, s[jj][h]);
-        const float mu = mx == -INFINITY ? 0.f : mx;
+        const float mu = mx == kNegInf ? 0.f : mx;
         const float alpha = exp2f(m[h] - mu);
         m[h] = mx;
         l[h] *= alpha;
@@ -452,9 +453,9 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
 #pragma unroll
   for (int h = 0; h < GH; ++h) {
     const int hh = hg * GH + h;
-    float mx = -INFINITY;
+    float mx = kNegInf;
     for (int g = 0; g < KG; ++g) mx = fmaxf(mx, red_m[g * HPB + hh]);
-    const float f = exp2f(m[h] - (mx == -INFINITY ? 0.f : mx));
+    const float f = exp2f(m[h] - (mx == kNegInf ? 0.f : mx));
     if (lane < ACTIVE) {
       float4* dst = reinterpret_cast<float4*>(red_o + (kg * HPB + hh) * D + lane * 8);
       dst[0] = make_float4(acc[h][0] * f, acc[h][1] * f, acc[h][2] * f, acc[h][3] * f);
@@ -469,16 +470,16 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
     const int hig = hc * HPB + hh;
     if (hig >= group) continue;
     const int head = kvh * group + hig;
-    float mx = -INFINITY;
+    float mx = kNegInf;
     for (int g = 0; g < KG; ++g) mx = fmaxf(mx, red_m[g * HPB + hh]);
-    const float mu = mx == -INFINITY ? 0.f : mx;
+    const float mu = mx == kNegInf ? 0.f : mx;
     float sum = 0.f, o = 0.f;
     for (int g = 0; g < KG; ++g) {
       sum += red_l[g * HPB + hh] * exp2f(red_m[g * HPB + hh] - mu);
       o += red_o[(g * HPB + hh) * D + d];
     }
     const float val = sum > 0.f ? o / sum * v_scale : 0.f;
-    const float lse2 = sum > 0.f ? mu + log2f(sum) : -INFINITY;
+    const float lse2 = sum > 0.f ? mu + log2f(sum) : kNegInf;
     if (!multi) {
       out[((long long)row * num_heads + head) * D + d] = from_float<T>(val);
       if (d == 0) lse[(long long)row * num_heads + head] = lse2 * kLn2;
@@ -509,16 +510,16 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
     const int hh = idx / num_splits, sp = idx - hh * num_splits;
     const int hig = hc * HPB + hh;
     w[idx] = hig < group ? __ldcg(part_lse + ((long long)si * num_heads + kvh * group + hig) * num_splits + sp)
-                         : -INFINITY;
+                         : kNegInf;
   }
   __syncthreads();
   const int warp = tid / 32, wl = tid % 32;
   for (int hh = warp; hh < HPB; hh += kThreads / 32) {
-    float mx = -INFINITY;
+    float mx = kNegInf;
     for (int sp = wl; sp < num_splits; sp += 32) mx = fmaxf(mx, w[hh * num_splits + sp]);
 #pragma unroll
     for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float mu = mx == -INFINITY ? 0.f : mx;
+    const float mu = mx == kNegInf ? 0.f : mx;
     float sum = 0.f;
     for (int sp = wl; sp < num_splits; sp += 32) sum += exp2f(w[hh * num_splits + sp] - mu);
 #pragma unroll
@@ -547,7 +548,7 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
     }
     out[((long long)row * num_heads + head) * D + d] = from_float<T>(o);
     if (d == 0) {
-      lse[(long long)row * num_heads + head] = w_sum[hh] > 0.f ? (w_max[hh] + log2f(w_sum[hh])) * kLn2 : -INFINITY;
+      lse[(long long)row * num_heads + head] = w_sum[hh] > 0.f ? (w_max[hh] + log2f(w_sum[hh])) * kLn2 : kNegInf;
     }
   }
 }

@@ -184,7 +184,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
             k_in, v_in = ks, vs
             try:
                 first = sdpa_calls(backend, q4, k_in, v_in, mode)[0]()
-            except RuntimeError:
+            except Exception:  # noqa: BLE001 - any refusal of the backend: try repeated heads
                 first = None
             if first is None and mode == "enable_gqa" and h // kv_heads * kv_bytes * sets <= 2 * SET_BYTES_MAX:
                 mode = "repeat"  # K/V repeated to H heads before timing
@@ -192,7 +192,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
                 v_in = [v.repeat_interleave(h // kv_heads, 1) for v in vs]
                 try:
                     first = sdpa_calls(backend, q4, k_in, v_in, mode)[0]()
-                except RuntimeError:
+                except Exception:  # noqa: BLE001
                     first = None
             if first is None:
                 row[f"{name}_error"] = "unsupported"
@@ -200,7 +200,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
             t, graphed = time_calls(sdpa_calls(backend, q4, k_in, v_in, mode), args.seconds, est)
             row.update({f"{name}_us": t * 1e6, f"{name}_tbs": kv_bytes / t / 1e12, f"{name}_graph": graphed})
             row[f"vs_{name}"] = t * 1e6 / row["ours_us"]  # > 1: ours faster
-            row["gqa"] = mode
+            row[f"{name}_heads"] = mode
             if name == "flash":  # sanity: ours on the same K/V agrees with the baseline
                 both = torch.stack((ks[0], vs[0]), dim=1).contiguous()
                 cache = LayerKV(CacheLayout.contiguous, both, KVCacheDType.auto, 1.0)
@@ -241,6 +241,7 @@ def run(args) -> list[dict]:
     torch.manual_seed(0)
     rows = [dict(group="copy", copy_tbs=copy_bandwidth(args.seconds) / 1e12)]
     copy_tbs = rows[0]["copy_tbs"]
+    print(format_row(rows[0]), flush=True)
     fp16 = {}
     for case in cases(args.quick):
         row = measure(case, args, baselines=case["group"] == "sdpa")
@@ -255,7 +256,15 @@ def run(args) -> list[dict]:
             row["tokens_vs_fp16"] = row["tokens_per_s"] / ref["tokens_per_s"]
         rows.append(row)
         print(format_row(row), flush=True)
+        save(args.out, rows)  # after every row: a run cut short keeps what it measured
     return rows
+
+
+def save(path: str, rows: list[dict]) -> None:
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "head_size": D, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def format_row(r: dict) -> str:
@@ -280,18 +289,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode: needs a CUDA GPU")
-    rows = run(args)
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "head_size": D,
-        "dtype": "float16",
-        "rows": rows,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\n{result['gpu']}: wrote {args.out}")
+    print(f"bench_decode on {torch.cuda.get_device_name()}", flush=True)
+    run(args)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
