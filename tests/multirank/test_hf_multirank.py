@@ -1,0 +1,55 @@
+"""HF ``transformers`` oracles under mpirun at tp 1, 2 and 4: one job per TP size runs every case
+of ``workers/hf_worker.py`` (CPU path here, CUDA where the world picks it); each rank checks its
+own output and cache against the HF model it built itself. One pytest item per (tp, case)
+reads that case's line from every rank.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from mpi_util import MpiResult, run_mpi
+
+_WORKERS = Path(__file__).resolve().parent / "workers"
+WORKER = _WORKERS / "hf_worker.py"
+if str(_WORKERS) not in sys.path:
+    sys.path.insert(0, str(_WORKERS))
+
+import hf_worker  # noqa: E402
+
+TP_SIZES = (1, 2, 4)
+TIMEOUT_S = 300  # per job; the 4-rank job oversubscribes a 2-core CI machine
+_LINE = re.compile(r"^HF_CASE (\S+) rank (\d+) (ok|FAIL)(.*)$", re.M)
+_jobs: dict[int, MpiResult] = {}
+
+
+def _job(tp: int) -> MpiResult:
+    if tp not in _jobs:
+        _jobs[tp] = run_mpi(tp, WORKER, timeout=TIMEOUT_S, env={"OMP_NUM_THREADS": "1"})
+    return _jobs[tp]
+
+
+@pytest.mark.parametrize("name", list(hf_worker.CASES))
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_hf_case_under_mpirun(tp, name):
+    result = _job(tp)
+    lines = {int(m[2]): (m[3], m[4].strip()) for m in _LINE.finditer(result.output) if m[1] == name}
+    missing = [r for r in range(tp) if r not in lines]
+    assert not missing, (
+        f"ranks {missing} printed no result for {name} (job exit {result.returncode}, {result.elapsed:.0f} s):\n"
+        + result.output[-6000:]
+    )
+    failed = {r: why for r, (status, why) in sorted(lines.items()) if status != "ok"}
+    assert not failed, f"{name} at tp={tp}:\n" + "\n".join(f"rank {r}: {why}" for r, why in failed.items())
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_hf_job_passed(tp):
+    """The job as a whole: exit 0, every rank printed PASS (also catches a crash after the cases)."""
+    result = _job(tp)
+    assert result.returncode == 0, f"job failed (exit {result.returncode}):\n{result.output[-6000:]}"
+    missing = [r for r in range(tp) if f"PASS rank {r}\n" not in result.output]
+    assert not missing, f"ranks {missing} did not report PASS:\n{result.output[-6000:]}"
