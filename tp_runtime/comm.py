@@ -91,7 +91,7 @@ def raise_if_any(mpi_comm, error: str | None, what: str, payload: object = None)
     return gathered[0][1]
 
 
-def _check_root(who: str, root: int, size: int) -> None:
+def check_root(who: str, root: int, size: int) -> None:
     if not 0 <= root < size:
         raise ValueError(f"{who}: expected root in [0, {size}), got {root}")
 
@@ -139,7 +139,7 @@ class MpiComm(Communicator):
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         check_tensor("MpiComm.broadcast", tensor, torch.device("cpu"))
-        _check_root("MpiComm.broadcast", root, self.size)
+        check_root("MpiComm.broadcast", root, self.size)
         self._comm.Bcast(self._buffer(tensor), root=root)
         return tensor
 
@@ -218,7 +218,7 @@ class NcclComm(Communicator):
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         check_tensor("NcclComm.broadcast", tensor, self.device)
-        _check_root("NcclComm.broadcast", root, self.size)
+        check_root("NcclComm.broadcast", root, self.size)
         ptr = tensor.data_ptr()
         self._nccl.broadcast(ptr, ptr, tensor.numel(), self._dtypes[tensor.dtype], root, self._stream())
         return tensor

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from tp_runtime.comm import Communicator, check_tensor
+from tp_runtime.comm import Communicator, check_root, check_tensor
 
 R = TypeVar("R")
 
@@ -63,8 +63,7 @@ class ThreadComm(Communicator):
         return torch.stack(self._exchange("all_gather", tensor))
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
-        if not 0 <= root < self.size:
-            raise ValueError(f"ThreadComm.broadcast: expected root in [0, {self.size}), got {root}")
+        check_root("ThreadComm.broadcast", root, self.size)
         return tensor.copy_(self._exchange("broadcast", tensor)[root])
 
     def barrier(self) -> None:

@@ -6,6 +6,8 @@ usage: world_worker.py [TP_SIZE]     (default: the whole world)
 import sys
 
 import torch
+import torch.distributed as dist
+from mpi4py import MPI
 
 import tp_runtime
 from tp_runtime.world import cuda_unusable_reason, init_torch_distributed
@@ -14,8 +16,6 @@ from tp_runtime.world import cuda_unusable_reason, init_torch_distributed
 def main() -> None:
     tp_size = int(sys.argv[1]) if len(sys.argv) > 1 else None
     world = tp_runtime.init(tp_size=tp_size)
-    from mpi4py import MPI
-
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     tp = tp_size or size
     assert (world.rank, world.size, world.tp_size) == (rank, size, tp)
@@ -35,8 +35,6 @@ def main() -> None:
         raise AssertionError("init with another tp_size did not raise")
 
     # torch.distributed over the same ranks (the benchmarks' baseline), in this rank's TP group.
-    import torch.distributed as dist
-
     group = init_torch_distributed(world)
     t = torch.full((3,), float(rank), device=world.device)
     dist.all_reduce(t, group=group)
