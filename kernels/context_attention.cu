@@ -200,6 +200,12 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps <= 4 ? 2 : 1) context_atte
       cp_async16(smem_u32(sQ + r * kStride + ch * 8), src, ok ? 16 : 0);
     }
   };
+  // contiguous caches: the rows of this sequence's K (V) are consecutive, one base pointer each
+  const T* kv_seq[2] = {nullptr, nullptr};
+  if constexpr (Layout::kLinear && !Cache::kQuantized) {
+    kv_seq[0] = reinterpret_cast<const T*>(kv) + Layout::row(addr, slot, 0, kvh, 0);
+    kv_seq[1] = reinterpret_cast<const T*>(kv) + Layout::row(addr, slot, 1, kvh, 0);
+  }
   auto load_kv = [&](int kv01, int kb, T* dst_tile) {
     if constexpr (!Cache::kQuantized) {
       const T* base = reinterpret_cast<const T*>(kv);
@@ -211,7 +217,12 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps <= 4 ? 2 : 1) context_atte
         const int r = c / kChunks, ch = c % kChunks;
         const int j = kb * BN + r;
         const bool ok = j < k_end;
-        const T* src = ok ? base + Layout::row(addr, slot, kv01, kvh, j) + ch * 8 : base;
+        const T* src = base;
+        if constexpr (Layout::kLinear) {
+          if (ok) src = kv_seq[kv01] + (i64)j * D + ch * 8;
+        } else {
+          if (ok) src = base + Layout::row(addr, slot, kv01, kvh, j) + ch * 8;
+        }
         cp_async16(smem_u32(dst_tile + r * kStride + ch * 8), src, ok ? 16 : 0);
       }
     } else {

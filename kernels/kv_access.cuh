@@ -37,11 +37,13 @@ struct KVAddr {
 
 struct LayoutNone {
   static constexpr bool kHasCache = false;
+  static constexpr bool kLinear = false;
   __device__ __forceinline__ static i64 row(const KVAddr&, int, int, int, int) { return 0; }
 };
 
 struct LayoutContiguous {
   static constexpr bool kHasCache = true;
+  static constexpr bool kLinear = true;  // positions of one (slot, kv01, head) are consecutive rows
   // Element offset of element 0 of the row of (slot, kv01 = 0 for K / 1 for V, head, position).
   __device__ __forceinline__ static i64 row(const KVAddr& a, int slot, int kv01, int head, int pos) {
     return ((i64)((slot * 2 + kv01) * a.kv_heads + head) * a.len + pos) * a.head_size;
@@ -50,6 +52,7 @@ struct LayoutContiguous {
 
 struct LayoutPaged {
   static constexpr bool kHasCache = true;
+  static constexpr bool kLinear = false;
   __device__ __forceinline__ static i64 row(const KVAddr& a, int slot, int kv01, int head, int pos) {
     const int block = __ldg(a.block_table + (i64)slot * a.bt_stride + (pos >> a.log2_len));
     const int off = pos & (a.len - 1);

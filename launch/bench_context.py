@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--inner", type=int, default=5)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--prepare", action="store_true", help="also time the fused prepare kernel (bytes/s vs a copy)")
     p.add_argument(
         "--tiles",
         nargs="*",
@@ -107,21 +108,25 @@ def _one(dtype, d, s, causal, args) -> dict:
     }
     ours = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in sets]
     ms = _time(ours, args.repeats, args.inner)
-    row["tiles"] = list(cuda.CONTEXT_TILES[d])
+    chosen = cuda.context_tiles(d, causal=causal, max_new_len=s)
+    row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]
     row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
-    default = cuda.CONTEXT_TILES[d]
-    for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
-        cfg = tuple(int(x) for x in text.split(","))
-        if cfg == default:
-            continue
-        cuda.CONTEXT_TILES[d] = cfg
-        try:
-            ms_t = _time(ours, args.repeats, args.inner)
-            row[f"tiles_{text}_tflops"] = flops / ms_t / 1e9
-        except NotImplementedError:  # the tile shape does not fit this head size
-            pass
-        finally:
-            cuda.CONTEXT_TILES[d] = default
+    default, wide = cuda.CONTEXT_TILES[d], cuda.CONTEXT_TILES_WIDE.pop(d, None)
+    try:
+        for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
+            cfg = tuple(int(x) for x in text.split(","))
+            if list(cfg) == row["tiles"]:
+                continue
+            cuda.CONTEXT_TILES[d] = cfg
+            try:
+                ms_t = _time(ours, args.repeats, args.inner)
+                row[f"tiles_{text}_tflops"] = flops / ms_t / 1e9
+            except NotImplementedError:  # the tile shape does not fit this head size
+                pass
+    finally:
+        cuda.CONTEXT_TILES[d] = default
+        if wide is not None:
+            cuda.CONTEXT_TILES_WIDE[d] = wide
     if not args.no_baselines:
         from torch.nn.attention import SDPBackend
 
@@ -156,10 +161,46 @@ def run(args: argparse.Namespace) -> list[dict]:
                     _print_row(rows[-1], header=len(rows) == 1)
     gpu = torch.cuda.get_device_name()
     payload = {"gpu": gpu, "torch": torch.__version__, "benchmark": "context attention (prefill)", "rows": rows}
+    if getattr(args, "prepare", False):
+        payload["prepare"] = bench_prepare(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))
     print(f"# {gpu}; JSON written to {args.out}")
     return rows
+
+
+def bench_prepare(args) -> dict:
+    """The fused prepare kernel (bias, NeoX RoPE, paged fp16 cache write) on ``args.tokens`` tokens,
+    H 32, KV 8, D 128: bytes moved (qkv read; q, k, v and the cache rows written) per second,
+    against a device-to-device copy of the same number of bytes (read + write) in the same run."""
+    from tp_runtime.backends import cuda
+    from tp_runtime.config import KVCacheDType, PositionEmbeddingType, RotaryScalingType
+    from tp_runtime.kv_cache import CacheLayout, LayerKV
+    from tp_runtime.position import RopeSpec
+    from tp_runtime.sharding import HeadLayout
+    from tp_runtime.step import Step
+
+    t, h, kvh, d, p = args.tokens, 32, 8, 128, 64
+    dev, dt = torch.device("cuda"), torch.float16
+    step = Step(new_lens=[t // 4] * 4, device=dev)
+    hl = HeadLayout(num_heads=h, num_kv_heads=kvh, tp_size=1, tp_rank=0)
+    rope = RopeSpec(PositionEmbeddingType.rope_gpt_neox, d, 10000.0, RotaryScalingType.none, 1.0, 4096)
+    blocks = -(-t // 4 // p)
+    table = torch.arange(4 * blocks, dtype=torch.int32, device=dev).reshape(4, blocks)
+    kv = LayerKV(CacheLayout.paged, torch.empty(4 * blocks, 2, kvh, p, d, dtype=dt, device=dev),
+                 KVCacheDType.auto, 1.0, table)  # fmt: skip
+    qkvs = [torch.randn(t, (h + 2 * kvh) * d, device=dev, dtype=dt) for _ in range(N_SETS)]
+    bias = torch.randn((h + 2 * kvh) * d, device=dev, dtype=dt)
+    calls = [lambda x=x: cuda.prepare(x, bias, step, head_layout=hl, head_size=d, rope=rope, kv=kv) for x in qkvs]
+    ms = _time(calls, args.repeats, args.inner)
+    moved = t * (h + 2 * kvh) * d * 2 * 2 + t * 2 * kvh * d * 2  # read qkv, write q/k/v, write cache K/V
+    src = torch.empty(moved // 4, dtype=torch.float16, device=dev)
+    dst = torch.empty_like(src)
+    ms_copy = _time([lambda: dst.copy_(src)], args.repeats, args.inner)  # moves 2·(moved/2) bytes
+    row = {"kernel": "prepare", "tokens": t, "heads": h, "kv_heads": kvh, "head_size": d, "bytes": moved,
+           "ms": ms, "gb_per_s": moved / ms / 1e6, "copy_gb_per_s": moved / ms_copy / 1e6}  # fmt: skip
+    print(f"# prepare: {ms * 1e3:.1f} us, {row['gb_per_s']:.0f} GB/s (device copy {row['copy_gb_per_s']:.0f} GB/s)")
+    return row
 
 
 def _precompile(args) -> None:
@@ -170,8 +211,10 @@ def _precompile(args) -> None:
     wanted = []
     for dt in args.dtypes:
         for d in args.head_sizes:
-            shapes = [cuda.CONTEXT_TILES[d]] + [tuple(int(x) for x in t.split(",")) for t in args.tiles or []]
+            extra = [tuple(int(x) for x in t.split(",")) for t in args.tiles or []]
             for c in args.causal:
+                chosen = [cuda.context_tiles(d, causal=c == "causal", max_new_len=s) for s in args.seqlens]
+                shapes = [(t["warps"], t["m_tiles"], t["block_n"]) for t in chosen] + extra
                 for w, mt, bn in dict.fromkeys(shapes):
                     v = {
                         "dtype": dt,

@@ -51,11 +51,11 @@ CASES = [
 # fmt: on
 
 
-def _variant(dtype, d, mask, bias, layout, cache):
+def _variant(dtype, d, mask, bias, layout, cache, new_lens=(1,)):
     from tp_runtime.backends.cuda import context_tiles
 
     return {
-        **context_tiles(d),
+        **context_tiles(d, causal=mask == "causal", max_new_len=max(new_lens)),
         "dtype": dtype,
         "head_size": d,
         "mask": "padding" if mask == "cross" else mask,
@@ -65,7 +65,22 @@ def _variant(dtype, d, mask, bias, layout, cache):
     }
 
 
-KERNEL_VARIANTS = [("context", _variant(c[1], c[2], c[5], c[6], c[7], c[8])) for c in CASES]
+KERNEL_VARIANTS = [("context", _variant(c[1], c[2], c[5], c[6], c[7], c[8], c[9])) for c in CASES]
+
+# every tile shape the tables may pick (and the alternatives the benchmark sweeps) computes the same function
+TILE_SHAPES = [
+    (128, (4, 2, 64)), (128, (8, 2, 64)), (128, (8, 1, 64)), (128, (4, 2, 32)), (128, (8, 1, 128)),
+    (64, (4, 2, 64)), (64, (8, 1, 128)), (64, (8, 2, 64)), (96, (8, 2, 64)), (256, (4, 1, 64)),
+]  # fmt: skip
+
+
+def _forced(d, cfg, dtype):
+    w, mt, bn = cfg
+    v = _variant(dtype, d, "causal", "none", "paged", "auto")
+    return {**v, "warps": w, "m_tiles": mt, "block_n": bn}
+
+
+KERNEL_VARIANTS += [("context", _forced(d, cfg, F16 if i % 2 else BF16)) for i, (d, cfg) in enumerate(TILE_SHAPES)]
 
 
 def _spec(mask, bias, h, d, step, gen):
@@ -117,6 +132,26 @@ def test_context_kernel(case, gpu, poison_outputs, context_only):
     torch.cuda.synchronize()
     err, pt_err = gpu.check_attention(out, lse, q, kv, step, spec, what=f"{name} (seed {seed})")
     print(f"{name}: max err {err:.2e} (torch {dtype} {pt_err:.2e})")
+
+
+@pytest.mark.parametrize("i", range(len(TILE_SHAPES)), ids=[f"d{d}-{w}x{mt}x{bn}" for d, (w, mt, bn) in TILE_SHAPES])
+def test_tile_shapes(i, gpu, poison_outputs, context_only, monkeypatch):
+    from tp_runtime.backends import cuda
+
+    d, cfg = TILE_SHAPES[i]
+    dtype = F16 if i % 2 else BF16
+    monkeypatch.setitem(cuda.CONTEXT_TILES, d, cfg)
+    monkeypatch.setattr(cuda, "CONTEXT_TILES_WIDE", {})
+    step = Step(new_lens=[300, 1, 77, 520], past_lens=[0, 40, 600, 3], slots=(3, 0, 1, 2), device="cuda")
+    spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(d))
+    kv = gpu.make_kv(
+        layout="paged", kind="auto", dtype=dtype, kv_heads=2, head_size=d, slots=step.slots,
+        lengths=step.total_lens, block_size=16,
+    )  # fmt: skip
+    q = torch.randn(step.num_tokens, 4, d, device="cuda").to(dtype)
+    out, lse = cuda.attend(q, kv, step, spec)
+    torch.cuda.synchronize()
+    gpu.check_attention(out, lse, q, kv, step, spec, what=f"D {d} tiles {cfg}")
 
 
 def test_context_repeatable_and_layer_reuse(gpu, context_only):

@@ -9,13 +9,14 @@ device pointers and typed scalars. Per-step metadata (the context tile map, key 
 frequencies) is built once per step through ``step.memo`` and reused by every layer.
 
 Public: ``name``, ``prepare``, ``attend``, ``route``, ``prepare_variant``, ``context_variant``,
-``CONTEXT_TILES``, ``context_tiles``.
+``CONTEXT_TILES``, ``CONTEXT_TILES_WIDE``, ``context_tiles``.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import torch
 
@@ -29,20 +30,28 @@ from .compile import get_kernel
 
 name = "cuda"
 
-# Tile shapes of the context kernel per head size: (warps per block, m-tiles of 16 query rows per
-# warp, keys per K/V tile); a block covers 16·warps·m_tiles query rows. The one place they are
-# chosen (measured: kernels/NOTES_context.md); compile.FAMILIES checks that they fit.
+# Tile shapes of the context kernel: (warps per block, m-tiles of 16 query rows per warp, keys per
+# K/V tile); a block covers 16·warps·m_tiles query rows. The one place they are chosen (measured,
+# kernels/NOTES_context.md); compile.FAMILIES checks that they fit the register file.
+#   CONTEXT_TILES        per head size, the default (128 rows, 2 blocks per SM)
+#   CONTEXT_TILES_WIDE   256 rows per block: each K/V tile loaded once for twice the rows; faster
+#                        for D 128 on non-causal attention and on long causal prefill
+#                        (max new length >= WIDE_CAUSAL_MIN_LEN), slower on shorter causal work
 CONTEXT_TILES = {64: (4, 2, 64), 80: (4, 2, 64), 96: (4, 2, 64), 128: (4, 2, 64), 256: (4, 1, 32)}
+CONTEXT_TILES_WIDE = {128: (8, 2, 64)}
+WIDE_CAUSAL_MIN_LEN = 8192
 
 
-def context_tiles(head_size: int) -> dict:
-    """Tile template parameters of the context kernel for ``head_size``."""
+def context_tiles(head_size: int, *, causal: bool = True, max_new_len: int = 0) -> dict:
+    """Tile template parameters of the context kernel for ``head_size`` and the step's shape."""
     if head_size not in CONTEXT_TILES:
         raise NotImplementedError(
             f"head_size={head_size}: the CUDA context kernel supports head sizes {sorted(CONTEXT_TILES)}; "
             "use backend='reference'"
         )
     w, mt, bn = CONTEXT_TILES[head_size]
+    if head_size in CONTEXT_TILES_WIDE and (not causal or max_new_len >= WIDE_CAUSAL_MIN_LEN):
+        w, mt, bn = CONTEXT_TILES_WIDE[head_size]
     return {"warps": w, "m_tiles": mt, "block_n": bn}
 
 
@@ -77,6 +86,22 @@ def _new(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+_streams: dict = {}
+
+
+def _stream(device: torch.device):
+    """torch's current stream on ``device`` as a CuPy stream (one wrapper per torch stream)."""
+    ptr = torch.cuda.current_stream(device).cuda_stream
+    key = (device.index, ptr)
+    s = _streams.get(key)
+    if s is None:
+        cupy = _cupy()
+        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external; this form works in 12-14
+            warnings.simplefilter("ignore", DeprecationWarning)
+            s = _streams[key] = cupy.cuda.ExternalStream(ptr, device.index)
+    return s
+
+
 def _launch(kernel, grid, block, args, device: torch.device, shared_mem: int = 0) -> None:
     """Launch on torch's current stream of ``device``."""
     cupy = _cupy()
@@ -85,8 +110,7 @@ def _launch(kernel, grid, block, args, device: torch.device, shared_mem: int = 0
         if shared_mem > 48 * 1024 and key not in _smem_set:
             kernel.max_dynamic_shared_size_bytes = shared_mem
             _smem_set.add(key)
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
-        with stream:
+        with _stream(device):
             kernel(tuple(grid), tuple(block), args, shared_mem=shared_mem)
 
 
@@ -289,7 +313,7 @@ def attend(
     return out, lse
 
 
-def context_variant(dtype: torch.dtype, head_size: int, spec: AttentionSpec, kv: LayerKV) -> dict:
+def context_variant(dtype: torch.dtype, head_size: int, spec: AttentionSpec, kv: LayerKV, max_new_len: int = 0) -> dict:
     """Template parameters of the context kernel for these inputs (see compile.FAMILIES)."""
     biases = [spec.alibi_slopes is not None, spec.relative_table is not None, spec.relative_bias is not None]
     if sum(biases) > 1:
@@ -300,8 +324,15 @@ def context_variant(dtype: torch.dtype, head_size: int, spec: AttentionSpec, kv:
     bias = "alibi" if biases[0] else ("table" if biases[1] or biases[2] else "none")
     mask = "padding" if spec.cross else spec.mask.value
     layout, cache = kv.layout.value, kv.kind.value
-    return {"dtype": dtype, "head_size": head_size, "mask": mask, "bias": bias, "layout": layout, "cache": cache,
-            **context_tiles(head_size)}
+    return {
+        "dtype": dtype,
+        "head_size": head_size,
+        "mask": mask,
+        "bias": bias,
+        "layout": layout,
+        "cache": cache,
+        **context_tiles(head_size, causal=mask == "causal", max_new_len=max_new_len),
+    }
 
 
 def _tile_map(step: Step, ids: list[int], n_keys: tuple[int, ...], block_m: int, causal: bool) -> torch.Tensor:
@@ -389,7 +420,7 @@ def _context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: list[int], ou
         need = max(n_keys[i] for i in ids)
         if need > geometry[0]:
             raise ValueError(f"kv: a sequence reads {need} cached positions, the cache holds {geometry[0]}")
-    variant = context_variant(q.dtype, d, spec, kv)
+    variant = context_variant(q.dtype, d, spec, kv, max_new_len=max(step.new_lens[i] for i in ids))
     kernel = get_kernel("context", **variant)
     warps, m_tiles, block_n = variant["warps"], variant["m_tiles"], variant["block_n"]
     block_m = 16 * warps * m_tiles
