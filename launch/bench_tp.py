@@ -34,9 +34,9 @@ import tp_runtime
 from tp_runtime.attention import Attention
 from tp_runtime.config import AttentionConfig, QuantMode
 from tp_runtime.kv_cache import KVCache, PagedKVCache
-from tp_runtime.position import RopeSpec, alibi_slopes, apply_rope
-from tp_runtime.sharding import qkv_rows, slice_heads
+from tp_runtime.position import RopeSpec, apply_rope
 from tp_runtime.step import Step
+from tp_runtime.world import init_torch_distributed
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--fp8", action="store_true", help="also time prefill with FP8 projections (vs bf16)")
     p.add_argument("--smoke", action="store_true", help="one tiny step of each on the CPU, no timing")
-    p.add_argument("--report", nargs="*", default=None, help="merge result JSONs into a table, plot and BENCHMARKS.md rows")
+    p.add_argument(
+        "--report", nargs="*", default=None, help="merge result JSONs into a table, plot and BENCHMARKS.md rows"
+    )
     return p.parse_args(argv)
 
 
@@ -101,8 +103,13 @@ class BaselineLayer:
             mask = self.slopes[:, None, None] * rel
             mask = mask.masked_fill(rel > 0, float("-inf")).to(x.dtype)[None]
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=mask is None and new > 1,
-            scale=self.cfg.softmax_scale, enable_gqa=h != kv,
+            q.transpose(1, 2),
+            keys,
+            vals,
+            attn_mask=mask,
+            is_causal=mask is None and new > 1,
+            scale=self.cfg.softmax_scale,
+            enable_gqa=h != kv,
         )
         y = F.linear(o.transpose(1, 2).reshape(batch * new, h * d), self.w_dense)
         if self.group is not None:
@@ -140,8 +147,14 @@ def gpu_busy_ms(fn, n: int = 20) -> float:
 
 
 def build(model: Model, world, dtype, quant=QuantMode.none, max_batch=8, max_len=2048):
-    cfg = AttentionConfig(hidden_size=model.hidden, num_heads=model.heads, num_kv_heads=model.kv_heads,
-                          position_embedding=model.pe, dtype=dtype, quant_mode=quant)
+    cfg = AttentionConfig(
+        hidden_size=model.hidden,
+        num_heads=model.heads,
+        num_kv_heads=model.kv_heads,
+        position_embedding=model.pe,
+        dtype=dtype,
+        quant_mode=quant,
+    )
     dev = world.device
     gen = torch.Generator(device=dev).manual_seed(0)
     layer = Attention(cfg, comm=world.tp_comm, device=dev)
@@ -164,8 +177,16 @@ def bench_case(model, world, group, phase, batch, length, repeats, dtype, paged=
     if paged:
         block = 64
         per_seq = -(-length // block)
-        cache = PagedKVCache(config=cfg, head_layout=lay, num_layers=1, num_blocks=batch * per_seq, block_size=block,
-                             max_seqs=batch, max_blocks_per_seq=per_seq, device=dev)
+        cache = PagedKVCache(
+            config=cfg,
+            head_layout=lay,
+            num_layers=1,
+            num_blocks=batch * per_seq,
+            block_size=block,
+            max_seqs=batch,
+            max_blocks_per_seq=per_seq,
+            device=dev,
+        )
     else:
         cache = KVCache(config=cfg, head_layout=lay, num_layers=1, max_batch=batch, max_seq_len=length, device=dev)
     cache.data.normal_()  # cached past: random, never zeros
@@ -175,8 +196,16 @@ def bench_case(model, world, group, phase, batch, length, repeats, dtype, paged=
     xs = [torch.randn(batch * new, model.hidden, device=dev, dtype=dtype) for _ in range(4)]
     it = iter(range(1 << 30))
     ours = lambda: layer(xs[next(it) % 4], step, cache)  # noqa: E731
-    row = dict(model=model.name, phase=phase, batch=batch, length=length, tp=world.tp_size, paged=paged,
-               quant=quant.value, dtype=str(dtype).removeprefix("torch."))
+    row = dict(
+        model=model.name,
+        phase=phase,
+        batch=batch,
+        length=length,
+        tp=world.tp_size,
+        paged=paged,
+        quant=quant.value,
+        dtype=str(dtype).removeprefix("torch."),
+    )
     row["ours_ms"] = time_steps(ours, repeats)
     if phase == "decode" and not paged and quant is QuantMode.none:
         busy = gpu_busy_ms(ours)
@@ -190,17 +219,16 @@ def bench_case(model, world, group, phase, batch, length, repeats, dtype, paged=
         row["baseline_ms"] = time_steps(base_fn, repeats)
         row["ratio"] = row["baseline_ms"] / row["ours_ms"]
     row["tokens_per_s"] = batch * new / row["ours_ms"] * 1e3
-    del cache
     torch.cuda.empty_cache()
     return row
 
 
-def smoke(world) -> None:
+def smoke(world, group) -> None:
     """CI: one tiny prefill and decode step of ours and of the baseline on the CPU, checked equal."""
     model = Model("tiny", 64, 4, 2, "rope_gpt_neox")
     cfg, layer = build(model, world, torch.float32)
     cache = KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=2, max_seq_len=8, device=world.device)
-    base = BaselineLayer(cfg, layer, torch.distributed.group.WORLD if world.tp_size > 1 else None)
+    base = BaselineLayer(cfg, layer, group)
     kc = torch.zeros(2, layer.layout.num_kv_heads_per_rank, 8, cfg.head_size)
     vc = torch.zeros_like(kc)
     x = torch.randn(2 * 5, 64)
@@ -211,29 +239,18 @@ def smoke(world) -> None:
     ours = layer(x1, Step(new_lens=[1, 1], past_lens=[5, 5]), cache)
     theirs = base(x1, kc, vc, 5, 1, 2)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
-    world.log.info("bench_tp smoke: ours equals the torch.distributed baseline (prefill and decode), tp=%d", world.tp_size)
-
-
-def init_torch_distributed(world):
-    """torch.distributed over the same ranks, its rendezvous address shared over MPI."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    port = comm.bcast(29500 + (os.getpid() % 2000) if world.rank == 0 else None, root=0)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    backend = "nccl" if world.device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, rank=world.rank, world_size=world.size,
-                                         device_id=world.device if backend == "nccl" else None)
-    return torch.distributed.group.WORLD if world.size > 1 else None
+    world.log.info(
+        "bench_tp smoke: ours equals the torch.distributed baseline (prefill and decode), tp=%d", world.tp_size
+    )
 
 
 def run(args) -> list[dict]:
     world = tp_runtime.init(device="cpu" if args.smoke else None)
     group = init_torch_distributed(world)
+    group = group if world.tp_size > 1 else None
     try:
         if args.smoke:
-            smoke(world)
+            smoke(world, group)
             return []
         return measure(args, world, group)
     finally:
@@ -251,7 +268,11 @@ def measure(args, world, group) -> list[dict]:
             rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, dtype))
             if args.fp8:
                 rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16))
-                rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16, quant=QuantMode.fp8_qdq))
+                rows.append(
+                    bench_case(
+                        m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16, quant=QuantMode.fp8_qdq
+                    )
+                )
         if "decode" in args.phases:
             for batch, length in DECODE:
                 rows.append(bench_case(m, world, group, "decode", batch, length, args.repeats, dtype))
@@ -267,11 +288,17 @@ def measure(args, world, group) -> list[dict]:
 
 
 def print_table(rows) -> None:
-    print(f"{'model':12} {'phase':8} {'B':>4} {'L':>6} {'tp':>2} {'paged':>5} {'quant':>7} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6}")
+    print(
+        f"{'model':12} {'phase':8} {'B':>4} {'L':>6} {'tp':>2} {'paged':>5} {'quant':>7} "
+        f"{'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6}"
+    )
     for r in rows:
-        print(f"{r['model']:12} {r['phase']:8} {r['batch']:4} {r['length']:6} {r['tp']:2} {str(r['paged']):>5} {r['quant']:>7} "
-              f"{r['ours_ms']:9.3f} {r.get('baseline_ms', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f} "
-              f"{r.get('gpu_idle_pct', float('nan')):6.1f}")
+        print(
+            f"{r['model']:12} {r['phase']:8} {r['batch']:4} {r['length']:6} {r['tp']:2} "
+            f"{str(r['paged']):>5} {r['quant']:>7} "
+            f"{r['ours_ms']:9.3f} {r.get('baseline_ms', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f} "
+            f"{r.get('gpu_idle_pct', float('nan')):6.1f}"
+        )
 
 
 def report(paths) -> None:
@@ -279,16 +306,20 @@ def report(paths) -> None:
     results = [json.load(open(p)) for p in sorted(set(sum((glob.glob(p) for p in paths), [])))]
     key = lambda r: (r["model"], r["phase"], r["batch"], r["length"], r["paged"], r["quant"], r["dtype"])  # noqa: E731
     t1 = {key(r): r["ours_ms"] for res in results if res["tp"] == 1 for r in res["rows"]}
-    lines = ["| GPU | model | phase | batch | len | tp | ours ms | baseline ms | ratio | scaling eff. | idle % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| GPU | model | phase | batch | len | tp | ours ms | baseline ms | ratio | scaling eff. | idle % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         for r in res["rows"]:
             eff = t1.get(key(r))
             eff = f"{100 * eff / (r['tp'] * r['ours_ms']):.0f}%" if eff else "-"
             extra = " paged" if r["paged"] else (" fp8" if r["quant"] != "none" else "")
-            lines.append(f"| {res['gpu']} | {r['model']}{extra} | {r['phase']} | {r['batch']} | {r['length']} | {r['tp']} | "
-                         f"{r['ours_ms']:.3f} | {r.get('baseline_ms', float('nan')):.3f} | {r.get('ratio', float('nan')):.2f} | "
-                         f"{eff} | {r.get('gpu_idle_pct', float('nan')):.1f} |")
+            lines.append(
+                f"| {res['gpu']} | {r['model']}{extra} | {r['phase']} | {r['batch']} | {r['length']} | {r['tp']} | "
+                f"{r['ours_ms']:.3f} | {r.get('baseline_ms', float('nan')):.3f} | {r.get('ratio', float('nan')):.2f} | "
+                f"{eff} | {r.get('gpu_idle_pct', float('nan')):.1f} |"
+            )
     print("\n".join(lines))
     try:
         import matplotlib
@@ -300,7 +331,9 @@ def report(paths) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for res in results:
         rows = [r for r in res["rows"] if "ratio" in r]
-        ax.bar([f"{r['model']}\n{r['phase']} B{r['batch']}" + f"\ntp{res['tp']}" for r in rows], [r["ratio"] for r in rows])
+        ax.bar(
+            [f"{r['model']}\n{r['phase']} B{r['batch']}" + f"\ntp{res['tp']}" for r in rows], [r["ratio"] for r in rows]
+        )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("baseline time / our time")
     ax.tick_params(axis="x", labelsize=5, rotation=90)

@@ -55,14 +55,30 @@ def main(argv=None) -> dict:
     w_dense = torch.randn(cfg.hidden_size, cfg.hidden_size, generator=gen) / 16
     bias = torch.randn(cfg.qkv_size, generator=gen) / 4
     layer = Attention(cfg, comm=world.tp_comm, device=dev, backend=args.backend)
-    layer.load_weights(qkv_weight=w_qkv.to(dev, dtype), dense_weight=w_dense.to(dev, dtype), qkv_bias=bias.to(dev, dtype),
-                       dense_bias=torch.zeros(cfg.hidden_size, device=dev, dtype=dtype))
+    layer.load_weights(
+        qkv_weight=w_qkv.to(dev, dtype),
+        dense_weight=w_dense.to(dev, dtype),
+        qkv_bias=bias.to(dev, dtype),
+        dense_bias=torch.zeros(cfg.hidden_size, device=dev, dtype=dtype),
+    )
     oracle = Attention(cfg, comm=world.tp_comm, device=dev, backend="reference")
-    oracle.load_weights(qkv_weight=w_qkv.to(dev, dtype), dense_weight=w_dense.to(dev, dtype), qkv_bias=bias.to(dev, dtype),
-                        dense_bias=torch.zeros(cfg.hidden_size, device=dev, dtype=dtype))
+    oracle.load_weights(
+        qkv_weight=w_qkv.to(dev, dtype),
+        dense_weight=w_dense.to(dev, dtype),
+        qkv_bias=bias.to(dev, dtype),
+        dense_bias=torch.zeros(cfg.hidden_size, device=dev, dtype=dtype),
+    )
     max_seqs, block, blocks_per_seq = 16, 16, 16
-    cache = PagedKVCache(config=cfg, head_layout=layer.layout, num_layers=1, num_blocks=96, block_size=block,
-                         max_seqs=max_seqs, max_blocks_per_seq=blocks_per_seq, device=dev)
+    cache = PagedKVCache(
+        config=cfg,
+        head_layout=layer.layout,
+        num_layers=1,
+        num_blocks=96,
+        block_size=block,
+        max_seqs=max_seqs,
+        max_blocks_per_seq=blocks_per_seq,
+        device=dev,
+    )
     rng = random.Random(args.seed)
     live: dict[int, dict] = {}  # slot -> {"tokens": [hidden rows], "left": tokens still to generate}
     waiting = 0
@@ -116,7 +132,9 @@ def main(argv=None) -> dict:
         if step_no % args.checkpoint_every == 0:
             slot = slots[-1]
             tokens = torch.stack(live[slot]["tokens"]).to(dev, dtype)
-            fresh = KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=1, max_seq_len=len(tokens), device=dev)
+            fresh = KVCache(
+                config=cfg, head_layout=layer.layout, num_layers=1, max_batch=1, max_seq_len=len(tokens), device=dev
+            )
             ref = oracle(tokens, Step(new_lens=[len(tokens)], device=dev), fresh)[-1]
             err = (out[-1].float() - ref.float()).abs().max().item()
             tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -138,7 +156,9 @@ def main(argv=None) -> dict:
     for slot in list(live):
         cache.free(slot)
     leaked = cache.allocator.num_blocks - cache.allocator.num_free
-    stats.update(leaked_blocks=leaked, seconds=round(time.perf_counter() - t0, 1), device=str(dev), tp_size=world.tp_size)
+    stats.update(
+        leaked_blocks=leaked, seconds=round(time.perf_counter() - t0, 1), device=str(dev), tp_size=world.tp_size
+    )
     if leaked:
         raise AssertionError(f"{leaked} blocks leaked after all sequences finished")
     world.log.info("soak: %s", json.dumps(stats))

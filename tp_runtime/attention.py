@@ -13,8 +13,8 @@ import torch
 from .backends import get_backend
 from .backends.base import AttentionSpec
 from .comm import Communicator
-from .consistency import check_same, fingerprint_tensors, fingerprint_text
 from .config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
+from .consistency import check_same, fingerprint_tensors, fingerprint_text
 from .fp8 import FP8ColumnLinear, FP8RowLinear
 from .kv_cache import KVCache, PagedKVCache
 from .linear import ColumnLinear, RowLinear
@@ -49,7 +49,9 @@ class _AttentionBase(torch.nn.Module):
         if config.quant_mode is QuantMode.fp8_qdq:
             column, row = FP8ColumnLinear, FP8RowLinear
             kw.update(weight_scaling=config.fp8_weight_scaling, activation_scaling=config.fp8_activation_scaling)
-        self.qkv = column(config.hidden_size, config.qkv_size, bias=config.qkv_bias, rows=qkv_rows(self.layout, d), **kw)
+        self.qkv = column(
+            config.hidden_size, config.qkv_size, bias=config.qkv_bias, rows=qkv_rows(self.layout, d), **kw
+        )
         self.dense = row(config.num_heads * d, config.hidden_size, bias=config.dense_bias, **kw)
         self.rope = RopeSpec.from_config(config)
         pe = config.position_embedding
@@ -88,8 +90,14 @@ class _AttentionBase(torch.nn.Module):
         )
         self.qkv.load_weights(qkv_weight, qkv_bias)
         self.dense.load_weights(dense_weight, dense_bias)
-        static = self.config.quant_mode is QuantMode.fp8_qdq and self.config.fp8_activation_scaling is Fp8ActivationScaling.static
-        for name, layer, scale in (("qkv_input_scale", self.qkv, qkv_input_scale), ("dense_input_scale", self.dense, dense_input_scale)):
+        static = (
+            self.config.quant_mode is QuantMode.fp8_qdq
+            and self.config.fp8_activation_scaling is Fp8ActivationScaling.static
+        )
+        for name, layer, scale in (
+            ("qkv_input_scale", self.qkv, qkv_input_scale),
+            ("dense_input_scale", self.dense, dense_input_scale),
+        ):
             if static and scale is None:
                 raise ValueError(f"{name}: FP8 with static activation scaling needs a calibrated scale, got None")
             if not static and scale is not None:
@@ -99,7 +107,11 @@ class _AttentionBase(torch.nn.Module):
         if (relative_table is None) != (self.relative_table is None):
             raise ValueError(
                 "relative_table: expected "
-                + (f"a [{self.config.num_heads}, {self.config.relative_num_buckets}] table" if self.relative_table is not None else "None")
+                + (
+                    f"a [{self.config.num_heads}, {self.config.relative_num_buckets}] table"
+                    if self.relative_table is not None
+                    else "None"
+                )
                 + f" for position_embedding={self.config.position_embedding.value}, got "
                 + ("None" if relative_table is None else f"shape {tuple(relative_table.shape)}")
             )
@@ -119,7 +131,10 @@ class _AttentionBase(torch.nn.Module):
                 )
             h_r = self.layout.num_heads_per_rank
             if position_bias.dim() != 3 or position_bias.shape[0] != h_r:
-                raise ValueError(f"position_bias: expected shape [{h_r} (heads on this rank), Q, K], got {tuple(position_bias.shape)}")
+                raise ValueError(
+                    f"position_bias: expected shape [{h_r} (heads on this rank), Q, K], "
+                    f"got {tuple(position_bias.shape)}"
+                )
         return AttentionSpec(
             mask=c.mask_type,
             softmax_scale=c.softmax_scale,
@@ -133,27 +148,39 @@ class _AttentionBase(torch.nn.Module):
 
     def _pack(self, hidden: torch.Tensor, step: Step, attention_mask: torch.Tensor | None):
         """``[T, hidden]`` or ``[B, S, hidden]`` -> packed ``[T, hidden]`` and the flat indices to unpack."""
-        _check_tensor("hidden_states", hidden, dtype=self.config.dtype, device=self.device, last=self.config.hidden_size)
+        _check_tensor(
+            "hidden_states", hidden, dtype=self.config.dtype, device=self.device, last=self.config.hidden_size
+        )
         if step.device != self.device:
             raise ValueError(f"step.device: expected {self.device}, got {step.device}")
         if hidden.dim() == 2:
             if attention_mask is not None:
                 raise ValueError("attention_mask: only for padded [batch, seq_len, hidden] input, got packed input")
             if hidden.shape[0] != step.num_tokens:
-                raise ValueError(f"hidden_states: expected {step.num_tokens} packed tokens (sum of step.new_lens), got {hidden.shape[0]}")
+                raise ValueError(
+                    f"hidden_states: expected {step.num_tokens} packed tokens (sum of step.new_lens), "
+                    f"got {hidden.shape[0]}"
+                )
             return hidden, None
         b, s, _ = hidden.shape
         if b != step.num_seqs:
             raise ValueError(f"hidden_states: expected batch {step.num_seqs} (sequences in the step), got {b}")
         if attention_mask is None:
             if max(step.new_lens) > s:
-                raise ValueError(f"hidden_states: seq_len {s} is shorter than the longest step.new_lens {max(step.new_lens)}")
-            attention_mask = torch.arange(s, device=hidden.device)[None, :] < torch.tensor(step.new_lens, device=hidden.device)[:, None]
+                raise ValueError(
+                    f"hidden_states: seq_len {s} is shorter than the longest step.new_lens {max(step.new_lens)}"
+                )
+            attention_mask = (
+                torch.arange(s, device=hidden.device)[None, :]
+                < torch.tensor(step.new_lens, device=hidden.device)[:, None]
+            )
         elif tuple(attention_mask.shape) != (b, s):
             raise ValueError(f"attention_mask: expected shape {(b, s)}, got {tuple(attention_mask.shape)}")
         idx, lens = padding_to_packed(attention_mask.to(hidden.device))
         if lens != step.new_lens:
-            raise ValueError(f"attention_mask: real tokens per row {list(lens)} differ from step.new_lens {list(step.new_lens)}")
+            raise ValueError(
+                f"attention_mask: real tokens per row {list(lens)} differ from step.new_lens {list(step.new_lens)}"
+            )
         return hidden.reshape(b * s, -1).index_select(0, idx), idx
 
     def _finish(self, ctx: torch.Tensor, shape: torch.Size, idx: torch.Tensor | None) -> torch.Tensor:
@@ -190,7 +217,9 @@ class Attention(_AttentionBase):
     ):
         super().__init__(config, comm=comm, backend=backend, device=device)
         if config.mask_type is AttentionMaskType.padding and not config.cross_attention:
-            raise ValueError("AttentionConfig.mask_type='padding': use BertAttention for encoder (padding-mask) attention")
+            raise ValueError(
+                "AttentionConfig.mask_type='padding': use BertAttention for encoder (padding-mask) attention"
+            )
         self.layer_idx = layer_idx
 
     def forward(
@@ -211,10 +240,16 @@ class Attention(_AttentionBase):
         if self.config.cross_attention:
             if encoder_output is not None:
                 enc_step = step.encoder_step()
-                self.backend.prepare(self.qkv(encoder_output, with_bias=False), self.qkv.bias, enc_step, rope=None, kv=kv, **common)
-            q, _, _ = self.backend.prepare(self.qkv(x, with_bias=False), self.qkv.bias, step, rope=None, kv=None, **common)
+                self.backend.prepare(
+                    self.qkv(encoder_output, with_bias=False), self.qkv.bias, enc_step, rope=None, kv=kv, **common
+                )
+            q, _, _ = self.backend.prepare(
+                self.qkv(x, with_bias=False), self.qkv.bias, step, rope=None, kv=None, **common
+            )
         else:
-            q, _, _ = self.backend.prepare(self.qkv(x, with_bias=False), self.qkv.bias, step, rope=self.rope, kv=kv, **common)
+            q, _, _ = self.backend.prepare(
+                self.qkv(x, with_bias=False), self.qkv.bias, step, rope=self.rope, kv=kv, **common
+            )
         ctx, _ = self.backend.attend(q, kv, step, spec, decode_splits=decode_splits)
         return self._finish(ctx, hidden_states.shape, idx)
 
@@ -222,10 +257,19 @@ class Attention(_AttentionBase):
         c = self.config
         if kv_cache is None:
             raise ValueError(f"kv_cache: Attention (layer {self.layer_idx}) needs a KVCache or PagedKVCache, got None")
-        if kv_cache.config.kv_cache_dtype != c.kv_cache_dtype or kv_cache.storage_dtype != c.kv_cache_dtype.storage_dtype(c.dtype):
-            raise ValueError(f"kv_cache: built for kv_cache_dtype={kv_cache.kind.value}, storage {kv_cache.storage_dtype}; the layer needs {c.kv_cache_dtype.value}")
+        if (
+            kv_cache.config.kv_cache_dtype != c.kv_cache_dtype
+            or kv_cache.storage_dtype != c.kv_cache_dtype.storage_dtype(c.dtype)
+        ):
+            raise ValueError(
+                f"kv_cache: built for kv_cache_dtype={kv_cache.kind.value}, storage {kv_cache.storage_dtype}; "
+                f"the layer needs {c.kv_cache_dtype.value}"
+            )
         if kv_cache.head_layout != self.layout or kv_cache.config.head_size != c.head_size:
-            raise ValueError(f"kv_cache: built for {kv_cache.head_layout}, head_size {kv_cache.config.head_size}; the layer has {self.layout}, head_size {c.head_size}")
+            raise ValueError(
+                f"kv_cache: built for {kv_cache.head_layout}, head_size {kv_cache.config.head_size}; "
+                f"the layer has {self.layout}, head_size {c.head_size}"
+            )
         if not 0 <= self.layer_idx < kv_cache.num_layers:
             raise ValueError(f"layer_idx: {self.layer_idx} is outside the cache's {kv_cache.num_layers} layers")
         if c.cross_attention:
@@ -233,7 +277,10 @@ class Attention(_AttentionBase):
             if encoder_output is not None:
                 _check_tensor("encoder_output", encoder_output, dtype=c.dtype, device=self.device, last=c.hidden_size)
                 if encoder_output.dim() != 2 or encoder_output.shape[0] != sum(enc):
-                    raise ValueError(f"encoder_output: expected [{sum(enc)} (sum of step.encoder_lens), {c.hidden_size}], got {tuple(encoder_output.shape)}")
+                    raise ValueError(
+                        f"encoder_output: expected [{sum(enc)} (sum of step.encoder_lens), {c.hidden_size}], "
+                        f"got {tuple(encoder_output.shape)}"
+                    )
                 kv_cache.check_step(step, enc)
         else:
             if encoder_output is not None:
@@ -248,17 +295,36 @@ class BertAttention(_AttentionBase):
 
     def __init__(self, config: AttentionConfig, *, comm: Communicator, backend: str | None = None, device=None):
         if config.mask_type is AttentionMaskType.causal:
-            raise ValueError("AttentionConfig.mask_type='causal': BertAttention is bidirectional, use padding or bidirectional")
+            raise ValueError(
+                "AttentionConfig.mask_type='causal': BertAttention is bidirectional, use padding or bidirectional"
+            )
         if config.position_embedding.is_rope or config.cross_attention or config.kv_cache_dtype.is_quantized:
             raise ValueError("BertAttention: no RoPE, cross attention or quantized KV cache (it keeps no cache)")
         super().__init__(config, comm=comm, backend=backend, device=device)
 
-    def forward(self, hidden_states: torch.Tensor, input_lengths, *, position_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, input_lengths, *, position_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         lengths = input_lengths.tolist() if isinstance(input_lengths, torch.Tensor) else list(input_lengths)
         step = Step(new_lens=lengths, device=self.device)
         x, idx = self._pack(hidden_states, step, None)
-        scratch = KVCache(config=self.config, head_layout=self.layout, num_layers=1, max_batch=step.num_seqs, max_seq_len=max(lengths), device=self.device)
+        scratch = KVCache(
+            config=self.config,
+            head_layout=self.layout,
+            num_layers=1,
+            max_batch=step.num_seqs,
+            max_seq_len=max(lengths),
+            device=self.device,
+        )
         kv = scratch.layer(0)
-        q, _, _ = self.backend.prepare(self.qkv(x, with_bias=False), self.qkv.bias, step, head_layout=self.layout, head_size=self.config.head_size, rope=None, kv=kv)
+        q, _, _ = self.backend.prepare(
+            self.qkv(x, with_bias=False),
+            self.qkv.bias,
+            step,
+            head_layout=self.layout,
+            head_size=self.config.head_size,
+            rope=None,
+            kv=kv,
+        )
         ctx, _ = self.backend.attend(q, kv, step, self._spec(cross=False, position_bias=position_bias))
         return self._finish(ctx, hidden_states.shape, idx)

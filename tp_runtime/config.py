@@ -132,7 +132,9 @@ class AttentionConfig:
         set_("kv_cache_dtype", _enum(KVCacheDType, "kv_cache_dtype", self.kv_cache_dtype))
         set_("quant_mode", _enum(QuantMode, "quant_mode", self.quant_mode))
         set_("fp8_weight_scaling", _enum(Fp8WeightScaling, "fp8_weight_scaling", self.fp8_weight_scaling))
-        set_("fp8_activation_scaling", _enum(Fp8ActivationScaling, "fp8_activation_scaling", self.fp8_activation_scaling))
+        set_(
+            "fp8_activation_scaling", _enum(Fp8ActivationScaling, "fp8_activation_scaling", self.fp8_activation_scaling)
+        )
         for name in ("hidden_size", "num_heads", "max_position_embeddings", "num_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -162,7 +164,11 @@ class AttentionConfig:
             if not 0.0 < self.rotary_pct <= 1.0:
                 _fail("rotary_pct", self.rotary_pct, "must be in (0, 1]")
             if self.rotary_dim < 2 or self.rotary_dim % 2:
-                _fail("rotary_pct", self.rotary_pct, f"int(head_size * rotary_pct)={self.rotary_dim} must be even and >= 2")
+                _fail(
+                    "rotary_pct",
+                    self.rotary_pct,
+                    f"int(head_size * rotary_pct)={self.rotary_dim} must be even and >= 2",
+                )
             if not self.rotary_base > 0:
                 _fail("rotary_base", self.rotary_base, "must be > 0")
         elif self.rotary_scaling is not RotaryScalingType.none:
@@ -176,8 +182,10 @@ class AttentionConfig:
                 _fail("relative_num_buckets", self.relative_num_buckets, "must be >= 2")
             if self.relative_max_distance < 1:
                 _fail("relative_max_distance", self.relative_max_distance, "must be >= 1")
-        if self.cross_attention and pe is not PositionEmbeddingType.learned_absolute and not (
-            pe is PositionEmbeddingType.relative and not self.relative_table
+        if (
+            self.cross_attention
+            and pe is not PositionEmbeddingType.learned_absolute
+            and not (pe is PositionEmbeddingType.relative and not self.relative_table)
         ):
             _fail(
                 "position_embedding",

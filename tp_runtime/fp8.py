@@ -16,6 +16,7 @@ quantizes its own slice; partial sums are dequantized before the all-reduce).
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .config import Fp8ActivationScaling, Fp8WeightScaling
@@ -85,7 +86,9 @@ class _Fp8Mixin:
         x2 = x.reshape(-1, k)
         if self.activation_scaling is Fp8ActivationScaling.static:
             if self.input_scale is None:
-                raise ValueError("input_scale: a static-scaled FP8 layer needs set_input_scale() (or load_weights input_scale=)")
+                raise ValueError(
+                    "input_scale: a static-scaled FP8 layer needs set_input_scale() (or load_weights input_scale=)"
+                )
             s_x = self.input_scale
         else:
             s_x = scale_from_amax(x2.abs().amax()).reshape(1)

@@ -97,7 +97,9 @@ class _CacheBase:
                 raise ValueError(f"scales: only for int8/fp8 caches, kv_cache_dtype is {self.kind.value}")
             return (1.0,) * num_layers
         if scales is None:
-            raise ValueError(f"scales: a {self.kind.value} cache needs per-layer dequant scales (amax / qmax), got None")
+            raise ValueError(
+                f"scales: a {self.kind.value} cache needs per-layer dequant scales (amax / qmax), got None"
+            )
         values = [float(scales)] * num_layers if isinstance(scales, (int, float)) else [float(s) for s in scales]
         if len(values) != num_layers:
             raise ValueError(f"scales: expected {num_layers} per-layer scales, got {len(values)}")
@@ -129,7 +131,9 @@ class KVCache(_CacheBase):
         super().__init__(config, head_layout, num_layers, scales, device)
         kv_r, d = self._shape_tail()
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.data = torch.zeros(num_layers, max_batch, 2, kv_r, max_seq_len, d, dtype=self.storage_dtype, device=self.device)
+        self.data = torch.zeros(
+            num_layers, max_batch, 2, kv_r, max_seq_len, d, dtype=self.storage_dtype, device=self.device
+        )
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i])
@@ -137,7 +141,7 @@ class KVCache(_CacheBase):
     def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         """Raise ``CacheCapacityError`` (before any write) if a sequence would not fit."""
         lengths = step.total_lens if lengths is None else lengths
-        for slot, n in zip(step.slots, lengths):
+        for slot, n in zip(step.slots, lengths, strict=True):
             if slot >= self.max_batch:
                 raise CacheCapacityError(f"slot {slot}: the cache has {self.max_batch} slots (max_batch)")
             if n > self.max_seq_len:
@@ -231,21 +235,23 @@ class PagedKVCache(_CacheBase):
         kv_r, d = self._shape_tail()
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks, block_size, max_seqs, max_blocks_per_seq, self.device)
-        self.data = torch.zeros(num_layers, num_blocks, 2, kv_r, block_size, d, dtype=self.storage_dtype, device=self.device)
+        self.data = torch.zeros(
+            num_layers, num_blocks, 2, kv_r, block_size, d, dtype=self.storage_dtype, device=self.device
+        )
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i], self.allocator.table)
 
     def reserve(self, step: Step) -> None:
         """Grow every sequence of ``step`` to its length after the step (all or nothing)."""
-        self.allocator.reserve(dict(zip(step.slots, step.total_lens)))
+        self.allocator.reserve(dict(zip(step.slots, step.total_lens, strict=True)))
 
     def free(self, slot: int) -> None:
         self.allocator.free(slot)
 
     def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         lengths = step.total_lens if lengths is None else lengths
-        for slot, n in zip(step.slots, lengths):
+        for slot, n in zip(step.slots, lengths, strict=True):
             if n > self.allocator.capacity(slot):
                 raise CacheCapacityError(
                     f"slot {slot}: needs {n} cached tokens, {self.allocator.capacity(slot)} reserved "

@@ -23,7 +23,9 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> N
 class _ShardedLinear(torch.nn.Module):
     """Shard bookkeeping shared by both layers: full shapes, the local weight, the bias."""
 
-    def __init__(self, in_features: int, out_features: int, local_shape: tuple[int, int], bias_size: int | None, dtype, device):
+    def __init__(
+        self, in_features: int, out_features: int, local_shape: tuple[int, int], bias_size: int | None, dtype, device
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
@@ -46,7 +48,9 @@ class _ShardedLinear(torch.nn.Module):
         """Load this rank's shard from the full ``weight [out, in]`` and ``bias [out]``."""
         check_shape("weight", weight, (self.out_features, self.in_features))
         if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias")
+            raise ValueError(
+                f"bias: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias"
+            )
         if bias is not None:
             check_shape("bias", bias, (self.out_features,))
         self.store_weight(weight, self.shard(weight))
@@ -113,7 +117,9 @@ class RowLinear(_ShardedLinear):
         device: torch.device | str = "cpu",
     ):
         cols = even_range(in_features, comm.size, comm.rank, "in_features")
-        super().__init__(in_features, out_features, (out_features, len(cols)), out_features if bias else None, dtype, device)
+        super().__init__(
+            in_features, out_features, (out_features, len(cols)), out_features if bias else None, dtype, device
+        )
         self.comm, self.cols = comm, cols
 
     def shard(self, weight: torch.Tensor) -> torch.Tensor:

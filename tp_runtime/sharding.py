@@ -75,9 +75,7 @@ def head_layout(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int) -
             "each KV head must serve the same number of query heads"
         )
     if num_kv_heads >= tp_size and num_kv_heads % tp_size:
-        raise ValueError(
-            f"num_kv_heads={num_kv_heads} >= tp_size={tp_size} requires num_kv_heads % tp_size == 0"
-        )
+        raise ValueError(f"num_kv_heads={num_kv_heads} >= tp_size={tp_size} requires num_kv_heads % tp_size == 0")
     if num_kv_heads < tp_size and tp_size % num_kv_heads:
         raise ValueError(
             f"num_kv_heads={num_kv_heads} < tp_size={tp_size} requires tp_size % num_kv_heads == 0 "

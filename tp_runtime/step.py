@@ -84,14 +84,16 @@ class Step:
         if ind is None:
             raise ValueError(f"Step.cache_indirection: required for beam search (beam_width={w}), got None")
         if ind.dim() != 3 or ind.shape[1] != w:
-            raise ValueError(f"Step.cache_indirection: expected shape [batch, beam_width={w}, max_seq_len], got {tuple(ind.shape)}")
+            raise ValueError(
+                f"Step.cache_indirection: expected shape [batch, beam_width={w}, max_seq_len], got {tuple(ind.shape)}"
+            )
         if ind.dtype != torch.int32:
             raise ValueError(f"Step.cache_indirection: expected dtype torch.int32, got {ind.dtype}")
         if max(self.slots) >= ind.shape[0] * w:
             raise ValueError(
                 f"Step.slots: slot {max(self.slots)} is outside cache_indirection's {ind.shape[0]} x {w} beams"
             )
-        if max(p + q for p, q in zip(self.past_lens, self.new_lens)) > ind.shape[2]:
+        if max(p + q for p, q in zip(self.past_lens, self.new_lens, strict=True)) > ind.shape[2]:
             raise ValueError(f"Step.cache_indirection: covers {ind.shape[2]} positions, the step needs more")
         object.__setattr__(self, "cache_indirection", ind.to(self.device))
 
@@ -159,7 +161,7 @@ class Step:
 
     @property
     def total_lens(self) -> tuple[int, ...]:
-        return tuple(p + n for p, n in zip(self.past_lens, self.new_lens))
+        return tuple(p + n for p, n in zip(self.past_lens, self.new_lens, strict=True))
 
     def is_generation(self, i: int) -> bool:
         """One new token on top of a cached past: served by the decode kernel."""
@@ -178,7 +180,9 @@ class Step:
         """The encoder tokens as a step of their own (cross-attention K/V written on the first decoder step)."""
         enc = self.require_encoder_lens("cross attention")
         if min(enc) < 1:
-            raise ValueError(f"Step.encoder_lens: projecting encoder output needs >= 1 token per sequence, got {list(enc)}")
+            raise ValueError(
+                f"Step.encoder_lens: projecting encoder output needs >= 1 token per sequence, got {list(enc)}"
+            )
         return Step(new_lens=enc, slots=self.slots, device=self.device)
 
     def subset(self, indices: list[int]) -> Step:

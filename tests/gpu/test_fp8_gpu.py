@@ -48,7 +48,9 @@ def test_attention_fp8_close_to_bf16(pe, heads, kv):
     outs = {}
     for q, cfg in cfgs.items():
         layer = Attention(cfg, comm=NoComm(), device=dev, backend="reference")
-        layer.load_weights(qkv_weight=w_qkv, dense_weight=w_d, qkv_bias=b, dense_bias=torch.zeros(hidden, device=dev, dtype=dt))
+        layer.load_weights(
+            qkv_weight=w_qkv, dense_weight=w_d, qkv_bias=b, dense_bias=torch.zeros(hidden, device=dev, dtype=dt)
+        )
         cache = KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=3, max_seq_len=1024, device=dev)
         outs[q] = layer(x, step, cache).float()
     rel = ((outs["fp8_qdq"] - outs["none"]).norm() / outs["none"].norm()).item()

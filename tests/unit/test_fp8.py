@@ -32,8 +32,9 @@ def _reference_qdq(x, w, *, per_channel, input_scale=None):
 def test_column_emulation_matches_reference(per_channel, dtype):
     torch.manual_seed(1)
     w, x = torch.randn(48, 32), torch.randn(5, 3, 32) * 3
-    layer = FP8ColumnLinear(32, 48, comm=NoComm(), bias=False, dtype=dtype,
-                            weight_scaling="per_channel" if per_channel else "per_tensor")
+    layer = FP8ColumnLinear(
+        32, 48, comm=NoComm(), bias=False, dtype=dtype, weight_scaling="per_channel" if per_channel else "per_tensor"
+    )
     layer.load_weights(w.to(dtype))
     got = layer(x.to(dtype))
     ref = _reference_qdq(x.to(dtype).float().reshape(-1, 32), w.to(dtype).float(), per_channel=per_channel)
@@ -47,12 +48,14 @@ def test_static_scale_tp_equals_tp1():
     torch.manual_seed(2)
     w, x = torch.randn(32, 64), torch.randn(7, 64)
     dt = torch.bfloat16
+
     def run(rank, size):
         layer = FP8RowLinear(64, 32, comm=_PartialComm(rank, size), bias=False, dtype=dt, activation_scaling="static")
         layer.load_weights(w.to(dt))
         layer.set_input_scale(0.01)
         cols = layer.cols
-        return layer.matmul(x.to(dt)[:, cols.start:cols.stop]).float()
+        return layer.matmul(x.to(dt)[:, cols.start : cols.stop]).float()
+
     full = run(0, 1)
     for size in (2, 4):
         parts = sum(run(r, size) for r in range(size))
@@ -65,7 +68,9 @@ def test_row_weight_scale_same_on_every_rank():
     w = torch.randn(16, 64)
     scales = []
     for rank in range(4):
-        layer = FP8RowLinear(64, 16, comm=_PartialComm(rank, 4), bias=False, dtype=torch.float16, weight_scaling="per_channel")
+        layer = FP8RowLinear(
+            64, 16, comm=_PartialComm(rank, 4), bias=False, dtype=torch.float16, weight_scaling="per_channel"
+        )
         layer.load_weights(w.half())
         scales.append(layer.weight_scale.clone())
     expected = w.half().float().abs().amax(dim=1) / 448
@@ -102,4 +107,6 @@ def test_config_rejects_fp8_with_fp32():
     with pytest.raises(ValueError, match="quant_mode"):
         AttentionConfig(hidden_size=64, num_heads=4, quant_mode="fp8_qdq")
     with pytest.raises(ValueError, match="fp8_weight_scaling"):
-        AttentionConfig(hidden_size=64, num_heads=4, dtype=torch.float16, quant_mode="fp8_qdq", fp8_weight_scaling="per_row")
+        AttentionConfig(
+            hidden_size=64, num_heads=4, dtype=torch.float16, quant_mode="fp8_qdq", fp8_weight_scaling="per_row"
+        )

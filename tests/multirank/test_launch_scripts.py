@@ -1,0 +1,22 @@
+"""The benchmark and soak scripts run under mpirun (CPU smoke runs: correctness, no timing)."""
+
+from __future__ import annotations
+
+import json
+
+from mpi_util import REPO, run_mpi
+
+
+def test_bench_tp_smoke_equals_baseline():
+    result = run_mpi(2, REPO / "launch" / "bench_tp.py", "--smoke", timeout=180)
+    assert result.returncode == 0, result.output
+    assert "ours equals the torch.distributed baseline" in result.output
+
+
+def test_soak_short_run_leaks_nothing(tmp_path):
+    out = tmp_path / "soak.json"
+    args = ("--steps", "400", "--checkpoint-every", "50", "--device", "cpu", "--out", out)
+    result = run_mpi(2, REPO / "launch" / "soak.py", *args, timeout=240)
+    assert result.returncode == 0, result.output
+    stats = json.loads(out.read_text())
+    assert stats["leaked_blocks"] == 0 and stats["checkpoints"] >= 5 and stats["finished"] > 0
