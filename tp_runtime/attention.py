@@ -121,7 +121,7 @@ class _AttentionBase(torch.nn.Module):
                 raise ValueError(f"relative_table: expected shape {expected}, got {tuple(relative_table.shape)}")
             self.relative_table.copy_(slice_heads(relative_table, self.layout))
 
-    def _spec(self, *, cross: bool, position_bias: torch.Tensor | None) -> AttentionSpec:
+    def _spec(self, step: Step, *, cross: bool, position_bias: torch.Tensor | None) -> AttentionSpec:
         c = self.config
         if position_bias is not None:
             if c.position_embedding is not PositionEmbeddingType.relative or c.relative_table:
@@ -130,9 +130,17 @@ class _AttentionBase(torch.nn.Module):
                     f"got position_embedding={c.position_embedding.value}, relative_table={c.relative_table}"
                 )
             h_r = self.layout.num_heads_per_rank
-            if position_bias.dim() != 3 or position_bias.shape[0] != h_r:
+            need_q = max(step.total_lens)
+            need_k = max(step.encoder_lens) if cross else need_q
+            if (
+                position_bias.dim() != 3
+                or position_bias.shape[0] != h_r
+                or position_bias.shape[1] < need_q
+                or position_bias.shape[2] < need_k
+            ):
                 raise ValueError(
-                    f"position_bias: expected shape [{h_r} (heads on this rank), Q, K], "
+                    f"position_bias: expected shape [{h_r} (heads on this rank), >= {need_q} (query positions), "
+                    f">= {need_k} (key positions)], "
                     f"got {tuple(position_bias.shape)}"
                 )
         return AttentionSpec(
@@ -234,7 +242,7 @@ class Attention(_AttentionBase):
         decode_splits: int | None = None,
     ) -> torch.Tensor:
         x, idx = self._pack(hidden_states, step, attention_mask)
-        spec = self._spec(cross=self.config.cross_attention, position_bias=position_bias)
+        spec = self._spec(step, cross=self.config.cross_attention, position_bias=position_bias)
         kv = self._layer_kv(kv_cache, step, encoder_output)
         common = dict(head_layout=self.layout, head_size=self.config.head_size)
         if self.config.cross_attention:
@@ -326,5 +334,5 @@ class BertAttention(_AttentionBase):
             rope=None,
             kv=kv,
         )
-        ctx, _ = self.backend.attend(q, kv, step, self._spec(cross=False, position_bias=position_bias))
+        ctx, _ = self.backend.attend(q, kv, step, self._spec(step, cross=False, position_bias=position_bias))
         return self._finish(ctx, hidden_states.shape, idx)

@@ -80,6 +80,14 @@ class Fp8ActivationScaling(str, Enum):
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fail(name: str, value, rule: str) -> None:
     raise ValueError(f"AttentionConfig.{name}={value!r}: {rule}")
 
@@ -137,11 +145,11 @@ class AttentionConfig:
         )
         for name in ("hidden_size", "num_heads", "max_position_embeddings", "num_layers"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _is_int(v) or v < 1:
                 _fail(name, v, "must be a positive int")
         if self.num_kv_heads is None:
             set_("num_kv_heads", self.num_heads)
-        if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1:
+        if not _is_int(self.num_kv_heads) or self.num_kv_heads < 1:
             _fail("num_kv_heads", self.num_kv_heads, "must be a positive int")
         if self.num_heads % self.num_kv_heads:
             _fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
@@ -153,11 +161,11 @@ class AttentionConfig:
                     f"must be divisible by num_heads={self.num_heads} unless head_size is given",
                 )
             set_("head_size", self.hidden_size // self.num_heads)
-        if not isinstance(self.head_size, int) or self.head_size < 1:
+        if not _is_int(self.head_size) or self.head_size < 1:
             _fail("head_size", self.head_size, "must be a positive int")
         if self.dtype not in SUPPORTED_DTYPES:
             _fail("dtype", self.dtype, f"must be one of {SUPPORTED_DTYPES}")
-        if not (math.isfinite(self.q_scaling) and self.q_scaling > 0):
+        if not (_is_number(self.q_scaling) and math.isfinite(self.q_scaling) and self.q_scaling > 0):
             _fail("q_scaling", self.q_scaling, "must be a finite number > 0")
         pe = self.position_embedding
         if pe.is_rope:
@@ -180,8 +188,16 @@ class AttentionConfig:
         if pe is PositionEmbeddingType.relative:
             if self.relative_num_buckets < 2:
                 _fail("relative_num_buckets", self.relative_num_buckets, "must be >= 2")
-            if self.relative_max_distance < 1:
-                _fail("relative_max_distance", self.relative_max_distance, "must be >= 1")
+            # T5's log-spaced buckets start after the exact ones (a quarter of the buckets in encoders,
+            # which split them by direction, half in decoders) and must reach further than those.
+            max_exact = self.relative_num_buckets // (2 if self.mask_type is AttentionMaskType.causal else 4)
+            if self.relative_max_distance <= max_exact:
+                _fail(
+                    "relative_max_distance",
+                    self.relative_max_distance,
+                    f"must exceed the {max_exact} exactly-bucketed distances of relative_num_buckets="
+                    f"{self.relative_num_buckets} with mask_type={self.mask_type.value}",
+                )
         if (
             self.cross_attention
             and pe is not PositionEmbeddingType.learned_absolute

@@ -10,6 +10,7 @@ token and a non-empty past is in the generation phase; every other one is a cont
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import torch
 
 def _ints(name: str, values, minimum: int) -> tuple[int, ...]:
     try:
-        out = tuple(int(v) for v in values)
+        out = tuple(operator.index(v) for v in values)  # rejects 2.5 rather than truncating it
     except TypeError:
         raise ValueError(f"Step.{name}: expected a sequence of ints, got {values!r}") from None
     bad = [v for v in out if v < minimum]
@@ -95,6 +96,8 @@ class Step:
             )
         if max(p + q for p, q in zip(self.past_lens, self.new_lens, strict=True)) > ind.shape[2]:
             raise ValueError(f"Step.cache_indirection: covers {ind.shape[2]} positions, the step needs more")
+        if bool(((ind < 0) | (ind >= w)).any()):
+            raise ValueError(f"Step.cache_indirection: every entry must name a beam in [0, {w}), got values outside")
         object.__setattr__(self, "cache_indirection", ind.to(self.device))
 
     def _build_tensors(self) -> None:

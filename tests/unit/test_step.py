@@ -57,13 +57,6 @@ def test_defaults():
     assert not s.is_generation(1)  # one token without a past is a (tiny) context
 
 
-def library_bug(kwargs, field, why):
-    return pytest.param(kwargs, field, marks=pytest.mark.xfail(strict=True, reason=f"library bug: {why}"))
-
-
-TRUNCATES = "step.py _ints: int(v) silently truncates non-integral values (2.5 -> 2) instead of raising"
-
-
 def _ind(b, w, s):
     return torch.zeros(b, w, s, dtype=torch.int32)
 
@@ -73,9 +66,9 @@ INVALID = [
     (dict(new_lens=[2, 0]), "Step.new_lens"),
     (dict(new_lens=[-1]), "Step.new_lens"),
     (dict(new_lens=5), "Step.new_lens"),
-    library_bug(dict(new_lens=[2.5]), "Step.new_lens", TRUNCATES),  # truncated to 2 would drop a token
-    library_bug(dict(new_lens=[2], past_lens=[1.5]), "Step.past_lens", TRUNCATES),
-    library_bug(dict(new_lens=[2], slots=[0.5]), "Step.slots", TRUNCATES),
+    pytest.param(dict(new_lens=[2.5]), "Step.new_lens"),  # truncated to 2 would drop a token
+    pytest.param(dict(new_lens=[2], past_lens=[1.5]), "Step.past_lens"),
+    pytest.param(dict(new_lens=[2], slots=[0.5]), "Step.slots"),
     (dict(new_lens=[2, 3], past_lens=[1]), "Step.past_lens"),
     (dict(new_lens=[2, 3], past_lens=[1, -1]), "Step.past_lens"),
     (dict(new_lens=[2, 3], slots=[0]), "Step.slots"),
@@ -112,11 +105,6 @@ def test_invalid_step_names_the_field(kwargs, field):
 
 
 @pytest.mark.parametrize("bad", [2, -1])
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: step.py _check_beams checks the shape and dtype of cache_indirection, not its values; "
-    "reference.read_kv then reads slot b*W + value, another batch entry's beam",
-)
 def test_cache_indirection_values_must_name_a_beam(bad):
     """An entry outside [0, beam_width) would read another batch entry's beam (or out of bounds)."""
     ind = torch.zeros(2, 2, 8, dtype=torch.int32)
@@ -177,11 +165,6 @@ def test_layer_position_bias_shape_names_the_field():
         layer(torch.randn(5, 16), step, cache, position_bias=torch.randn(2, 8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: attention.py _spec checks only position_bias's head dim; a [H_r, Q, K] table shorter than "
-    "the step's positions fails with an IndexError deep in reference.score_bias, after the K/V cache write",
-)
 def test_layer_position_bias_too_short_names_the_field():
     c = AttentionConfig(hidden_size=16, num_heads=2, position_embedding="relative", relative_table=False)
     layer = Attention(c, comm=NoComm())
