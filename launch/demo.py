@@ -1,10 +1,15 @@
 """The main job: tensor-parallel layers on every rank, checked against the unsharded computation.
 
-    launch/tp_run -n 2 launch/demo.py [--hidden 1024] [--tokens 64] [--dtype bf16] [--device cpu]
+    launch/tp_run -n 2 launch/demo.py [--pe rope_gpt_neox] [--heads 8 --kv-heads 2] [--device cpu]
 
-Every rank builds the same full weights (seeded), keeps its shard, runs, and compares its
-result with the unsharded computation in float64; any rank outside the error budget fails
-the whole job. Rank 0 prints the setup, the errors, the timing and "verified".
+Two parts, both verified on every rank:
+  1. a ColumnLinear -> RowLinear pair against the unsharded computation in float64;
+  2. a stack of tensor-parallel ``Attention`` layers serving requests that arrive and finish
+     mid-run over a paged KV cache: each step mixes prefills of new requests with decode
+     steps of running ones; every step's output is compared with the same stack at tp=1 on
+     the reference backend (full weights, a contiguous cache, float32); per-step times printed.
+On GPUs the attention runs on the CUDA kernels; on the CPU on the reference backend.
+Any rank outside its error budget fails the whole job; rank 0 ends with "verified".
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from collections.abc import Callable
 import torch
 
 import tp_runtime
-from tp_runtime import ColumnLinear, RowLinear, World
+from tp_runtime import ColumnLinear, NoComm, RowLinear, World
+from tp_runtime.attention import Attention
+from tp_runtime.config import AttentionConfig
+from tp_runtime.kv_cache import KVCache, PagedKVCache
+from tp_runtime.step import Step
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,6 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp-size", type=int, default=None, help="ranks per TP group (default: all)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
+    attn = parser.add_argument_group("attention stack")
+    attn.add_argument("--pe", default="rope_gpt_neox", help="position embedding (PositionEmbeddingType)")
+    attn.add_argument("--heads", type=int, default=8)
+    attn.add_argument("--kv-heads", type=int, default=2, help="< heads: GQA; 1: MQA")
+    attn.add_argument("--head-size", type=int, default=64)
+    attn.add_argument("--layers", type=int, default=2)
+    attn.add_argument("--kv-cache", choices=["auto", "int8", "fp8"], default="auto")
+    attn.add_argument("--steps", type=int, default=24, help="serving steps")
+    attn.add_argument("--backend", choices=["reference", "cuda"], default=None, help="default: cuda on GPUs")
     return parser.parse_args(argv)
 
 
@@ -103,6 +121,125 @@ def run_linear_pair(world: World, args: argparse.Namespace, dtype: torch.dtype) 
     )
 
 
+# --- attention stack: in-flight batching over a paged cache, verified against tp=1 ---
+
+
+def run_attention_stack(world: World, args: argparse.Namespace, dtype: torch.dtype) -> None:
+    dev, comm = world.device, world.tp_comm
+    if dtype == torch.float32 and dev.type == "cuda" and args.backend != "reference":
+        dtype = torch.bfloat16  # the CUDA kernels take fp16/bf16
+    kw = dict(
+        hidden_size=args.heads * args.head_size,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        position_embedding=args.pe,
+        max_position_embeddings=64,
+        kv_cache_dtype=args.kv_cache,
+    )
+    cfg = AttentionConfig(**kw, dtype=dtype)
+    ref_cfg = AttentionConfig(**kw, dtype=torch.float32)
+    hidden = cfg.hidden_size
+    g = torch.Generator().manual_seed(args.seed + 1)  # identical full weights and requests on every rank
+    weights = [
+        dict(
+            qkv_weight=torch.randn(cfg.qkv_size, hidden, generator=g) / hidden**0.5,
+            dense_weight=torch.randn(hidden, hidden, generator=g) / hidden**0.5,
+            qkv_bias=torch.randn(cfg.qkv_size, generator=g) * 0.1,
+            dense_bias=torch.randn(hidden, generator=g) * 0.1,
+        )
+        for _ in range(args.layers)
+    ]
+    scales = 0.05 if cfg.kv_cache_dtype.is_quantized else None  # dequant scale: |K|, |V| stay under ~6
+    ours, oracle = [], []
+    for i, w in enumerate(weights):
+        layer = Attention(cfg, comm=comm, layer_idx=i, backend=args.backend, device=dev)
+        layer.load_weights(**{k: v.to(dev, dtype) for k, v in w.items()})
+        ours.append(layer)
+        ref = Attention(ref_cfg, comm=NoComm(), layer_idx=i, backend="reference")
+        ref.load_weights(**{k: v.to(dtype).float() for k, v in w.items()})
+        oracle.append(ref)
+    max_seqs, block = 6, 16
+    cache = PagedKVCache(
+        config=cfg,
+        head_layout=ours[0].layout,
+        num_layers=args.layers,
+        num_blocks=48,
+        block_size=block,
+        max_seqs=max_seqs,
+        max_blocks_per_seq=8,
+        scales=scales,
+        device=dev,
+    )
+    ref_cache = KVCache(
+        config=ref_cfg,
+        head_layout=oracle[0].layout,
+        num_layers=args.layers,
+        max_batch=max_seqs,
+        max_seq_len=8 * block,
+        scales=scales,
+    )
+    # Requests: (arrival step, prompt tokens, tokens to generate); they arrive and finish mid-run.
+    requests = [
+        (
+            int(torch.randint(0, max(args.steps - 4, 1), (1,), generator=g)),
+            int(torch.randint(1, 40, (1,), generator=g)),
+            int(torch.randint(2, 24, (1,), generator=g)),
+        )
+        for _ in range(10)
+    ]
+    running: dict[int, list[int]] = {}  # slot -> [cached tokens, tokens left to generate]
+    pending = sorted(requests)
+    worst, times = 0.0, []
+    for step_no in range(args.steps):
+        new, past, slots = [], [], []
+        for slot, (n_cached, _) in running.items():
+            new.append(1), past.append(n_cached), slots.append(slot)
+        while pending and pending[0][0] <= step_no and len(running) < max_seqs:
+            _, prompt, gen_len = pending.pop(0)
+            slot = min(set(range(max_seqs)) - set(running))
+            running[slot] = [0, gen_len]
+            new.append(prompt), past.append(0), slots.append(slot)
+        if not new:
+            continue
+        step = Step(new_lens=new, past_lens=past, slots=slots, device=dev)
+        cache.reserve(step)
+        x = torch.randn(step.num_tokens, hidden, generator=g)
+        h, h_ref = x.to(dev, dtype), x.to(dtype).float()
+        ref_step = Step(new_lens=new, past_lens=past, slots=slots)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for layer in ours:
+            h = h + layer(h, step, cache)
+        sync()
+        times.append(time.perf_counter() - start)
+        for layer in oracle:
+            h_ref = h_ref + layer(h_ref, ref_step, ref_cache)
+        err = ((h.float().cpu() - h_ref).abs().max() / h_ref.abs().max()).item()
+        worst = max(worst, err)
+        tol = 1e-4 if dtype == torch.float32 and not cfg.kv_cache_dtype.is_quantized else 5e-2
+        if not err <= tol:
+            raise AssertionError(f"attention stack step {step_no}: relative error {err:.3g} vs tp=1 exceeds {tol:g}")
+        n_ctx = sum(p == 0 for p in past)
+        world.log.info(
+            f"step {step_no:3d}: {n_ctx} prefill + {len(new) - n_ctx} decode sequences, "
+            f"{step.num_tokens:4d} tokens, {times[-1] * 1e3:7.2f} ms, error vs tp=1 {err:.2e}"
+        )
+        for slot, p in zip(slots, past, strict=True):
+            state = running[slot]
+            state[0] += step.new_lens[slots.index(slot)]
+            state[1] -= p > 0  # a decode step produced one token
+            if state[1] <= 0:
+                running.pop(slot)
+                cache.free(slot)
+    world.log.info(
+        f"attention stack: {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, pe {args.pe}, "
+        f"kv cache {args.kv_cache}, backend {ours[0].backend.name}: "
+        f"median step {statistics.median(times) * 1e3:.2f} ms, "
+        f"worst relative error vs tp=1 {worst:.2e}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world = tp_runtime.init(tp_size=args.tp_size, device=args.device)
@@ -118,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     world.log_all.info(f"device {world.device}, TP group {world.dp_rank}, TP rank {world.tp_rank}")
     run_linear_pair(world, args, dtype)
+    run_attention_stack(world, args, dtype)
     world.log.info("verified")
 
 
