@@ -283,6 +283,8 @@ def gptj(num_heads: int = 4, head_size: int = 16, rotary_dim: int = 8, seed: int
         n_head=num_heads,
         rotary_dim=rotary_dim,
         n_positions=64,
+        bos_token_id=None,
+        eos_token_id=None,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -358,12 +360,20 @@ def llama(
 
 
 def t5(
-    d_model: int = 48, num_heads: int = 8, d_kv: int = 8, num_buckets: int = 16, max_distance: int = 20, seed: int = 6
+    head_size: int = 8,
+    num_heads: int = 8,
+    d_model: int | None = None,
+    num_buckets: int = 16,
+    max_distance: int = 20,
+    seed: int = 6,
 ) -> dict[str, Oracle]:
-    """T5 (``d_kv·heads != d_model``): encoder self attention (bidirectional buckets, our
-    ``BertAttention``), decoder self attention (causal buckets), cross attention (EncDecAttention).
-    No scaling: ``q_scaling = 1/√D``. Returns ``{"encoder", "decoder", "cross"}`` sharing one model."""
+    """T5 (``d_kv·heads != d_model``: ``d_model`` defaults to ``6·head_size`` with 8 heads):
+    encoder self attention (bidirectional buckets, our ``BertAttention``), decoder self attention
+    (causal buckets), cross attention (EncDecAttention). No scaling: ``q_scaling = 1/√D``.
+    Returns ``{"encoder", "decoder", "cross"}`` sharing one model."""
     from transformers import T5Config, T5Model
+
+    d_kv, d_model = head_size, d_model or 6 * head_size
 
     cfg = T5Config(
         vocab_size=64,

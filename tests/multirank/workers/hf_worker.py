@@ -44,7 +44,30 @@ RTOL = {F32: 1e-5, F16: 4 * torch.finfo(F16).eps, BF16: 4 * torch.finfo(BF16).ep
 RTOL_SAME = 2e-6  # our own runs that differ only in summation order (tp=N vs tp=1, mixed vs separate)
 DECODE_STEPS = 8
 DTYPE_NAMES = {F32: "fp32", F16: "fp16", BF16: "bf16"}
-DEVICE = torch.device("cpu")  # our layers' device (main() sets the world's); HF always runs on the CPU
+
+# Where our layers run. HF always runs on the CPU in fp32. main() sets these for the world's
+# device: on CUDA (kernels for fp16/bf16 and head sizes 64..256 only) every oracle gets head
+# size 64 and the fp32 cases run in bf16, with bf16 tolerances.
+DEVICE = torch.device("cpu")
+HEAD_SIZE: int | None = None  # overrides every oracle's head size
+FP32_AS = F32  # the dtype the fp32 cases run in
+
+
+def act(dtype: torch.dtype) -> torch.dtype:
+    return FP32_AS if dtype is F32 else dtype
+
+
+def rtol(dtype: torch.dtype = F32) -> float:
+    return RTOL[act(dtype)]
+
+
+def rtol_same() -> float:
+    return RTOL_SAME if FP32_AS is F32 else RTOL[FP32_AS]
+
+
+def sized(build, **kwargs) -> Callable:
+    """``build(**kwargs)``, with ``HEAD_SIZE`` (when set) replacing the head size."""
+    return lambda: build(**{**kwargs, **({} if HEAD_SIZE is None else {"head_size": HEAD_SIZE})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +110,7 @@ def assert_close(what: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float) 
 
 
 class OnDevice:
-    """Our layer on ``DEVICE``: moves the CPU inputs there and the output back."""
+    """Our layer on ``DEVICE``: moves the CPU inputs there (activations in its dtype) and the output back."""
 
     def __init__(self, layer):
         self.layer = layer
@@ -95,12 +118,16 @@ class OnDevice:
     def __getattr__(self, name):
         return getattr(self.layer, name)
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *args, encoder_output=None, **kwargs) -> torch.Tensor:
+        dt = self.layer.config.dtype
         kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return self.layer(x.to(DEVICE), *args, **kwargs).cpu()
+        if encoder_output is not None:
+            kwargs["encoder_output"] = encoder_output.to(DEVICE, dt)
+        return self.layer(x.to(DEVICE, dt), *args, **kwargs).cpu()
 
 
 def make_layer(o: hf.Oracle, comm: Communicator, dtype: torch.dtype = F32) -> OnDevice:
+    dtype = act(dtype)
     cfg = dataclasses.replace(o.config, dtype=dtype)
     layer = (BertAttention if o.kind == "encoder" else Attention)(cfg, comm=comm, device=DEVICE)
     layer.load_weights(**{k: None if v is None else v.to(DEVICE, dtype) for k, v in o.weights.items()})
@@ -189,6 +216,7 @@ def replay_decoder(
     ``padded``: give multi-token calls as ``[B, S, hidden]``; else packed ``[B·S, hidden]``.
     ``paged``: a paged cache (blocks of 4, grown before every step, so sequences interleave).
     ``position_bias``: explicit relative bias ``[H, L, L]`` (all heads; sliced to this rank)."""
+    dtype = act(dtype)
     calls = trace.calls[o.name]
     b = calls[0].hidden.shape[0]
     slots = slots or list(range(b))
@@ -198,7 +226,7 @@ def replay_decoder(
     kw = {}
     if position_bias is not None:
         kw["position_bias"] = position_bias[list(layer.layout.q_heads)].contiguous()
-    rtol, past, outs = RTOL[dtype], 0, []
+    tol, past, outs = rtol(dtype), 0, []
     for i, c in enumerate(calls):
         s = c.hidden.shape[1]
         step = _step(new_lens=[s] * b, past_lens=[past] * b, slots=slots)
@@ -209,10 +237,10 @@ def replay_decoder(
             y = layer(x, step, cache, **kw)
         else:
             y = layer(x.reshape(b * s, -1), step, cache, **kw).reshape(b, s, -1)
-        assert_close(f"{o.name} {dtype} call {i} (past {past}, {s} new) output", y, c.out, rtol)
+        assert_close(f"{o.name} {dtype} call {i} (past {past}, {s} new) output", y, c.out, tol)
         past += s
         rows = [(slots[r], r, torch.arange(past)) for r in range(b)]
-        check_cache(f"{o.name} {dtype} after call {i}", cache, layer, trace.caches[o.name][i], rows, rtol)
+        check_cache(f"{o.name} {dtype} after call {i}", cache, layer, trace.caches[o.name][i], rows, tol)
         outs.append(y)
     return outs
 
@@ -222,12 +250,13 @@ def replay_cross(
 ) -> list[torch.Tensor]:
     """Cross attention: the first call projects the (packed) encoder output into the cross
     cache, later calls reuse it; keys limited by each sequence's encoder length."""
+    dtype = act(dtype)
     calls = trace.calls[o.name]
     b = calls[0].hidden.shape[0]
     slots = slots or list(range(b))
     layer = make_layer(o, comm, dtype)
     cache = make_cache(layer, b, max(enc_lens))
-    rtol, past, outs = RTOL[dtype], 0, []
+    tol, past, outs = rtol(dtype), 0, []
     for i, c in enumerate(calls):
         s = c.hidden.shape[1]
         step = _step(new_lens=[s] * b, past_lens=[past] * b, slots=slots, encoder_lens=enc_lens)
@@ -235,9 +264,9 @@ def replay_cross(
         if i == 0:
             enc = pack(poison_padding(c.encoder, right_mask(enc_lens, c.encoder.shape[1])), enc_lens).to(dtype)
         y = layer(c.hidden.to(dtype).reshape(b * s, -1), step, cache, encoder_output=enc).reshape(b, s, -1)
-        assert_close(f"{o.name} {dtype} call {i} output", y, c.out, rtol)
+        assert_close(f"{o.name} {dtype} call {i} output", y, c.out, tol)
         rows = [(slots[r], r, torch.arange(enc_lens[r])) for r in range(b)]
-        check_cache(f"{o.name} {dtype} after call {i}", cache, layer, trace.caches[o.name][i], rows, rtol)
+        check_cache(f"{o.name} {dtype} after call {i}", cache, layer, trace.caches[o.name][i], rows, tol)
         past += s
         outs.append(y)
     return outs
@@ -253,19 +282,20 @@ def replay_encoder(
 ) -> torch.Tensor:
     """BertAttention on right-padded input (padding poisoned with NaN) and on packed input:
     both equal HF on real tokens, and each other. ``position_bias``: explicit ``[H, S, S]``."""
+    dtype = act(dtype)
     c = trace.calls[o.name][0]
     mask = right_mask(lens, c.hidden.shape[1]).bool()
     layer = make_layer(o, comm, dtype)
     kw = {}
     if position_bias is not None:
         kw["position_bias"] = position_bias[list(layer.layout.q_heads)].contiguous()
-    rtol = RTOL[dtype]
+    tol = rtol(dtype)
     x = poison_padding(c.hidden, mask).to(dtype)
     padded = layer(x, lens, **kw)
-    assert_close(f"{o.name} {dtype} padded output (real tokens)", padded[mask], c.out[mask], rtol)
+    assert_close(f"{o.name} {dtype} padded output (real tokens)", padded[mask], c.out[mask], tol)
     packed = layer(pack(x, lens), torch.tensor(lens), **kw)
-    assert_close(f"{o.name} {dtype} packed output", packed, c.out[mask], rtol)
-    assert_close(f"{o.name} {dtype} packed == padded", packed, padded[mask], RTOL_SAME)
+    assert_close(f"{o.name} {dtype} packed output", packed, c.out[mask], tol)
+    assert_close(f"{o.name} {dtype} packed == padded", packed, padded[mask], rtol_same())
     return packed
 
 
@@ -300,22 +330,22 @@ def case(name: str, reference: Callable[[], object]):
 
 def _tp1_equal(what: str, outs_n: list[torch.Tensor], outs_1: list[torch.Tensor]) -> None:
     for i, (a, b) in enumerate(zip(outs_n, outs_1, strict=True)):
-        assert_close(f"{what} call {i}: tp=N equals tp=1", a, b, RTOL_SAME)
+        assert_close(f"{what} call {i}: tp=N equals tp=1", a, b, rtol_same())
 
 
 # ---- decoder families: prefill + 8 decode steps, fp32 (tp=N == tp=1 too) and one half dtype --
 DECODERS: dict[str, tuple[Callable[[], hf.Oracle], torch.dtype]] = {
-    "bloom12": (lambda: hf.bloom(12), BF16),
-    "bloom24": (lambda: hf.bloom(24, head_size=4), F16),
-    "mpt": (hf.mpt, F16),
-    "falcon_mqa": (lambda: hf.falcon(alibi=False), BF16),
-    "falcon_alibi": (lambda: hf.falcon(alibi=True), F16),
-    "gpt_neox25": (lambda: hf.gpt_neox(0.25), F16),
-    "gpt_neox100": (lambda: hf.gpt_neox(1.0), BF16),
-    "gptj": (hf.gptj, BF16),
-    "llama_gqa": (lambda: hf.llama(8, 2), F16),
-    "llama_mqa": (lambda: hf.llama(8, 1, bias=False), BF16),
-    "llama_linear": (lambda: hf.llama(8, 4, scaling="linear", factor=2.0), BF16),
+    "bloom12": (sized(hf.bloom, num_heads=12), BF16),
+    "bloom24": (sized(hf.bloom, num_heads=24, head_size=4), F16),
+    "mpt": (sized(hf.mpt), F16),
+    "falcon_mqa": (sized(hf.falcon, alibi=False), BF16),
+    "falcon_alibi": (sized(hf.falcon, alibi=True), F16),
+    "gpt_neox25": (sized(hf.gpt_neox, rotary_pct=0.25), F16),
+    "gpt_neox100": (sized(hf.gpt_neox, rotary_pct=1.0), BF16),
+    "gptj": (sized(hf.gptj), BF16),
+    "llama_gqa": (sized(hf.llama, num_heads=8, num_kv_heads=2), F16),
+    "llama_mqa": (sized(hf.llama, num_heads=8, num_kv_heads=1, bias=False), BF16),
+    "llama_linear": (sized(hf.llama, num_heads=8, num_kv_heads=4, scaling="linear", factor=2.0), BF16),
 }
 
 
@@ -351,7 +381,7 @@ for _name, (_build, _half) in DECODERS.items():
 def _dynamic_reference():
     # Prompts longer than max_position_embeddings=8, equal lengths (HF scales by the batch max);
     # HF recomputes the base at every decode step (seq_len grows): our per-sequence rule equals it.
-    o = hf.llama(8, 2, scaling="dynamic", factor=2.0, max_positions=8)
+    o = sized(hf.llama, num_heads=8, num_kv_heads=2, scaling="dynamic", factor=2.0, max_positions=8)()
     ids = hf.random_ids(2, 12 + DECODE_STEPS, 12)
     return o, hf.run_decoder([o], ids, [12] + [1] * DECODE_STEPS)
 
@@ -372,7 +402,7 @@ def _(ref, comm):
 def _dynamic_chunked_reference():
     # A 12-token prompt in two chunks of 6 (M = 8): the first chunk is rotated with the plain
     # base, the second with the base for length 12, and the cached keys keep theirs (HF alike).
-    o = hf.llama(8, 2, scaling="dynamic", factor=2.0, max_positions=8)
+    o = sized(hf.llama, num_heads=8, num_kv_heads=2, scaling="dynamic", factor=2.0, max_positions=8)()
     ids = hf.random_ids(2, 12 + DECODE_STEPS, 12)
     return o, hf.run_decoder([o], ids, [6, 6] + [1] * DECODE_STEPS)
 
@@ -395,7 +425,7 @@ T5_ENC_LENS = [12, 7]
 
 
 def _t5_reference():
-    oracles = hf.t5()
+    oracles = sized(hf.t5)()
     enc_ids = hf.random_ids(2, max(T5_ENC_LENS), 13)
     mask = right_mask(T5_ENC_LENS, max(T5_ENC_LENS))
     dec_ids = hf.random_ids(2, 6 + DECODE_STEPS, 14)  # decoder positions up to 13: causal log buckets
@@ -446,7 +476,7 @@ BERT_LENS = [7, 3, 5]
 
 
 def _bert_reference():
-    o = hf.bert()
+    o = sized(hf.bert)()
     return o, hf.run_encoder(o, hf.random_ids(3, 7, 15), right_mask(BERT_LENS, 7))
 
 
@@ -469,7 +499,7 @@ GPT2_ENC_LENS = [5, 3]
 
 
 def _gpt2_reference():
-    oracles = hf.gpt2()
+    oracles = sized(hf.gpt2)()
     g = torch.Generator().manual_seed(16)
     enc = torch.randn(2, max(GPT2_ENC_LENS), oracles["self"].config.hidden_size, generator=g)
     extra = dict(encoder_hidden_states=enc, encoder_attention_mask=right_mask(GPT2_ENC_LENS, enc.shape[1]))
@@ -496,9 +526,9 @@ case("bf16_gpt2", _gpt2_reference)(_gpt2_check(BF16))
 
 # ---- metamorphic checks, each anchored to HF ----------------------------------------------------
 METAMORPHIC: dict[str, Callable[[], hf.Oracle]] = {
-    "llama_gqa": lambda: hf.llama(8, 2),
-    "bloom12": lambda: hf.bloom(12),
-    "falcon_mqa": lambda: hf.falcon(alibi=False),
+    "llama_gqa": sized(hf.llama, num_heads=8, num_kv_heads=2),
+    "bloom12": sized(hf.bloom, num_heads=12),
+    "falcon_mqa": sized(hf.falcon, alibi=False),
 }
 
 # (past, new) per sequence; past 0 with new > 1: a context sequence; new 1: generation; else a chunk.
@@ -529,7 +559,7 @@ def _mixed_check(ref, comm):
     step = _step(new_lens=[MIXED[j][0] for j in with_past], slots=[MIXED_SLOTS[j] for j in with_past])
     y = layer(torch.cat([traces[j].calls[o.name][0].hidden[0] for j in with_past]), step, cache)
     for j, rows in zip(with_past, torch.split(y, step.new_lens), strict=True):
-        assert_close(f"{o.name} mixed: prefill of seq {j}", rows, traces[j].calls[o.name][0].out[0], RTOL[F32])
+        assert_close(f"{o.name} mixed: prefill of seq {j}", rows, traces[j].calls[o.name][0].out[0], rtol())
     last = lambda j: traces[j].calls[o.name][-1]  # noqa: E731
     step = _step(
         new_lens=[MIXED[j][1] for j in MIXED_ORDER],
@@ -539,16 +569,16 @@ def _mixed_check(ref, comm):
     y = layer(torch.cat([last(j).hidden[0] for j in MIXED_ORDER]), step, cache)
     mixed = dict(zip(MIXED_ORDER, torch.split(y, step.new_lens), strict=True))
     for j in MIXED_ORDER:
-        assert_close(f"{o.name} mixed step: seq {j} {MIXED[j]}", mixed[j], last(j).out[0], RTOL[F32])
+        assert_close(f"{o.name} mixed step: seq {j} {MIXED[j]}", mixed[j], last(j).out[0], rtol())
         rows = [(MIXED_SLOTS[j], 0, torch.arange(sum(MIXED[j])))]
-        check_cache(f"{o.name} mixed step: seq {j}", cache, layer, traces[j].caches[o.name][-1], rows, RTOL[F32])
+        check_cache(f"{o.name} mixed step: seq {j}", cache, layer, traces[j].caches[o.name][-1], rows, rtol())
     for j, (past, new) in enumerate(MIXED):  # each sequence alone, in its own fresh cache
         alone = make_layer(o, comm)
         c1 = make_cache(alone, 1, 16)
         if past:
             alone(traces[j].calls[o.name][0].hidden[0], _step(new_lens=[past]), c1)
         y1 = alone(last(j).hidden[0], _step(new_lens=[new], past_lens=[past]), c1)
-        assert_close(f"{o.name} mixed step equals separate run: seq {j}", mixed[j], y1, RTOL_SAME)
+        assert_close(f"{o.name} mixed step equals separate run: seq {j}", mixed[j], y1, rtol_same())
 
 
 CHUNKS = [[4, 6], [7, 3]]  # per sequence: a 10-token prompt in two chunks of different sizes
@@ -580,14 +610,14 @@ def _chunk_check(ref, comm):
                 f"{o.name} chunk {k} of seq {b} (past {past[b]})",
                 rows,
                 calls[0].out[b, past[b] : past[b] + new[b]],
-                RTOL[F32],
+                rtol(),
             )
         past = [p + n for p, n in zip(past, new, strict=True)]
     rows = [(b, b, torch.arange(10)) for b in range(2)]
-    check_cache(f"{o.name} chunked prefill", cache, layer, trace.caches[o.name][0], rows, RTOL[F32])
+    check_cache(f"{o.name} chunked prefill", cache, layer, trace.caches[o.name][0], rows, rtol())
     for i, c in enumerate(calls[1:]):
         y = layer(c.hidden[:, 0], _step(new_lens=[1, 1], past_lens=[10 + i] * 2), cache)
-        assert_close(f"{o.name} decode {i} after chunked prefill", y, c.out[:, 0], RTOL[F32])
+        assert_close(f"{o.name} decode {i} after chunked prefill", y, c.out[:, 0], rtol())
 
 
 RIGHT_LENS = [7, 3, 5]
@@ -621,18 +651,18 @@ def _right_pad_check(ref, comm):
         y = layer(x, step, cache) if form == "padded" else layer(pack(x, lens), step, cache)
         y = pack(y, lens) if form == "padded" else y
         for b, rows in enumerate(torch.split(y, lens)):
-            assert_close(f"{o.name} {form} prefill seq {b}", rows, traces[b].calls[o.name][0].out[0], RTOL[F32])
+            assert_close(f"{o.name} {form} prefill seq {b}", rows, traces[b].calls[o.name][0].out[0], rtol())
         results[form] = y
         if form == "packed":
             for i in range(DECODE_STEPS):
                 xi = torch.cat([traces[b].calls[o.name][1 + i].hidden[0] for b in range(len(lens))])
                 yi = layer(xi, _step(new_lens=[1] * len(lens), past_lens=[n + i for n in lens]), cache)
                 ref_i = torch.cat([traces[b].calls[o.name][1 + i].out[0] for b in range(len(lens))])
-                assert_close(f"{o.name} decode {i} with past lengths {[n + i for n in lens]}", yi, ref_i, RTOL[F32])
+                assert_close(f"{o.name} decode {i} with past lengths {[n + i for n in lens]}", yi, ref_i, rtol())
             for b, n in enumerate(lens):
                 rows = [(b, 0, torch.arange(n + DECODE_STEPS))]
-                check_cache(f"{o.name} seq {b}", cache, layer, traces[b].caches[o.name][-1], rows, RTOL[F32])
-    assert_close(f"{o.name} packed equals padded", results["packed"], results["padded"], RTOL_SAME)
+                check_cache(f"{o.name} seq {b}", cache, layer, traces[b].caches[o.name][-1], rows, rtol())
+    assert_close(f"{o.name} packed equals padded", results["packed"], results["padded"], rtol_same())
 
 
 LEFT_LENS = [7, 4, 6]
@@ -661,12 +691,12 @@ def _left_pad_check(ref, comm):
     layer = make_layer(o, comm)
     cache = make_cache(layer, len(LEFT_LENS), s + DECODE_STEPS)
     y = layer(poison_padding(calls[0].hidden, m0), _step(new_lens=LEFT_LENS), cache, attention_mask=m0.long())
-    assert_close(f"{o.name} left-padded prefill (real tokens)", y[m0], calls[0].out[m0], RTOL[F32])
+    assert_close(f"{o.name} left-padded prefill (real tokens)", y[m0], calls[0].out[m0], rtol())
     for i, c in enumerate(calls[1:]):
         yi = layer(c.hidden[:, 0], _step(new_lens=[1] * len(LEFT_LENS), past_lens=[n + i for n in LEFT_LENS]), cache)
-        assert_close(f"{o.name} decode {i} after left-padded prefill", yi, c.out[:, 0], RTOL[F32])
+        assert_close(f"{o.name} decode {i} after left-padded prefill", yi, c.out[:, 0], rtol())
     rows = [(b, b, torch.nonzero(mask[b]).squeeze(1)) for b in range(len(LEFT_LENS))]
-    check_cache(f"{o.name} left padding", cache, layer, trace.caches[o.name][-1], rows, RTOL[F32])
+    check_cache(f"{o.name} left padding", cache, layer, trace.caches[o.name][-1], rows, rtol())
 
 
 for _name, _build in METAMORPHIC.items():
@@ -683,10 +713,12 @@ for _name in ("llama_gqa", "bloom12"):
 def main(argv: list[str]) -> int:
     import tp_runtime
 
-    global DEVICE
+    global DEVICE, HEAD_SIZE, FP32_AS
     torch.set_num_threads(1)  # ranks share few cores
     world = tp_runtime.init()  # TP_RUNTIME_DEVICE=cpu|cuda|auto (default auto)
     DEVICE = world.device
+    if DEVICE.type == "cuda":
+        HEAD_SIZE, FP32_AS = 64, BF16
     names = argv or list(CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
