@@ -15,6 +15,7 @@ from .backends.base import AttentionSpec
 from .comm import Communicator
 from .config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
 from .consistency import check_same, fingerprint_tensors, fingerprint_text
+from .devices import as_device
 from .fp8 import FP8ColumnLinear, FP8RowLinear
 from .kv_cache import KVCache, PagedKVCache
 from .linear import ColumnLinear, RowLinear
@@ -40,7 +41,7 @@ class _AttentionBase(torch.nn.Module):
     def __init__(self, config: AttentionConfig, *, comm: Communicator, backend: str | None, device):
         super().__init__()
         self.config, self.comm = config, comm
-        self.device = torch.device(device if device is not None else "cpu")
+        self.device = as_device(device)
         self.layout = head_layout(config.num_heads, config.num_kv_heads, comm.size, comm.rank)
         self.backend = get_backend(backend, self.device)
         d, dt = config.head_size, config.dtype

@@ -20,6 +20,7 @@ from enum import Enum
 import torch
 
 from .config import AttentionConfig, KVCacheDType
+from .devices import as_device
 from .sharding import HeadLayout
 from .step import Step
 
@@ -88,7 +89,7 @@ class _CacheBase:
         self.config, self.head_layout, self.num_layers = config, layout, num_layers
         self.kind = config.kv_cache_dtype
         self.storage_dtype = self.kind.storage_dtype(config.dtype)
-        self.device = torch.device(device)
+        self.device = as_device(device)
         self.dequant_scales = self._scales(scales, num_layers)
 
     def _scales(self, scales, num_layers: int) -> tuple[float, ...]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devices import as_device
+
 
 def _ints(name: str, values, minimum: int) -> tuple[int, ...]:
     try:
@@ -64,7 +66,7 @@ class Step:
             raise ValueError(f"Step.slots: each sequence needs its own cache slot, got {list(slots)}")
         set_("past_lens", past)
         set_("slots", slots)
-        set_("device", torch.device(self.device))
+        set_("device", as_device(self.device))
         if self.encoder_lens is not None:
             enc = _ints("encoder_lens", self.encoder_lens, 0)
             if len(enc) != n:
