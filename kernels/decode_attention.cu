@@ -159,6 +159,15 @@ struct Vec8<unsigned char> {  // fp8 e4m3fn
   }
 };
 
+template <typename Cache>
+struct IsAuto {
+  static constexpr bool value = false;
+};
+template <>
+struct IsAuto<CacheAuto> {
+  static constexpr bool value = true;
+};
+
 // Compile-time shape of one variant (see the layout notes at the top of the file).
 template <typename T, typename Cache, int D, int HPB>
 struct Traits {
@@ -166,17 +175,24 @@ struct Traits {
   static constexpr int kElem = sizeof(S);
   static constexpr int kRowBytes = D * kElem;             // one K (or V) row of the cache
   static constexpr int kChunks = kRowBytes / 16;          // 16-byte copies per row
+  // Tensor cores for grouped heads with an fp16/bf16 cache up to D 128: each warp takes 8 or 16
+  // keys of a tile, S = Q·Kᵀ and O += P·V by mma.sync with the (padded) head group as M.
+  static constexpr bool kMma = IsAuto<Cache>::value && HPB >= 2 && D <= 128;
+  // mma path: rows of 16-byte chunks XOR-swizzled by (key & 7), so ldmatrix's 8 rows hit 8
+  // different bank groups (rows of 128 B multiples would all hit the same one).
+  static constexpr bool kSwizzle = kMma && kChunks % 8 == 0;
   static constexpr int kActive = D / 8;                   // lanes holding data
   static constexpr int kLanes = pow2_ceil(kActive);       // lanes per key row (idle ones for D 80/96)
   static constexpr int kGH = HPB < 4 ? HPB : 4;           // heads per thread
   static constexpr int kHG = HPB / kGH;                   // head groups
-  static constexpr int kKG = kThreads / (kLanes * kHG);   // key groups
+  static constexpr int kKG = kMma ? kThreads / 32 : kThreads / (kLanes * kHG);  // key groups (mma: warps)
   // ~8 KB of K per tile (and as much V): 3 stages of 16 KB keep 32 KB in flight per block.
-  static constexpr int kTileKeys = cmin(kMaxTileKeys, cmax(kKG, pow2_floor(8192 / kRowBytes)));
+  static constexpr int kTileKeys = cmin(kMaxTileKeys, cmax(kMma ? 32 : kKG, pow2_floor(8192 / kRowBytes)));
   static constexpr int kKPG = kTileKeys / kKG;            // keys per key group per tile
   static constexpr int kKB = cmin(kKPG, cmax(1, 16 / kGH));  // keys per online-softmax update
   static constexpr int kStageBytes = 2 * kTileKeys * kRowBytes;
   static constexpr int kRedBytes = (2 + D) * kKG * HPB * 4;  // key-group merge scratch
+  static constexpr int kMinBlocks = kMma || HPB <= 2 ? 4 : 3;  // per SM: caps registers (no spills)
 
   static_assert(D % 8 == 0 && kRowBytes % 16 == 0, "head size must be a multiple of 8 (16 bytes of int8)");
   static_assert(HPB == 1 || HPB == 2 || HPB == 4 || HPB == 8, "heads per block: 1, 2, 4 or 8");
@@ -184,7 +200,78 @@ struct Traits {
   static_assert(kTileKeys % kKG == 0 && kKPG % kKB == 0, "tile must split evenly over key groups");
   static_assert(kStages * kStageBytes <= kPipeBytes, "pipeline exceeds kPipeBytes");
   static_assert(kRedBytes <= kPipeBytes, "merge scratch exceeds kPipeBytes");
+  static_assert(!kMma || kKPG == 8 || kKPG == 16, "mma path: 8 or 16 keys per warp and tile");
+
+  // Byte offset in a tile of logical 16-byte chunk `part` of row `key`.
+  __device__ __forceinline__ static int offset(int key, int part) {
+    return key * kRowBytes + (kSwizzle ? (part ^ (key & 7)) : part) * 16;
+  }
 };
+
+// mma.sync wrappers (fp32 accumulate). Q·Kᵀ's A has rows 8..15 zero (at most 8 heads per block).
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static unsigned pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+  __device__ __forceinline__ static void k16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                             unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static void k16(float (&d)[4], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+    k16(d, a0, 0u, a2, 0u, b0, b1);  // A rows 8..15 zero
+  }
+  __device__ __forceinline__ static void k8(float (&d)[4], unsigned a0, unsigned a1, unsigned b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static unsigned pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+  __device__ __forceinline__ static void k16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                             unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static void k16(float (&d)[4], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+    k16(d, a0, 0u, a2, 0u, b0, b1);  // A rows 8..15 zero
+  }
+  __device__ __forceinline__ static void k8(float (&d)[4], unsigned a0, unsigned a1, unsigned b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+
+// Two 8x8 b16 matrices from shared memory (lanes 0-7 address matrix 0's rows, 8-15 matrix 1's).
+__device__ __forceinline__ void ldsm_x2(unsigned& r0, unsigned& r1, const void* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x2_trans(unsigned& r0, unsigned& r1, const void* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(a));
+}
+// Four (lanes 8m..8m+7 address matrix m's rows), transposed.
+__device__ __forceinline__ void ldsm_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(a));
+}
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -203,7 +290,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // Grid (head_chunks * num_splits, KV_r, num_seqs); block 128; dynamic shared memory
 // round_up(4 * table_cap, 16) + kPipeBytes.
 template <typename T, typename Cache, typename Layout, int D, int HPB>
-__global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_attention_kernel(
+__global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, HPB>::kMinBlocks) decode_attention_kernel(
     const T* __restrict__ q,            // [T, H_r, D]
     T* __restrict__ out,                // [T, H_r, D]: written at the served sequences' rows
     float* __restrict__ lse,            // [T, H_r]: natural-log log-sum-exp, -inf for no keys
@@ -309,161 +396,285 @@ __global__ void __launch_bounds__(decode::kThreads, HPB <= 2 ? 4 : 3) decode_att
         const int t = t0 + key;
         const bool ok = t < k_end;
         const S* src = ok ? base + locate(t) + part * (16 / Tr::kElem) : base;
-        cp_async16(sk + key * ROW + part * 16, src, ok);
-        cp_async16(sv + key * ROW + part * 16, ok ? src + s_kv : base, ok);
-      }
-    }
-  };
-
-  // Queries (8 elements of GH heads), ALiBi slopes (base 2), running softmax state.
-  float qv[GH][8], acc[GH][8], m[GH], l[GH], slope[GH];
-  int hb[GH];  // query head for bias lookups (a valid one for padded heads)
-#pragma unroll
-  for (int h = 0; h < GH; ++h) {
-    const int hig = hc * HPB + hg * GH + h;
-    const bool valid = hig < group;
-    hb[h] = kvh * group + (valid ? hig : 0);
-    const T* qp = q + ((long long)row * num_heads + hb[h]) * D + lane * 8;
-#pragma unroll
-    for (int e = 0; e < 8; e += 2) {
-      float2 f = make_float2(0.f, 0.f);
-      if (valid && lane < ACTIVE) f = load2(qp + e);
-      qv[h][e] = f.x;
-      qv[h][e + 1] = f.y;
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
-    m[h] = kNegInf;
-    l[h] = 0.f;
-    slope[h] = alibi != nullptr ? alibi[hb[h]] * kLog2e : 0.f;
-  }
-
-  auto compute = [&](int stage, int t0) {
-    const unsigned char* sk = pipe + stage * Tr::kStageBytes;
-    const unsigned char* sv = sk + TK * ROW;
-#pragma unroll
-    for (int jb = 0; jb < KPG; jb += KB) {
-      float s[KB][GH];
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        float kf[8];
-        if (lane < ACTIVE) {
-          Vec8<S>::load(sk + ((jb + jj) * KG + kg) * ROW + lane * 8 * Tr::kElem, kf);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) kf[e] = 0.f;
-        }
-#pragma unroll
-        for (int h = 0; h < GH; ++h) {
-          float d = 0.f;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) d = fmaf(qv[h][e], kf[e], d);
-          s[jj][h] = d;
-        }
-      }
-#pragma unroll
-      for (int off = LANES / 2; off >= 1; off /= 2) {
-#pragma unroll
-        for (int jj = 0; jj < KB; ++jj) {
-#pragma unroll
-          for (int h = 0; h < GH; ++h) s[jj][h] += __shfl_xor_sync(0xffffffffu, s[jj][h], off);
-        }
-      }
-      // Scale, position bias (base 2), keys past the split's end masked.
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        const int t = t0 + (jb + jj) * KG + kg;
-        const bool ok = t < k_end;
-        const int rel = t - q_pos;
-#pragma unroll
-        for (int h = 0; h < GH; ++h) {
-          float v = s[jj][h] * qk_scale;
-          if (alibi != nullptr) v = fmaf(slope[h], (float)rel, v);
-          if (ok && bias_tab != nullptr) v = fmaf(bias_tab[hb[h] * b_sh + q_pos * b_sq + t * b_sk + b_off], kLog2e, v);
-          s[jj][h] = ok ? v : kNegInf;
-        }
-      }
-      // Online softmax: new max, rescale what was summed, exponentiate these keys.
-#pragma unroll
-      for (int h = 0; h < GH; ++h) {
-        float mx = m[h];
-#pragma unroll
-        for (int jj = 0; jj < KB; ++jj) mx = fmaxf(mx, s[jj][h]);
-        const float mu = mx == kNegInf ? 0.f : mx;
-        const float alpha = exp2f(m[h] - mu);
-        m[h] = mx;
-        l[h] *= alpha;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[h][e] *= alpha;
-#pragma unroll
-        for (int jj = 0; jj < KB; ++jj) {
-          const float p = exp2f(s[jj][h] - mu);
-          s[jj][h] = p;
-          l[h] += p;
-        }
-      }
-#pragma unroll
-      for (int jj = 0; jj < KB; ++jj) {
-        float vf[8];
-        if (lane < ACTIVE) {
-          Vec8<S>::load(sv + ((jb + jj) * KG + kg) * ROW + lane * 8 * Tr::kElem, vf);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) vf[e] = 0.f;
-        }
-#pragma unroll
-        for (int h = 0; h < GH; ++h) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(s[jj][h], vf[e], acc[h][e]);
-        }
+        cp_async16(sk + Tr::offset(key, part), src, ok);
+        cp_async16(sv + Tr::offset(key, part), ok ? src + s_kv : base, ok);
       }
     }
   };
 
   // The pipeline: kStages - 1 tiles ahead of the one being computed.
+  auto run_pipeline = [&](auto&& compute) {
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < n_tiles) load_tile(st, st);
-    cp_async_commit();
-  }
-  for (int it = 0; it < n_tiles; ++it) {
-    const int next = it + kStages - 1;
-    if (next < n_tiles) load_tile(next, next % kStages);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (st < n_tiles) load_tile(st, st);
+      cp_async_commit();
+    }
+    for (int it = 0; it < n_tiles; ++it) {
+      const int next = it + kStages - 1;
+      if (next < n_tiles) load_tile(next, next % kStages);
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
+      __syncthreads();
+      compute(it % kStages, k_begin + it * TK);
+      __syncthreads();
+    }
+    cp_async_wait<0>();
     __syncthreads();
-    compute(it % kStages, k_begin + it * TK);
-    __syncthreads();
-  }
-  cp_async_wait<0>();
-  __syncthreads();
+  };
 
-  // Merge the key groups (shared memory scratch over the pipeline buffers).
+  // Per key group: running max and sum (base 2) and the output accumulator, merged below.
   float* red_m = reinterpret_cast<float*>(pipe);  // [KG][HPB]
   float* red_l = red_m + KG * HPB;                // [KG][HPB]
   float* red_o = red_l + KG * HPB;                // [KG][HPB][D]
-  if (lane == 0) {
+  if constexpr (Tr::kMma) {
+    // Fragment roles: g = lane / 4, t = lane % 4. S = Q·Kᵀ has the heads as M (rows 8..15 of A are
+    // zero): lane holds S[head g][keys 2t, 2t+1]. Oᵀ = Vᵀ·Pᵀ has D as M: that S layout is exactly the
+    // B fragment of Pᵀ, and lane holds Oᵀ[d 16i+g (+8)][heads 2t, 2t+1].
+    const int warp = tid / 32, ln = tid % 32, g = ln / 4, t = ln % 4, r8 = ln % 8, mi = ln / 8;
+    constexpr int KS = D / 16;   // k-steps of Q·Kᵀ, and 16-row tiles of Oᵀ
+    constexpr int NW = KPG / 8;  // 8-key tiles per warp and tile (1 or 2)
+    const int hig = hc * HPB + g;
+    const bool hvalid = g < HPB && hig < group;
+    const int head = kvh * group + (hvalid ? hig : 0);
+    unsigned qa0[KS], qa2[KS];  // A fragments of Q
+    const T* qp = q + ((long long)row * num_heads + head) * D + 2 * t;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      qa0[ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks) : 0u;
+      qa2[ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks + 8) : 0u;
+    }
+    const float slope = alibi != nullptr ? alibi[head] * kLog2e : 0.f;
+    float o[KS][4];
+#pragma unroll
+    for (int i = 0; i < KS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_run = kNegInf, l_run = 0.f;  // of head g over this lane's keys (the max is the quad's)
+
+    auto compute = [&](int stage, int t0) {
+      const unsigned char* sk = pipe + stage * Tr::kStageBytes;
+      const unsigned char* sv = sk + TK * ROW;
+      const int kw = warp * KPG;  // the warp's first key in the tile
+      float sc[NW][2];
+#pragma unroll
+      for (int nt = 0; nt < NW; ++nt) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        const int key = kw + nt * 8 + r8;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          unsigned b0, b1;
+          ldsm_x2(b0, b1, sk + Tr::offset(key, 2 * ks + (mi & 1)));
+          Mma<T>::k16(c, qa0[ks], qa2[ks], b0, b1);
+        }
+        sc[nt][0] = c[0];
+        sc[nt][1] = c[1];
+      }
+      float mx = kNegInf;
+#pragma unroll
+      for (int nt = 0; nt < NW; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int tk = t0 + kw + nt * 8 + 2 * t + e;
+          const bool ok = tk < k_end;
+          float v = sc[nt][e] * qk_scale;
+          if (alibi != nullptr) v = fmaf(slope, (float)(tk - q_pos), v);
+          if (ok && bias_tab != nullptr) v = fmaf(bias_tab[head * b_sh + q_pos * b_sq + tk * b_sk + b_off], kLog2e, v);
+          sc[nt][e] = ok ? v : kNegInf;
+          mx = fmaxf(mx, sc[nt][e]);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run, mx);
+      const float mu = m_new == kNegInf ? 0.f : m_new;
+      const float alpha = exp2f(m_run - mu);
+      m_run = m_new;
+      l_run *= alpha;
+      unsigned pb[NW];  // Pᵀ as B fragments
+#pragma unroll
+      for (int nt = 0; nt < NW; ++nt) {
+        const float p0 = exp2f(sc[nt][0] - mu), p1 = exp2f(sc[nt][1] - mu);
+        l_run += p0 + p1;
+        pb[nt] = Mma<T>::pack(p0, p1);
+      }
+      // the rescale factors of this lane's output columns, heads 2t and 2t+1 (held by lanes 8t, 8t+4)
+      const float a_lo = __shfl_sync(0xffffffffu, alpha, 8 * t), a_hi = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+#pragma unroll
+      for (int i = 0; i < KS; ++i) {
+        o[i][0] *= a_lo;
+        o[i][1] *= a_hi;
+        o[i][2] *= a_lo;
+        o[i][3] *= a_hi;
+      }
+      if constexpr (NW == 1) {  // 8 keys: m16n8k8, A = Vᵀ rows d 16i..16i+15
+#pragma unroll
+        for (int i = 0; i < KS; ++i) {
+          unsigned a0, a1;
+          ldsm_x2_trans(a0, a1, sv + Tr::offset(kw + r8, 2 * i + (mi & 1)));
+          Mma<T>::k8(o[i], a0, a1, pb[0]);
+        }
+      } else {  // 16 keys: m16n8k16
+#pragma unroll
+        for (int i = 0; i < KS; ++i) {
+          unsigned a0, a1, a2, a3;
+          ldsm_x4_trans(a0, a1, a2, a3, sv + Tr::offset(kw + 8 * (mi >> 1) + r8, 2 * i + (mi & 1)));
+          Mma<T>::k16(o[i], a0, a1, a2, a3, pb[0], pb[1]);
+        }
+      }
+    };
+    run_pipeline(compute);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    if (t == 0 && g < HPB) {
+      red_m[warp * HPB + g] = m_run;
+      red_l[warp * HPB + g] = l_run;
+    }
+    __syncthreads();
+    float mx = kNegInf;
+    if (g < HPB) {
+      for (int w = 0; w < KG; ++w) mx = fmaxf(mx, red_m[w * HPB + g]);
+    }
+    const float f = exp2f(m_run - (mx == kNegInf ? 0.f : mx));
+    const float f_lo = __shfl_sync(0xffffffffu, f, 8 * t), f_hi = __shfl_sync(0xffffffffu, f, 8 * t + 4);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int h = 2 * t + e;
+      if (h < HPB) {
+        float* dst = red_o + (warp * HPB + h) * D + g;
+        const float fe = e ? f_hi : f_lo;
+#pragma unroll
+        for (int i = 0; i < KS; ++i) {
+          dst[16 * i] = o[i][e] * fe;
+          dst[16 * i + 8] = o[i][2 + e] * fe;
+        }
+      }
+    }
+  } else {
+    // Queries (8 elements of GH heads), ALiBi slopes (base 2), running softmax state.
+    float qv[GH][8], acc[GH][8], m[GH], l[GH], slope[GH];
+    int hb[GH];  // query head for bias lookups (a valid one for padded heads)
 #pragma unroll
     for (int h = 0; h < GH; ++h) {
-      red_m[kg * HPB + hg * GH + h] = m[h];
-      red_l[kg * HPB + hg * GH + h] = l[h];
-    }
-  }
-  __syncthreads();
+      const int hig = hc * HPB + hg * GH + h;
+      const bool valid = hig < group;
+      hb[h] = kvh * group + (valid ? hig : 0);
+      const T* qp = q + ((long long)row * num_heads + hb[h]) * D + lane * 8;
 #pragma unroll
-  for (int h = 0; h < GH; ++h) {
-    const int hh = hg * GH + h;
-    float mx = kNegInf;
-    for (int g = 0; g < KG; ++g) mx = fmaxf(mx, red_m[g * HPB + hh]);
-    const float f = exp2f(m[h] - (mx == kNegInf ? 0.f : mx));
-    if (lane < ACTIVE) {
-      float4* dst = reinterpret_cast<float4*>(red_o + (kg * HPB + hh) * D + lane * 8);
-      dst[0] = make_float4(acc[h][0] * f, acc[h][1] * f, acc[h][2] * f, acc[h][3] * f);
-      dst[1] = make_float4(acc[h][4] * f, acc[h][5] * f, acc[h][6] * f, acc[h][7] * f);
+      for (int e = 0; e < 8; e += 2) {
+        float2 f = make_float2(0.f, 0.f);
+        if (valid && lane < ACTIVE) f = load2(qp + e);
+        qv[h][e] = f.x;
+        qv[h][e + 1] = f.y;
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
+      m[h] = kNegInf;
+      l[h] = 0.f;
+      slope[h] = alibi != nullptr ? alibi[hb[h]] * kLog2e : 0.f;
+    }
+
+    auto compute = [&](int stage, int t0) {
+      const unsigned char* sk = pipe + stage * Tr::kStageBytes;
+      const unsigned char* sv = sk + TK * ROW;
+#pragma unroll
+      for (int jb = 0; jb < KPG; jb += KB) {
+        float s[KB][GH];
+#pragma unroll
+        for (int jj = 0; jj < KB; ++jj) {
+          float kf[8];
+          if (lane < ACTIVE) {
+            Vec8<S>::load(sk + ((jb + jj) * KG + kg) * ROW + lane * 8 * Tr::kElem, kf);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) kf[e] = 0.f;
+          }
+#pragma unroll
+          for (int h = 0; h < GH; ++h) {
+            float d = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) d = fmaf(qv[h][e], kf[e], d);
+            s[jj][h] = d;
+          }
+        }
+#pragma unroll
+        for (int off = LANES / 2; off >= 1; off /= 2) {
+#pragma unroll
+          for (int jj = 0; jj < KB; ++jj) {
+#pragma unroll
+            for (int h = 0; h < GH; ++h) s[jj][h] += __shfl_xor_sync(0xffffffffu, s[jj][h], off);
+          }
+        }
+        // Scale, position bias (base 2), keys past the split's end masked.
+#pragma unroll
+        for (int jj = 0; jj < KB; ++jj) {
+          const int t = t0 + (jb + jj) * KG + kg;
+          const bool ok = t < k_end;
+          const int rel = t - q_pos;
+#pragma unroll
+          for (int h = 0; h < GH; ++h) {
+            float v = s[jj][h] * qk_scale;
+            if (alibi != nullptr) v = fmaf(slope[h], (float)rel, v);
+            if (ok && bias_tab != nullptr) v = fmaf(bias_tab[hb[h] * b_sh + q_pos * b_sq + t * b_sk + b_off], kLog2e, v);
+            s[jj][h] = ok ? v : kNegInf;
+          }
+        }
+        // Online softmax: new max, rescale what was summed, exponentiate these keys.
+#pragma unroll
+        for (int h = 0; h < GH; ++h) {
+          float mx = m[h];
+#pragma unroll
+          for (int jj = 0; jj < KB; ++jj) mx = fmaxf(mx, s[jj][h]);
+          const float mu = mx == kNegInf ? 0.f : mx;
+          const float alpha = exp2f(m[h] - mu);
+          m[h] = mx;
+          l[h] *= alpha;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[h][e] *= alpha;
+#pragma unroll
+          for (int jj = 0; jj < KB; ++jj) {
+            const float p = exp2f(s[jj][h] - mu);
+            s[jj][h] = p;
+            l[h] += p;
+          }
+        }
+#pragma unroll
+        for (int jj = 0; jj < KB; ++jj) {
+          float vf[8];
+          if (lane < ACTIVE) {
+            Vec8<S>::load(sv + ((jb + jj) * KG + kg) * ROW + lane * 8 * Tr::kElem, vf);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vf[e] = 0.f;
+          }
+#pragma unroll
+          for (int h = 0; h < GH; ++h) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(s[jj][h], vf[e], acc[h][e]);
+          }
+        }
+      }
+    };
+    run_pipeline(compute);
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < GH; ++h) {
+        red_m[kg * HPB + hg * GH + h] = m[h];
+        red_l[kg * HPB + hg * GH + h] = l[h];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < GH; ++h) {
+      const int hh = hg * GH + h;
+      float mx = kNegInf;
+      for (int g = 0; g < KG; ++g) mx = fmaxf(mx, red_m[g * HPB + hh]);
+      const float f = exp2f(m[h] - (mx == kNegInf ? 0.f : mx));
+      if (lane < ACTIVE) {
+        float4* dst = reinterpret_cast<float4*>(red_o + (kg * HPB + hh) * D + lane * 8);
+        dst[0] = make_float4(acc[h][0] * f, acc[h][1] * f, acc[h][2] * f, acc[h][3] * f);
+        dst[1] = make_float4(acc[h][4] * f, acc[h][5] * f, acc[h][6] * f, acc[h][7] * f);
+      }
     }
   }
   __syncthreads();
-
   const bool multi = num_splits > 1;
   for (int idx = tid; idx < HPB * D; idx += kThreads) {
     const int hh = idx / D, d = idx - hh * D;

@@ -64,6 +64,7 @@ def time_calls(calls, seconds: float, est_s: float) -> tuple[float, bool]:
     if _stream is None:
         _stream = torch.cuda.Stream()
     stream = _stream
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
     with torch.cuda.stream(stream):
         for c in calls:  # warm-up on the capture stream (compiles, allocates workspaces)
             c()
@@ -108,8 +109,13 @@ def sdpa_calls(backend, q4, ks, vs, mode: str) -> list:
 
 
 def copy_bandwidth(seconds: float) -> float:
-    """Bytes read + written per second by a torch clone of 1 GiB."""
+    """Bytes read + written per second by a torch clone of 1 GiB (after half a second of clones, so
+    the clocks have left idle)."""
     x = torch.randn(1 << 28, device="cuda")
+    t_end = time.perf_counter() + 0.5
+    while time.perf_counter() < t_end:
+        x.clone()
+        torch.cuda.synchronize()
     t, _ = time_calls([lambda: x.clone()], seconds, 1e-3)
     return 2 * x.numel() * x.element_size() / t
 
@@ -257,6 +263,9 @@ def run(args) -> list[dict]:
         rows.append(row)
         print(format_row(row), flush=True)
         save(args.out, rows)  # after every row: a run cut short keeps what it measured
+    rows.append(dict(group="copy", copy_tbs=copy_bandwidth(args.seconds) / 1e12, when="end"))
+    print(format_row(rows[-1]), flush=True)
+    save(args.out, rows)
     return rows
 
 

@@ -26,7 +26,8 @@ DEV = "cuda"
 NAN = float("nan")
 HALF = (torch.float16, torch.bfloat16)
 HEAD_SIZES = (64, 80, 96, 128, 256)
-HEADS = {"mha": (8, 8), "gqa4": (8, 2), "mqa8": (8, 1)}  # (H_r, KV_r): groups 1, 4, 8
+# (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (two chunks of 8, the second padded)
+HEADS = {"mha": (8, 8), "gqa4": (8, 2), "mqa8": (8, 1), "gqa3": (12, 4), "g12": (12, 1)}
 ODD = (1, 7, 97, 1025)  # keys per sequence (past + 1)
 
 
@@ -212,10 +213,11 @@ def test_split_heuristic():
     assert cuda_decode.choose_splits(8, 32768, 396) * 8 <= 396  # never a partial second wave
 
 
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_alibi(gpu, dtype):
+def test_alibi(gpu, dtype, heads):
     torch.manual_seed(13)
-    step, kv, q = setup(gpu, lengths=ODD, h_r=8, kv_r=8, dtype=dtype)
+    step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1], dtype=dtype)
     slopes = alibi_slopes(24)[8:16].to(DEV)  # a rank's slice of a non-power-of-two head count
     spec = spec_for(128, alibi_slopes=slopes)
     for splits in (None, 3):

@@ -94,7 +94,8 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
 def _seq_ids(step: Step, seq_ids) -> tuple[torch.Tensor, tuple[int, ...] | None]:
     """(device int32 ids, host ids or None when given as a device tensor)."""
     if isinstance(seq_ids, torch.Tensor):
-        if seq_ids.dtype != torch.int32 or seq_ids.dim() != 1 or seq_ids.device != step.device:
+        same_device = seq_ids.device.type == step.device.type and step.device.index in (None, seq_ids.device.index)
+        if seq_ids.dtype != torch.int32 or seq_ids.dim() != 1 or not same_device:
             raise ValueError(
                 f"seq_ids: expected a 1-D int32 tensor on {step.device}, got {seq_ids.dtype} "
                 f"{tuple(seq_ids.shape)} on {seq_ids.device}"
