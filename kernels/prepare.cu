@@ -1,8 +1,9 @@
 // Fused prepare: QKV bias + RoPE + K/V cache write (quantizing for int8/fp8) + Q/K/V out.
 //
-// One pass over qkv [T, (H + 2·KV)·D]: each thread owns one channel PAIR of one head of one token
-// (the two channels a rotation mixes; plain adjacent pairs elsewhere), so the rotation needs no
-// communication. Memory-bound: qkv read once; q/k/v written once, K/V also into the cache.
+// One pass over qkv [T, (H + 2·KV)·D]: one block per token; each thread handles channel PAIRS of
+// the token's heads (the two channels a rotation mixes; plain adjacent pairs elsewhere), so the
+// rotation needs no communication; the token's cos/sin are computed once (shared memory) for all
+// heads. Memory-bound: qkv read once; q/k/v written once, K/V also into the cache.
 //
 // Numerics follow tp_runtime.backends.reference.prepare exactly:
 //   x = T(qkv + bias)                       (fp32 add, rounded to the activation type T)
@@ -42,7 +43,7 @@ __device__ __forceinline__ float round_to(float x) {
 //   pos_div    linear scaling factor (1.0 otherwise), fp64
 //   num_tokens, H, KV, D, rot, qkv_stride; quant_scale (fp32, int8/fp8 caches)
 template <typename T, typename Cache, typename Layout, typename Rope>
-__global__ void __launch_bounds__(256) prepare_kernel(
+__global__ void __launch_bounds__(256, 4) prepare_kernel(
     const T* __restrict__ qkv, const T* __restrict__ bias, T* __restrict__ q_out, T* __restrict__ k_out,
     T* __restrict__ v_out, void* __restrict__ cache, const int* __restrict__ block_table, int bt_stride,
     int cache_len, int log2_cache_len, const int* __restrict__ positions, const int* __restrict__ token_seq,
@@ -52,11 +53,27 @@ __global__ void __launch_bounds__(256) prepare_kernel(
   const int half_d = D >> 1, half_rot = rot >> 1;
   const int heads = num_heads + 2 * num_kv_heads;
   const int per_token = heads * half_d;
-  KVAddr addr{block_table, bt_stride, num_kv_heads, cache_len, log2_cache_len, D};
-  // grid: x = token, y = chunks of 256 pairs within the token (no 64-bit division per thread)
+  const KVAddr addr{block_table, bt_stride, num_kv_heads, cache_len, log2_cache_len, D};
+  // One block per token. The rotation angles depend on (token, pair) only, not on the head:
+  // compute cos/sin of the rot/2 angles once into shared memory, then every head uses them.
+  extern __shared__ float trig[];  // [2][rot/2]: cos, then sin
   const int tok = blockIdx.x;
-  const int rem = blockIdx.y * blockDim.x + threadIdx.x;
-  if (tok < num_tokens && rem < per_token) {
+  if (tok >= num_tokens) return;
+  const int seq = token_seq[tok];
+  const int pos = positions[tok];
+  if constexpr (Rope::kind != 0) {
+    const double t = __ddiv_rn((double)pos, pos_div);
+#pragma unroll 1
+    for (int j = threadIdx.x; j < half_rot; j += blockDim.x) {
+      const float angle = (float)__dmul_rn(t, inv_freq[(i64)seq * half_rot + j]);
+      sincosf(angle, &trig[half_rot + j], &trig[j]);
+    }
+    __syncthreads();
+  }
+  const int slot = Layout::kHasCache ? slots[seq] : 0;
+  const T* src_tok = qkv + (i64)tok * qkv_stride;
+#pragma unroll 2
+  for (int rem = threadIdx.x; rem < per_token; rem += blockDim.x) {
     const int hh = rem / half_d;  // head among [Q heads | K heads | V heads]
     const int j = rem - hh * half_d;
     const bool rotate = Rope::kind != 0 && hh < num_heads + num_kv_heads && j < half_rot;
@@ -64,7 +81,7 @@ __global__ void __launch_bounds__(256) prepare_kernel(
     // the rotated pair, past rot (j >= rot/2) it covers channels rot..D-1, and V heads take all.
     const int e0 = (rotate && Rope::kind == 2) ? j : 2 * j;
     const int e1 = (rotate && Rope::kind == 2) ? j + half_rot : 2 * j + 1;
-    const T* src = qkv + (i64)tok * qkv_stride + hh * D;
+    const T* src = src_tok + hh * D;
     float x0 = to_float<T>(src[e0]), x1 = to_float<T>(src[e1]);
     if (bias != nullptr) {
       x0 = __fadd_rn(x0, to_float<T>(bias[hh * D + e0]));
@@ -73,14 +90,9 @@ __global__ void __launch_bounds__(256) prepare_kernel(
     x0 = round_to<T>(x0);
     x1 = round_to<T>(x1);
     if (rotate) {
-      const int seq = token_seq[tok];
-      double t = (double)positions[tok];
-      t = __ddiv_rn(t, pos_div);
-      const float angle = (float)__dmul_rn(t, inv_freq[(i64)seq * half_rot + j]);
-      float s, c;
-      sincosf(angle, &s, &c);
-      const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-      const float y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+      const float c = trig[j], sn = trig[half_rot + j];
+      const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn));
+      const float y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, sn));
       x0 = round_to<T>(y0);
       x1 = round_to<T>(y1);
     }
@@ -89,7 +101,7 @@ __global__ void __launch_bounds__(256) prepare_kernel(
       T* dst = q_out + ((i64)tok * num_heads + hh) * D;
       dst[e0] = t0;
       dst[e1] = t1;
-      return;
+      continue;
     }
     const int kv01 = hh < num_heads + num_kv_heads ? 0 : 1;
     const int kvh = hh - num_heads - kv01 * num_kv_heads;
@@ -99,10 +111,8 @@ __global__ void __launch_bounds__(256) prepare_kernel(
       dst[e1] = t1;
     }
     if constexpr (Layout::kHasCache) {
-      const int pos = positions[tok];
-      const int slot = slots[token_seq[tok]];
       const i64 row = Layout::row(addr, slot, kv01, kvh, pos);
-      if (row < 0) return;  // paged: no block allocated (block id -1); never write outside the pool
+      if (row < 0) continue;  // paged: no block allocated (block id -1); never write outside the pool
       if constexpr (Cache::kQuantized) {
         u8* c8 = reinterpret_cast<u8*>(cache) + row;
         c8[e0] = Cache::encode(x0, quant_scale);

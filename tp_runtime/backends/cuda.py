@@ -248,9 +248,8 @@ def prepare(
             pos_div = rope.factor
     kernel = get_kernel("prepare", **prepare_variant(qkv.dtype, rope, kv))
     args = _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot)
-    per_token = (h_r + 2 * kv_r) * d // 2
-    grid = (t, -(-per_token // _PREPARE_THREADS), 1)
-    _launch(kernel, grid, (_PREPARE_THREADS, 1, 1), args, dev)
+    # one block per token; dynamic shared memory: the token's cos and sin, rot/2 each (fp32)
+    _launch(kernel, (t, 1, 1), (_PREPARE_THREADS, 1, 1), args, dev, shared_mem=4 * rot)
     return q, k, v
 
 
