@@ -67,6 +67,7 @@ _HALF_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 # Cache storage: what the K/V of the cache are stored as; int8/fp8 are dequantized on load.
 _CACHE_TYPES = {"auto": "tp::CacheAuto", "int8": "tp::CacheInt8", "fp8": "tp::CacheFp8"}
 
+
 def _context_tile_rule(p: dict) -> str | None:
     """Tile shapes whose accumulators fit the register file without spilling (ptxas, sm_90)."""
     d, w, mt, bn = p["head_size"], p["warps"], p["m_tiles"], p["block_n"]
