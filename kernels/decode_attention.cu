@@ -175,22 +175,28 @@ struct Traits {
   static constexpr int kElem = sizeof(S);
   static constexpr int kRowBytes = D * kElem;             // one K (or V) row of the cache
   static constexpr int kChunks = kRowBytes / 16;          // 16-byte copies per row
-  // Tensor cores for grouped heads with an fp16/bf16 cache up to D 128: each warp takes 8 or 16
-  // keys of a tile, S = Q·Kᵀ and O += P·V by mma.sync with the (padded) head group as M.
-  static constexpr bool kMma = IsAuto<Cache>::value && HPB >= 2 && D <= 128;
-  // mma path: rows of 16-byte chunks XOR-swizzled by (key & 7), so ldmatrix's 8 rows hit 8
+  static constexpr bool kQuant = !IsAuto<Cache>::value;
+  // Tensor cores up to D 128 for grouped heads, and for int8/fp8 caches whatever the group: each
+  // warp takes 8 or 16 keys of a tile; S = Q·Kᵀ (heads as M) and Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync.
+  // A quantized tile is first converted (exactly) to T in a staging tile. fp16/bf16 MHA keeps the
+  // CUDA-core path (already at the bandwidth there); so does D 256 (too few keys per warp).
+  static constexpr bool kMma = D <= 128 && (kQuant || HPB >= 2);
+  static constexpr int kTRowBytes = D * 2;  // a row of T (what ldmatrix reads)
+  // T tiles: rows of 16-byte chunks XOR-swizzled by (key & 7), so ldmatrix's 8 rows hit 8
   // different bank groups (rows of 128 B multiples would all hit the same one).
-  static constexpr bool kSwizzle = kMma && kChunks % 8 == 0;
+  static constexpr bool kSwizzleT = (D / 8) % 8 == 0;
   static constexpr int kActive = D / 8;                   // lanes holding data
   static constexpr int kLanes = pow2_ceil(kActive);       // lanes per key row (idle ones for D 80/96)
   static constexpr int kGH = HPB < 4 ? HPB : 4;           // heads per thread
   static constexpr int kHG = HPB / kGH;                   // head groups
   static constexpr int kKG = kMma ? kThreads / 32 : kThreads / (kLanes * kHG);  // key groups (mma: warps)
   // ~8 KB of K per tile (and as much V): 3 stages of 16 KB keep 32 KB in flight per block.
-  static constexpr int kTileKeys = cmin(kMaxTileKeys, cmax(kMma ? 32 : kKG, pow2_floor(8192 / kRowBytes)));
+  static constexpr int kTileKeys =
+      kMma && kQuant ? 32 : cmin(kMaxTileKeys, cmax(kMma ? 32 : kKG, pow2_floor(8192 / kRowBytes)));
   static constexpr int kKPG = kTileKeys / kKG;            // keys per key group per tile
   static constexpr int kKB = cmin(kKPG, cmax(1, 16 / kGH));  // keys per online-softmax update
   static constexpr int kStageBytes = 2 * kTileKeys * kRowBytes;
+  static constexpr int kStagingBytes = kMma && kQuant ? 2 * kTileKeys * kTRowBytes : 0;  // after the stages
   static constexpr int kRedBytes = (2 + D) * kKG * HPB * 4;  // key-group merge scratch
   static constexpr int kMinBlocks = kMma || HPB <= 2 ? 4 : 3;  // per SM: caps registers (no spills)
 
@@ -198,13 +204,18 @@ struct Traits {
   static_assert(HPB == 1 || HPB == 2 || HPB == 4 || HPB == 8, "heads per block: 1, 2, 4 or 8");
   static_assert(kLanes <= 32 && kKG >= 1, "a key row must fit one warp");
   static_assert(kTileKeys % kKG == 0 && kKPG % kKB == 0, "tile must split evenly over key groups");
-  static_assert(kStages * kStageBytes <= kPipeBytes, "pipeline exceeds kPipeBytes");
+  static_assert(kStages * kStageBytes + kStagingBytes <= kPipeBytes, "pipeline exceeds kPipeBytes");
   static_assert(kRedBytes <= kPipeBytes, "merge scratch exceeds kPipeBytes");
   static_assert(!kMma || kKPG == 8 || kKPG == 16, "mma path: 8 or 16 keys per warp and tile");
 
-  // Byte offset in a tile of logical 16-byte chunk `part` of row `key`.
+  // Byte offset of logical 16-byte chunk `part` of row `key` in a T tile read by ldmatrix.
+  __device__ __forceinline__ static int offset_t(int key, int part) {
+    return key * kTRowBytes + (kSwizzleT ? (part ^ (key & 7)) : part) * 16;
+  }
+  // ... and in a pipeline stage (as copied from the cache).
   __device__ __forceinline__ static int offset(int key, int part) {
-    return key * kRowBytes + (kSwizzle ? (part ^ (key & 7)) : part) * 16;
+    if constexpr (kMma && !kQuant) return offset_t(key, part);
+    return key * kRowBytes + part * 16;
   }
 };
 
@@ -451,7 +462,24 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
 
     auto compute = [&](int stage, int t0) {
       const unsigned char* sk = pipe + stage * Tr::kStageBytes;
-      const unsigned char* sv = sk + TK * ROW;
+      if constexpr (Tr::kQuant) {  // int8/fp8 tile -> T staging tile (exact: stored values are T values)
+        unsigned char* st = pipe + kStages * Tr::kStageBytes;
+        constexpr int G8 = D / 8;  // 8-element groups per row
+        for (int u = tid; u < 2 * TK * G8; u += kThreads) {
+          const int kv = u / (TK * G8), rem = u - kv * TK * G8, key = rem / G8, c = rem - key * G8;
+          float f[8];
+          Vec8<S>::load(sk + (kv * TK + key) * ROW + c * 8, f);
+          uint4 w;
+          w.x = Mma<T>::pack(f[0], f[1]);
+          w.y = Mma<T>::pack(f[2], f[3]);
+          w.z = Mma<T>::pack(f[4], f[5]);
+          w.w = Mma<T>::pack(f[6], f[7]);
+          *reinterpret_cast<uint4*>(st + kv * TK * Tr::kTRowBytes + Tr::offset_t(key, c)) = w;
+        }
+        __syncthreads();
+        sk = st;
+      }
+      const unsigned char* sv = sk + TK * Tr::kTRowBytes;
       const int kw = warp * KPG;  // the warp's first key in the tile
       float sc[NW][2];
 #pragma unroll
@@ -461,7 +489,7 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
           unsigned b0, b1;
-          ldsm_x2(b0, b1, sk + Tr::offset(key, 2 * ks + (mi & 1)));
+          ldsm_x2(b0, b1, sk + Tr::offset_t(key, 2 * ks + (mi & 1)));
           Mma<T>::k16(c, qa0[ks], qa2[ks], b0, b1);
         }
         sc[nt][0] = c[0];
@@ -508,14 +536,14 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
 #pragma unroll
         for (int i = 0; i < KS; ++i) {
           unsigned a0, a1;
-          ldsm_x2_trans(a0, a1, sv + Tr::offset(kw + r8, 2 * i + (mi & 1)));
+          ldsm_x2_trans(a0, a1, sv + Tr::offset_t(kw + r8, 2 * i + (mi & 1)));
           Mma<T>::k8(o[i], a0, a1, pb[0]);
         }
       } else {  // 16 keys: m16n8k16
 #pragma unroll
         for (int i = 0; i < KS; ++i) {
           unsigned a0, a1, a2, a3;
-          ldsm_x4_trans(a0, a1, a2, a3, sv + Tr::offset(kw + 8 * (mi >> 1) + r8, 2 * i + (mi & 1)));
+          ldsm_x4_trans(a0, a1, a2, a3, sv + Tr::offset_t(kw + 8 * (mi >> 1) + r8, 2 * i + (mi & 1)));
           Mma<T>::k16(o[i], a0, a1, a2, a3, pb[0], pb[1]);
         }
       }

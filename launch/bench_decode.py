@@ -57,9 +57,9 @@ def parse_args(argv=None):
 _stream = None  # one side stream for warm-up and capture (the decode launcher keys workspaces by stream)
 
 
-def time_calls(calls, seconds: float, est_s: float) -> tuple[float, bool]:
+def time_calls(calls, seconds: float, est_s: float, graphs: bool = True) -> tuple[float, bool]:
     """Median seconds of one call; ``calls`` is one callable per input buffer. CUDA graphs when
-    capture works (second value True), else eager calls."""
+    ``graphs`` and capture works (second value True), else eager calls."""
     global _stream
     if _stream is None:
         _stream = torch.cuda.Stream()
@@ -70,16 +70,18 @@ def time_calls(calls, seconds: float, est_s: float) -> tuple[float, bool]:
             c()
             c()
     stream.synchronize()
-    runners, graphed = [], True
+    runners, graphed = [], graphs
     try:
-        for c in calls:
+        for c in calls if graphs else ():
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, stream=stream):
                 c()
             runners.append(g.replay)
     except Exception:  # a backend that cannot be captured: time it eagerly
         torch.cuda.synchronize()
-        runners, graphed = list(calls), False
+        graphed = False
+    if not graphed:
+        runners = list(calls)
     reps = int(min(400, max(20, seconds / max(est_s, 1e-6))))
     for r in runners * 2:
         r()
@@ -116,7 +118,8 @@ def copy_bandwidth(seconds: float) -> float:
     while time.perf_counter() < t_end:
         x.clone()
         torch.cuda.synchronize()
-    t, _ = time_calls([lambda: x.clone()], seconds, 1e-3)
+    # eager: a captured clone becomes a memcpy node, which ran at ~2.8 TB/s on an H200 (a DMA copy?)
+    t, _ = time_calls([lambda: x.clone()], seconds, 1e-3, graphs=False)
     return 2 * x.numel() * x.element_size() / t
 
 
@@ -161,8 +164,10 @@ def measure(case: dict, args, baselines: bool) -> dict:
     outs = [torch.empty_like(q) for q in qs]
     lses = [torch.empty(b, h, device="cuda") for _ in range(sets)]
 
+    force = case.get("force")
+
     def ours(i):
-        return lambda: cuda_decode.decode(qs[i], caches[i], step, ids, spec, outs[i], lses[i], None)
+        return lambda: cuda_decode.decode(qs[i], caches[i], step, ids, spec, outs[i], lses[i], force)
 
     est = kv_bytes / 3e12
     t, graphed = time_calls([ours(i) for i in range(sets)], args.seconds, est)
@@ -170,7 +175,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
     kernel = cuda_decode.get_kernel("decode", **cuda_decode.variant(torch.float16, caches[0], D, h // kv_heads))
     smem = cuda_decode.PIPE_BYTES + (4 * cuda_decode.TABLE_CAP if layout == "paged" else 0)
     hc = -(-(h // kv_heads) // cuda_decode.heads_per_block(h // kv_heads))
-    row["splits"] = cuda_decode.choose_splits(
+    row["splits"] = force or cuda_decode.choose_splits(
         b * kv_heads * hc, length, cuda_decode._resident_blocks(kernel, torch.device("cuda"), smem)
     )
     torch.cuda.synchronize()
@@ -240,6 +245,11 @@ def cases(quick: bool) -> list[dict]:
         for b, length in ((16, 8192), (4, 32768)):
             for kind in ("int8", "fp8"):
                 out.append(dict(group="quant", heads=heads, batch=b, context=length, kv=kind, layout="contiguous"))
+    for heads in HEADS:  # one long sequence: time against the split count (the heuristic's data)
+        for force in (4, 8, 16, 32, 64):
+            out.append(
+                dict(group="splits", heads=heads, batch=1, context=32768, kv="auto", layout="contiguous", force=force)
+            )
     return out
 
 
@@ -256,7 +266,7 @@ def run(args) -> list[dict]:
         if row["group"] == "sdpa":
             fp16[key] = row
         ref = fp16.get(key)
-        if ref is not None and row["group"] == "paged":
+        if ref is not None and row["group"] in ("paged", "splits"):
             row["vs_contiguous"] = ref["ours_us"] / row["ours_us"]  # > 1: paged faster
         if ref is not None and row["group"] == "quant":
             row["tokens_vs_fp16"] = row["tokens_per_s"] / ref["tokens_per_s"]
@@ -288,7 +298,7 @@ def format_row(r: dict) -> str:
         elif f"{b}_error" in r:
             s += f" | {b} {r[f'{b}_error']}"
     if "vs_contiguous" in r:
-        s += f" | paged/contig speed {r['vs_contiguous']:.3f}"
+        s += f" | vs heuristic/contiguous {r['vs_contiguous']:.3f}"
     if "tokens_vs_fp16" in r:
         s += f" | tokens/s vs fp16 x{r['tokens_vs_fp16']:.2f}"
     return s

@@ -47,7 +47,7 @@ KERNEL_VARIANTS = (
         for dt in HALF
         for c in ("int8", "fp8")
         for lay in ("contiguous", "paged")
-        for d, g in ((128, 4), (64, 1))
+        for d, g in ((128, 4), (64, 1), (256, 4))
     ]
 )
 
@@ -128,7 +128,7 @@ def test_paged_equals_contiguous(gpu, dtype, d, heads, block):
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("d,heads", [(128, (8, 2)), (64, (4, 4))], ids=["d128-gqa4", "d64-mha"])
+@pytest.mark.parametrize("d,heads", [(128, (8, 2)), (64, (4, 4)), (256, (8, 2))], ids=["d128-gqa4", "d64-mha", "d256"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_quantized_cache(gpu, dtype, d, heads, kind, layout):
     """int8/fp8 against the reference, which dequantizes exactly (stored · dequant_scale in fp32)."""
