@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TP_RUN = REPO / "launch" / "tp_run"
@@ -29,6 +30,13 @@ class MpiResult:
     elapsed: float  # seconds
 
 
+def _gpus() -> int:
+    """GPUs this machine's ranks could use (0 without a usable CUDA + CuPy)."""
+    from tp_runtime.world import cuda_unusable_reason
+
+    return torch.cuda.device_count() if cuda_unusable_reason() is None else 0
+
+
 def run_mpi(
     nprocs: int, script: str | os.PathLike, *args: object, timeout: float = 120, env: dict[str, str] | None = None
 ) -> MpiResult:
@@ -38,6 +46,9 @@ def run_mpi(
     full_env["PYTHON"] = sys.executable
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     full_env.update(env or {})
+    if "TP_RUNTIME_DEVICE" not in full_env and _gpus() < nprocs:
+        # One rank drives one GPU: on a machine with fewer GPUs than ranks the job runs on the CPU.
+        full_env["TP_RUNTIME_DEVICE"] = "cpu"
     command = [str(TP_RUN), "-n", str(nprocs), str(script), *map(str, args)]
     start = time.monotonic()
     proc = subprocess.Popen(

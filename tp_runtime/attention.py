@@ -43,7 +43,7 @@ class _AttentionBase(torch.nn.Module):
         self.config, self.comm = config, comm
         self.device = as_device(device)
         self.layout = head_layout(config.num_heads, config.num_kv_heads, comm.size, comm.rank)
-        self.backend = get_backend(backend, self.device)
+        self.backend = get_backend(backend, self.device, config.dtype)
         d, dt = config.head_size, config.dtype
         kw = dict(comm=comm, dtype=dt, device=self.device)
         column, row = ColumnLinear, RowLinear

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from mpi_util import MpiResult, run_mpi
-
-from tp_runtime.world import cuda_unusable_reason
 
 _WORKERS = Path(__file__).resolve().parent / "workers"
 WORKER = _WORKERS / "hf_worker.py"
@@ -31,11 +28,9 @@ _jobs: dict[int, MpiResult] = {}
 
 def _job(tp: int) -> MpiResult:
     """The worker picks the world's device: on a machine with CUDA (and a GPU per rank) it checks
-    the CUDA backend (head size 64, half precision), else the CPU path."""
+    the CUDA backend (head size 64, half precision), else the CPU path (run_mpi decides)."""
     if tp not in _jobs:
         env = {"OMP_NUM_THREADS": "1"}
-        if cuda_unusable_reason() is None and torch.cuda.device_count() < tp:
-            env["TP_RUNTIME_DEVICE"] = "cpu"  # one rank drives one GPU: too few GPUs for this job
         _jobs[tp] = run_mpi(tp, WORKER, timeout=TIMEOUT_S, env=env)
     return _jobs[tp]
 
