@@ -12,13 +12,19 @@
 // kStages deep, by 16-byte cp.async copies (zero-filled past the last key); so several tiles
 // are in flight while one is computed, and the copy and compute layouts are independent.
 //
-// Compute layout: kLanes lanes share one key row, 8 elements each (16 B of fp16, 8 B of int8);
-// kHG head groups of kGH heads each; kKG key groups take the tile's keys round robin. A thread
-// keeps its 8 query elements of kGH heads and 8 output accumulators per head in registers, forms
-// partial dot products, sums them over its kLanes lanes with xor shuffles, and runs its own
-// online softmax (running max m, sum l, base-2 exponent) over its keys. At the end the key groups
-// are merged through shared memory; int8/fp8 K are dequantized inside the dot product (the
-// per-tensor scale folded into the score scale), V's scale is applied to the final output.
+// Two compute paths over the same pipeline (Traits::kMma picks one at compile time):
+//  * tensor cores (grouped heads, D <= 128): each warp takes 8 or 16 keys of the tile. S = Q·Kᵀ
+//    by mma.sync m16n8k16 with the head group as M (padded to 16), K fragments by ldmatrix from
+//    XOR-swizzled rows; online softmax on S's C fragments; Oᵀ += Vᵀ·Pᵀ with D as M, whose B
+//    operand is S's C layout as is (P rounded to fp16/bf16, as torch does). An int8/fp8 tile is
+//    first converted, exactly, to fp16/bf16 in a staging tile.
+//  * CUDA cores (one head per KV head, or D 256): kLanes lanes share one key row, 8 elements each
+//    (16 B of fp16, 8 B of int8); kHG head groups of kGH heads; kKG key groups take the tile's keys
+//    round robin; partial dot products summed over the lanes with xor shuffles; int8/fp8 converted
+//    in registers inside the dot product.
+// Each key group (a warp on the mma path) runs its own online softmax (running max m, sum l, base-2
+// exponent); the groups are merged through shared memory at the end. The per-tensor dequant scale
+// of K is folded into the score scale, V's is applied to the output.
 //
 // Multi-block (num_splits > 1): each split writes its normalised partial output and base-2
 // log-sum-exp to a workspace; the last split block of a (sequence, KV head, head chunk) to
@@ -43,8 +49,8 @@ constexpr int kStages = 3;
 // PIPE_BYTES in tp_runtime/backends/cuda_decode.py; the kernel traps if given less.
 constexpr int kPipeBytes = 48 * 1024;
 constexpr int kMaxTileKeys = 128;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+[[maybe_unused]] constexpr float kLog2e = 1.4426950408889634f;
+[[maybe_unused]] constexpr float kLn2 = 0.6931471805599453f;
 #define kNegInf __int_as_float(0xff800000u)  // -inf (NVRTC has no math.h INFINITY)
 
 constexpr int pow2_ceil(int x) {
@@ -176,11 +182,12 @@ struct Traits {
   static constexpr int kRowBytes = D * kElem;             // one K (or V) row of the cache
   static constexpr int kChunks = kRowBytes / 16;          // 16-byte copies per row
   static constexpr bool kQuant = !IsAuto<Cache>::value;
-  // Tensor cores up to D 128 for grouped heads, and for int8/fp8 caches whatever the group: each
-  // warp takes 8 or 16 keys of a tile; S = Q·Kᵀ (heads as M) and Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync.
-  // A quantized tile is first converted (exactly) to T in a staging tile. fp16/bf16 MHA keeps the
-  // CUDA-core path (already at the bandwidth there); so does D 256 (too few keys per warp).
-  static constexpr bool kMma = D <= 128 && (kQuant || HPB >= 2);
+  // Tensor cores up to D 128 for grouped heads: each warp takes 8 or 16 keys of a tile; S = Q·Kᵀ
+  // (heads as M) and Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync. An int8/fp8 tile is first converted (exactly)
+  // to T in a staging tile. One head per KV head (MHA) keeps the CUDA-core path, which measured
+  // faster there (H200: fp16 at the bandwidth; int8 1.58x the tokens/s of fp16 against 0.88x through
+  // the staging tile); so does D 256 (too few keys per warp).
+  static constexpr bool kMma = D <= 128 && HPB >= 2;
   static constexpr int kTRowBytes = D * 2;  // a row of T (what ldmatrix reads)
   // T tiles: rows of 16-byte chunks XOR-swizzled by (key & 7), so ldmatrix's 8 rows hit 8
   // different bank groups (rows of 128 B multiples would all hit the same one).

@@ -29,7 +29,7 @@ THREADS = 128  # decode::kThreads
 PIPE_BYTES = 48 * 1024  # decode::kPipeBytes: the K/V pipeline's shared memory (the kernel traps on less)
 TABLE_CAP = 1024  # paged: block-table entries of a split kept in shared memory (else read from global)
 MAX_HEADS_PER_BLOCK = 8
-MIN_KEYS_PER_SPLIT = 256  # a split shorter than this costs more in merging than it gains
+MIN_KEYS_PER_SPLIT = 256  # fewer keys per split: more blocks than work (NOTES_decode.md has a split sweep)
 MAX_SPLITS = 512  # the merge keeps heads x splits weights in the pipeline's shared memory
 HEAD_SIZES = (64, 80, 96, 128, 256)
 
