@@ -11,7 +11,43 @@ contiguity) and raises ``ValueError``/``TypeError`` naming what it expected and 
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+from collections import deque
+
 import torch
+
+TIMEOUT_ENV = "TP_RUNTIME_COLLECTIVE_TIMEOUT"
+_timeout_s = float(os.environ.get(TIMEOUT_ENV, "60"))
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Deadline of every collective (default 60 s, or ``$TP_RUNTIME_COLLECTIVE_TIMEOUT``).
+
+    A collective still unfinished after it ends the whole job with a message naming the rank
+    and the collective: a peer that died, skipped the collective or hangs cannot hold the
+    others (and their GPUs) forever.
+    """
+    global _timeout_s
+    if not seconds > 0:
+        raise ValueError(f"collective timeout: expected seconds > 0, got {seconds!r}")
+    _timeout_s = float(seconds)
+
+
+def collective_timeout() -> float:
+    return _timeout_s
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete before its deadline."""
+
+
+def _world_rank() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
 
 
 class Communicator:
@@ -122,29 +158,46 @@ class MpiComm(Communicator):
             tensor = tensor.view(torch.int16)
         return tensor.detach().numpy()
 
+    def _wait(self, request, what: str) -> None:
+        """Wait for a nonblocking MPI collective, at most ``collective_timeout()`` seconds.
+
+        On expiry raise ``CollectiveTimeout``; under ``python -m mpi4py`` (launch/tp_run) the
+        uncaught exception aborts the whole job, which is the point.
+        """
+        deadline = time.monotonic() + _timeout_s
+        pause = 0.0
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise CollectiveTimeout(
+                    f"rank {_world_rank()} (TP rank {self.rank}/{self.size}): MpiComm.{what} did not complete within "
+                    f"{_timeout_s:g} s: a peer died, skipped it or is stuck ({TIMEOUT_ENV} sets the deadline)"
+                )
+            time.sleep(pause)
+            pause = min(pause + 1e-5, 1e-3)  # spin first (latency), then back off (CPU)
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         check_tensor("MpiComm.all_reduce", tensor, torch.device("cpu"))
         if tensor.dtype in (torch.float16, torch.bfloat16):
             wide = tensor.float()
-            self._comm.Allreduce(self._in_place, wide.numpy(), op=self._sum)
+            self._wait(self._comm.Iallreduce(self._in_place, wide.numpy(), op=self._sum), "all_reduce")
             return tensor.copy_(wide)
-        self._comm.Allreduce(self._in_place, self._buffer(tensor), op=self._sum)
+        self._wait(self._comm.Iallreduce(self._in_place, self._buffer(tensor), op=self._sum), "all_reduce")
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         check_tensor("MpiComm.all_gather", tensor, torch.device("cpu"))
         out = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype)
-        self._comm.Allgather(self._buffer(tensor), self._buffer(out))
+        self._wait(self._comm.Iallgather(self._buffer(tensor), self._buffer(out)), "all_gather")
         return out
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         check_tensor("MpiComm.broadcast", tensor, torch.device("cpu"))
         check_root("MpiComm.broadcast", root, self.size)
-        self._comm.Bcast(self._buffer(tensor), root=root)
+        self._wait(self._comm.Ibcast(self._buffer(tensor), root=root), "broadcast")
         return tensor
 
     def barrier(self) -> None:
-        self._comm.Barrier()
+        self._wait(self._comm.Ibarrier(), "barrier")
 
 
 class NcclComm(Communicator):
@@ -184,6 +237,7 @@ class NcclComm(Communicator):
         unique_id = raise_if_any(mpi_comm, error, "NcclComm setup", payload=unique_id)
 
         self._nccl = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+        self._watchdog = _NcclWatchdog(self)
         self._dtypes = {
             torch.float32: nccl.NCCL_FLOAT32,
             torch.float16: nccl.NCCL_FLOAT16,
@@ -206,6 +260,7 @@ class NcclComm(Communicator):
         check_tensor("NcclComm.all_reduce", tensor, self.device)
         ptr = tensor.data_ptr()
         self._nccl.allReduce(ptr, ptr, tensor.numel(), self._dtypes[tensor.dtype], self._sum, self._stream())
+        self._watchdog.watch("all_reduce")
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -214,6 +269,7 @@ class NcclComm(Communicator):
         self._nccl.allGather(
             tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype], self._stream()
         )
+        self._watchdog.watch("all_gather")
         return out
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -221,13 +277,70 @@ class NcclComm(Communicator):
         check_root("NcclComm.broadcast", root, self.size)
         ptr = tensor.data_ptr()
         self._nccl.broadcast(ptr, ptr, tensor.numel(), self._dtypes[tensor.dtype], root, self._stream())
+        self._watchdog.watch("broadcast")
         return tensor
 
     def barrier(self) -> None:
         """Return once every rank's work enqueued so far on its current stream has finished."""
         torch.cuda.current_stream(self.device).synchronize()
-        self._mpi.Barrier()
+        MpiComm(self._mpi).barrier()  # with the same deadline as every collective
 
     def abort(self) -> None:
         """Abandon the communicator without waiting for peers (after an error; it is unusable then)."""
         self._nccl.abort()
+
+
+class _NcclWatchdog:
+    """Deadlines for NCCL collectives without stalling the host.
+
+    Each collective records a CUDA event behind it on the stream; a daemon thread polls the
+    oldest events and the communicator's asynchronous error. A collective unfinished after
+    ``collective_timeout()`` seconds, or an NCCL error, ends the job: the message names the rank
+    and the collective, the communicator is aborted (not destroyed, which can block), then MPI
+    aborts every rank. Nothing is watched while a CUDA graph is being captured.
+    """
+
+    def __init__(self, comm: NcclComm):
+        self._comm = comm
+        self._pending: deque = deque()  # (event, what, deadline), oldest first
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tp_runtime-nccl-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, what: str) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._comm.device))
+        with self._lock:
+            self._pending.append((event, what, time.monotonic() + _timeout_s))
+
+    def _run(self) -> None:
+        torch.cuda.set_device(self._comm.device)
+        while True:
+            time.sleep(0.05)
+            with self._lock:
+                while self._pending and self._pending[0][0].query():
+                    self._pending.popleft()
+                late = self._pending[0] if self._pending and time.monotonic() > self._pending[0][2] else None
+            if late is not None:
+                self._fail(
+                    f"NcclComm.{late[1]} did not complete within {_timeout_s:g} s: a peer died, skipped it "
+                    f"or is stuck ({TIMEOUT_ENV} sets the deadline)"
+                )
+            try:
+                self._comm._nccl.check_async_error()
+            except Exception as exc:  # an NCCL error on this communicator: nothing will complete now
+                self._fail(f"NCCL reported an error: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        c = self._comm
+        print(
+            f"tp_runtime watchdog: rank {_world_rank()} (TP rank {c.rank}/{c.size}): {reason}; aborting the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        c.abort()
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(3)

@@ -1,0 +1,139 @@
+"""Fault injection: one tensor-parallel attention layer per rank, and one fault chosen by argv[1].
+
+  sigkill        rank 1 kills itself with SIGKILL in the middle of a step; rank 0 waits in the all-reduce
+  skip           rank 1 skips a collective and stays alive; rank 0 must time out, not hang
+  config         rank 1 builds its layer with another q_scaling
+  weights        rank 1 is given weights of the wrong shape
+  exhaustion     the paged cache runs out of blocks mid-run: a clear error, other sequences unchanged
+Prints ``PASS rank r`` when a rank finishes normally (only ``exhaustion`` does).
+"""
+
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import tp_runtime
+from tp_runtime.attention import Attention
+from tp_runtime.comm import set_collective_timeout
+from tp_runtime.config import AttentionConfig
+from tp_runtime.kv_cache import CacheCapacityError, PagedKVCache
+from tp_runtime.step import Step
+
+
+def build(world, q_scaling=1.0, wrong_shape=False):
+    dtype = torch.float16 if world.device.type == "cuda" else torch.float32
+    cfg = AttentionConfig(
+        hidden_size=256,
+        num_heads=4,
+        num_kv_heads=2,
+        position_embedding="rope_gpt_neox",
+        q_scaling=q_scaling,
+        dtype=dtype,
+    )
+    g = torch.Generator().manual_seed(0)
+    layer = Attention(cfg, comm=world.tp_comm, device=world.device)
+    on = dict(device=world.device, dtype=dtype)
+    qkv = torch.randn(cfg.qkv_size + (16 if wrong_shape else 0), 256, generator=g).to(**on) / 16
+    layer.load_weights(
+        qkv_weight=qkv,
+        dense_weight=torch.randn(256, 256, generator=g).to(**on) / 16,
+        qkv_bias=torch.randn(cfg.qkv_size, generator=g).to(**on),
+        dense_bias=torch.randn(256, generator=g).to(**on),
+    )
+    return cfg, layer
+
+
+def rand(*shape, like, seed=None):
+    """Random activations for ``like`` (a layer): its device and dtype, never zeros."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    return torch.randn(*shape, generator=g).to(device=like.device, dtype=like.config.dtype)
+
+
+def main(fault: str) -> None:
+    world = tp_runtime.init()  # the CPU in CI; NCCL and the CUDA kernels on a GPU machine
+    dev = world.device
+    set_collective_timeout(5)
+    r = world.rank
+    if fault == "config":
+        build(world, q_scaling=2.0 if r == 1 else 1.0)
+    elif fault == "weights":
+        build(world, wrong_shape=r == 1)
+    elif fault in ("sigkill", "skip"):
+        cfg, layer = build(world)
+        cache = PagedKVCache(
+            config=cfg,
+            head_layout=layer.layout,
+            num_layers=1,
+            num_blocks=8,
+            block_size=4,
+            max_seqs=2,
+            max_blocks_per_seq=4,
+            device=dev,
+        )
+        step = Step(new_lens=[3], device=dev)
+        cache.reserve(step)
+        layer(rand(3, 256, like=layer), step, cache)  # one good step on every rank
+        if r == 1:
+            if fault == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)  # alive, but never joins the next all-reduce
+        step = Step(new_lens=[1], past_lens=[3], device=dev)
+        cache.reserve(step)
+        layer(rand(1, 256, like=layer), step, cache)  # rank 0 waits for rank 1 here
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # NCCL is asynchronous: the host waits here (the watchdog fires)
+    elif fault == "exhaustion":
+        cfg, layer = build(world)
+        cache = PagedKVCache(
+            config=cfg,
+            head_layout=layer.layout,
+            num_layers=1,
+            num_blocks=3,
+            block_size=4,
+            max_seqs=2,
+            max_blocks_per_seq=4,
+            device=dev,
+        )
+        x = rand(8, 256, seed=1, like=layer)
+        first = Step(new_lens=[4, 4], slots=[0, 1], device=dev)
+        cache.reserve(first)
+        layer(x, first, cache)
+        before = cache.data.clone()
+        table = cache.allocator.table.clone()
+        grow = Step(new_lens=[3, 1], past_lens=[4, 4], slots=[0, 1], device=dev)  # needs 2 more blocks, 1 is free
+        try:
+            cache.reserve(grow)
+        except CacheCapacityError as exc:
+            assert "exhausted" in str(exc), exc
+        else:
+            raise AssertionError("reserve should have run out of blocks")
+        assert torch.equal(cache.data, before) and torch.equal(cache.allocator.table, table), "cache changed"
+        # The scheduler drops sequence 0; sequence 1 decodes on and matches a run that never saw the failure.
+        cache.free(0)
+        only = Step(new_lens=[1], past_lens=[4], slots=[1], device=dev)
+        cache.reserve(only)
+        x1 = rand(1, 256, seed=2, like=layer)
+        got = layer(x1, only, cache)
+        clean = PagedKVCache(
+            config=cfg,
+            head_layout=layer.layout,
+            num_layers=1,
+            num_blocks=3,
+            block_size=4,
+            max_seqs=2,
+            max_blocks_per_seq=4,
+            device=dev,
+        )
+        solo = Step(new_lens=[4], slots=[1], device=dev)
+        clean.reserve(solo)
+        layer(x[4:], solo, clean)
+        clean.reserve(only)
+        torch.testing.assert_close(got, layer(x1, only, clean), rtol=0, atol=0)
+    print(f"PASS rank {r}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
