@@ -260,38 +260,41 @@ def run(args) -> list[dict]:
 def measure(args, world, group) -> list[dict]:
     dtype = torch.float16
     rows = []
-    models = [m for m in MODELS if m.name in args.models.split(",")]
-    for m in models:
+    gpu = torch.cuda.get_device_name(world.device)
+
+    def add(row):  # saved after every row, so a run cut short still leaves its numbers
+        rows.append(row)
+        if world.rank == 0:
+            print_table([row], header=len(rows) == 1)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(dict(gpu=gpu, tp=world.tp_size, rows=rows), f, indent=1)
+
+    for m in [m for m in MODELS if m.name in args.models.split(",")]:
         if m.heads % world.tp_size:
             continue
         if "prefill" in args.phases:
-            rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, dtype))
+            add(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, dtype))
             if args.fp8:
-                rows.append(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16))
-                rows.append(
+                add(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16))
+                add(
                     bench_case(
                         m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16, quant=QuantMode.fp8_qdq
                     )
                 )
         if "decode" in args.phases:
             for batch, length in DECODE:
-                rows.append(bench_case(m, world, group, "decode", batch, length, args.repeats, dtype))
-            rows.append(bench_case(m, world, group, "decode", 64, 2048, args.repeats, dtype, paged=True))
-        world.log.info("%s done", m.name)
-    result = dict(gpu=torch.cuda.get_device_name(world.device), tp=world.tp_size, rows=rows)
-    if world.rank == 0:
-        print_table(rows)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+                add(bench_case(m, world, group, "decode", batch, length, args.repeats, dtype))
+            add(bench_case(m, world, group, "decode", 64, 2048, args.repeats, dtype, paged=True))
     return rows
 
 
-def print_table(rows) -> None:
-    print(
-        f"{'model':12} {'phase':8} {'B':>4} {'L':>6} {'tp':>2} {'paged':>5} {'quant':>7} "
-        f"{'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6}"
-    )
+def print_table(rows, header: bool = True) -> None:
+    if header:
+        print(
+            f"{'model':12} {'phase':8} {'B':>4} {'L':>6} {'tp':>2} {'paged':>5} {'quant':>7} "
+            f"{'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6}"
+        )
     for r in rows:
         print(
             f"{r['model']:12} {r['phase']:8} {r['batch']:4} {r['length']:6} {r['tp']:2} "
