@@ -340,7 +340,11 @@ class _NcclWatchdog:
             file=sys.stderr,
             flush=True,
         )
-        c.abort()
         from mpi4py import MPI
 
-        MPI.COMM_WORLD.Abort(3)
+        # Each step gets a bounded time: neither a wedged NCCL abort nor MPI may keep the job alive.
+        for action, seconds in ((c.abort, 2.0), (lambda: MPI.COMM_WORLD.Abort(3), 10.0)):
+            t = threading.Thread(target=action, daemon=True)
+            t.start()
+            t.join(seconds)
+        os._exit(3)  # mpirun sees a rank die without finalising and ends the others

@@ -64,7 +64,8 @@ def test_more_ranks_than_gpus_fails_on_every_rank():
     import torch
 
     gpus = torch.cuda.device_count()
-    result = run_mpi(gpus + 1, WORKERS / "world_worker.py", timeout=180)
+    # "auto": let the ranks try the GPUs (run_mpi would otherwise send a job this size to the CPU)
+    result = run_mpi(gpus + 1, WORKERS / "world_worker.py", timeout=180, env={"TP_RUNTIME_DEVICE": "auto"})
     assert result.returncode != 0
     assert f"failed on {gpus + 1} of {gpus + 1} ranks" in result.output
     assert f"{gpus + 1} ranks on this node but only {gpus} GPUs visible" in result.output

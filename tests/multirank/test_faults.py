@@ -24,7 +24,8 @@ def test_sigkill_of_one_rank_mid_step_ends_the_job():
 
 def test_rank_skipping_a_collective_times_out_with_its_name():
     out = _failed("skip", 30)  # collective deadline 5 s in the worker
-    assert "CollectiveTimeout" in out and "all_reduce did not complete within 5 s" in out, out
+    # CPU: MpiComm raises CollectiveTimeout; GPU: the NCCL watchdog prints the same reason and aborts.
+    assert "all_reduce did not complete within 5 s" in out, out
     assert "rank 0 (TP rank 0/2)" in out, out
 
 
