@@ -226,6 +226,10 @@ class NcclComm(Communicator):
 
         # Every rank checks it can load NCCL, rank 0 also makes the id; all ranks then see
         # every error, so none is left waiting in ncclCommInitRank for a rank that gave up.
+        # Connect every NCCL channel when the communicator is made, not at a collective's first
+        # use: a lazy connect blocks the host inside the collective call (holding the GIL) while
+        # it waits for the peers, where no deadline could fire if a peer never comes.
+        os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
         unique_id, error = None, None
         try:
             if not nccl.available:

@@ -524,6 +524,72 @@ case("gpt2", _gpt2_reference)(_gpt2_check(F32))
 case("bf16_gpt2", _gpt2_reference)(_gpt2_check(BF16))
 
 
+# ---- tp 8: the head layouts that break at the largest TP size (BLOOM-176B's 112 ALiBi heads,
+# Llama-2-70B's 64/8 GQA), scaled down in head size; int8 KV cache against HF and tp=1 -----------
+TP8_DECODERS: dict[str, Callable[[], hf.Oracle]] = {
+    "bloom112": sized(hf.bloom, num_heads=112, head_size=4),
+    "llama64_8": sized(hf.llama, num_heads=64, num_kv_heads=8, head_size=4),
+}
+INT8_RTOL = 5e-2  # int8 K/V against HF's fp32 cache: a few quantization steps at the output's scale
+
+
+def _int8_scale(o: hf.Oracle, trace: hf.Trace) -> float:
+    """Per-tensor dequant scale from the K/V projections of every input (amax / 127), with room
+    for RoPE, which can grow one channel of a pair by up to √2."""
+    w, b = o.weights["qkv_weight"], o.weights.get("qkv_bias")
+    h, d = o.config.num_heads, o.config.head_size
+    x = torch.cat([c.hidden.reshape(-1, c.hidden.shape[-1]) for c in trace.calls[o.name]])
+    kv = torch.nn.functional.linear(x, w[h * d :], None if b is None else b[h * d :])
+    return 1.5 * kv.abs().max().item() / 127
+
+
+def replay_int8(o: hf.Oracle, trace: hf.Trace, comm: Communicator) -> list[torch.Tensor]:
+    """Prefill and decode over an int8 KV cache: close to HF (quantization error only)."""
+    dtype = act(F32)
+    cfg = dataclasses.replace(o.config, dtype=dtype, kv_cache_dtype="int8")
+    layer = Attention(cfg, comm=comm, device=DEVICE)
+    layer.load_weights(**{k: None if v is None else v.to(DEVICE, dtype) for k, v in o.weights.items()})
+    calls = trace.calls[o.name]
+    b, total = calls[0].hidden.shape[0], sum(c.hidden.shape[1] for c in calls)
+    cache = KVCache(
+        config=cfg,
+        head_layout=layer.layout,
+        num_layers=1,
+        max_batch=b,
+        max_seq_len=total,
+        scales=_int8_scale(o, trace),
+        device=DEVICE,
+    )
+    past, outs = 0, []
+    for i, c in enumerate(calls):
+        s = c.hidden.shape[1]
+        step = _step(new_lens=[s] * b, past_lens=[past] * b)
+        y = layer(c.hidden.to(DEVICE, dtype).reshape(b * s, -1), step, cache).reshape(b, s, -1).cpu().float()
+        assert_close(f"{o.name} int8 KV call {i} (past {past}, {s} new) output", y, c.out, max(INT8_RTOL, rtol()))
+        past += s
+        outs.append(y)
+    return outs
+
+
+for _name, _build in TP8_DECODERS.items():
+
+    def _check_tp8(ref, comm):
+        o, trace = ref
+        outs = replay_decoder(o, trace, comm)
+        if comm.size > 1:
+            _tp1_equal(o.name, outs, replay_decoder(o, trace, NoComm()))
+
+    def _check_int8(ref, comm):
+        o, trace = ref
+        outs = replay_int8(o, trace, comm)
+        if comm.size > 1:  # the same quantized cache values on every rank count: tp=N equals tp=1
+            _tp1_equal(f"{o.name} int8 KV", outs, replay_int8(o, trace, NoComm()))
+
+    _ref = _decoder_reference(_build)
+    case(f"decode_{_name}", _ref)(_check_tp8)
+    case(f"int8_{_name}", _ref)(_check_int8)
+
+
 # ---- metamorphic checks, each anchored to HF ----------------------------------------------------
 METAMORPHIC: dict[str, Callable[[], hf.Oracle]] = {
     "llama_gqa": sized(hf.llama, num_heads=8, num_kv_heads=2),
