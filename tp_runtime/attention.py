@@ -290,11 +290,11 @@ class Attention(_AttentionBase):
                         f"encoder_output: expected [{sum(enc)} (sum of step.encoder_lens), {c.hidden_size}], "
                         f"got {tuple(encoder_output.shape)}"
                     )
-                kv_cache.check_step(step, enc)
+                kv_cache.check_step_once(step, enc)
         else:
             if encoder_output is not None:
                 raise ValueError("encoder_output: only for cross-attention layers (config.cross_attention=True)")
-            kv_cache.check_step(step)
+            kv_cache.check_step_once(step)
         return kv_cache.layer(self.layer_idx)
 
 

@@ -83,7 +83,16 @@ class LayerKV:
 
 
 class _CacheBase:
-    """What contiguous and paged caches share: dtype, scales, per-layer views."""
+    """What contiguous and paged caches share: dtype, scales, per-layer views.
+
+    ``check_step(step)`` raises ``CacheCapacityError`` before any write if the step does not fit;
+    ``check_step_once`` does the same once per (step, cache state), for all layers of the step.
+    """
+
+    def check_step_once(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
+        lengths = step.total_lens if lengths is None else lengths
+        key = ("kv_cache.capacity", id(self), self.version, lengths)
+        step.memo(key, lambda: self.check_step(step, lengths) or True)
 
     def __init__(self, config: AttentionConfig, layout: HeadLayout, num_layers: int, scales, device):
         self.config, self.head_layout, self.num_layers = config, layout, num_layers
@@ -139,6 +148,8 @@ class KVCache(_CacheBase):
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i])
 
+    version = 0  # capacity never changes
+
     def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         """Raise ``CacheCapacityError`` (before any write) if a sequence would not fit."""
         lengths = step.total_lens if lengths is None else lengths
@@ -164,6 +175,7 @@ class BlockAllocator:
         self.owned: dict[int, list[int]] = {}
         self.max_seqs, self.max_blocks_per_seq = max_seqs, max_blocks_per_seq
         self.table = torch.full((max_seqs, max_blocks_per_seq), -1, dtype=torch.int32, device=device)
+        self.version = 0  # bumped whenever a block changes hands
 
     @property
     def num_free(self) -> int:
@@ -206,6 +218,7 @@ class BlockAllocator:
         return len(self.owned.get(slot, ())) * self.block_size
 
     def _sync_table(self) -> None:
+        self.version += 1
         host = torch.full((self.max_seqs, self.max_blocks_per_seq), -1, dtype=torch.int32)
         for slot, blocks in self.owned.items():
             host[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
@@ -242,6 +255,10 @@ class PagedKVCache(_CacheBase):
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i], self.allocator.table)
+
+    @property
+    def version(self) -> int:
+        return self.allocator.version
 
     def reserve(self, step: Step) -> None:
         """Grow every sequence of ``step`` to its length after the step (all or nothing)."""

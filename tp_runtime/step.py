@@ -48,6 +48,7 @@ class Step:
     beam_width: int = 1
     cache_indirection: torch.Tensor | None = None  # [B_batch, beam_width, S_max] int32 beam ids
     device: torch.device | str = "cpu"
+    total_lens: tuple[int, ...] = field(init=False, default=(), compare=False)  # past + new, per sequence
     _t: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -103,22 +104,30 @@ class Step:
         object.__setattr__(self, "cache_indirection", ind.to(self.device))
 
     def _build_tensors(self) -> None:
-        dev, i32 = self.device, torch.int32
+        """All int32 metadata in one host buffer, moved to the device in one copy (one H2D
+        transfer per step instead of one per tensor); the named tensors are views of it."""
+        i32 = torch.int32
         new = torch.tensor(self.new_lens, dtype=i32)
         past = torch.tensor(self.past_lens, dtype=i32)
         cu = torch.zeros(len(new) + 1, dtype=i32)
         cu[1:] = torch.cumsum(new, 0)
         token_seq = torch.repeat_interleave(torch.arange(len(new), dtype=i32), new.long())
         offset = torch.arange(int(cu[-1]), dtype=i32) - cu[token_seq.long()]
-        positions = past[token_seq.long()] + offset
-        t = self._t
-        t["cu_seqlens"] = cu.to(dev)
-        t["past"] = past.to(dev)
-        t["slot"] = torch.tensor(self.slots, dtype=i32).to(dev)
-        t["positions"] = positions.to(dev)
-        t["total_len"] = (past + new)[token_seq.long()].to(dev)
-        t["token_seq"] = token_seq.to(dev)
-        t["encoder"] = None if self.encoder_lens is None else torch.tensor(self.encoder_lens, dtype=i32).to(dev)
+        parts = {
+            "cu_seqlens": cu,
+            "past": past,
+            "slot": torch.tensor(self.slots, dtype=i32),
+            "positions": past[token_seq.long()] + offset,
+            "total_len": (past + new)[token_seq.long()],
+            "token_seq": token_seq,
+        }
+        if self.encoder_lens is not None:
+            parts["encoder"] = torch.tensor(self.encoder_lens, dtype=i32)
+        flat = torch.cat(list(parts.values())).to(self.device)
+        views = flat.split([p.numel() for p in parts.values()])
+        self._t.update(zip(parts, views, strict=True))
+        self._t.setdefault("encoder", None)
+        object.__setattr__(self, "total_lens", tuple(int(v) for v in (past + new).tolist()))
 
     # ---- device tensors -------------------------------------------------------------------
     @property
@@ -163,10 +172,6 @@ class Step:
     @property
     def num_tokens(self) -> int:
         return sum(self.new_lens)
-
-    @property
-    def total_lens(self) -> tuple[int, ...]:
-        return tuple(p + n for p, n in zip(self.past_lens, self.new_lens, strict=True))
 
     def is_generation(self, i: int) -> bool:
         """One new token on top of a cached past: served by the decode kernel."""
