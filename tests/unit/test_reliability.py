@@ -1,0 +1,101 @@
+"""Reliability pieces that need no MPI: backend choice, cross-rank consistency checks (in a
+simulated group), the NaN/Inf guard, the collective deadline knob."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from simulated import simulate
+
+from tp_runtime import NoComm
+from tp_runtime.attention import Attention
+from tp_runtime.backends import get_backend, reference
+from tp_runtime.comm import collective_timeout, set_collective_timeout
+from tp_runtime.config import AttentionConfig
+from tp_runtime.consistency import check_same, fingerprint_tensors
+from tp_runtime.kv_cache import KVCache
+from tp_runtime.step import Step
+
+
+def test_backend_choice():
+    assert get_backend(None, "cpu", torch.float16) is reference
+    assert get_backend("reference", "cpu") is reference
+    with pytest.raises(ValueError, match="backend='cuda' needs a CUDA device"):
+        get_backend("cuda", "cpu")
+    with pytest.raises(ValueError, match="expected one of"):
+        get_backend("triton", "cpu")
+
+
+def test_cuda_backend_refuses_fp32_with_the_fix_named():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with pytest.raises(ValueError, match="use backend='reference' for fp32"):
+        get_backend("cuda", "cuda", torch.float32)
+
+
+def test_fingerprints_see_values_order_and_shape():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, generator=g)
+    base = fingerprint_tensors(a, None)
+    assert base == fingerprint_tensors(a.clone(), None)
+    b = a.clone()
+    b[3, 7] += 1e-3
+    assert fingerprint_tensors(b, None) != base  # one value
+    assert fingerprint_tensors(a.flip(0), None) != base  # order
+    assert fingerprint_tensors(a.reshape(8, 4), None) != base  # shape
+    assert fingerprint_tensors(a, a) != base  # None vs a tensor
+
+
+def test_check_same_raises_on_every_rank():
+    def rank_fn(comm):
+        value = 7 if comm.rank != 2 else 8
+        with pytest.raises(ValueError, match=r"weights differs across the tensor-parallel group \(ranks \[0, 1, 3\]"):
+            check_same(comm, "weights", value, torch.device("cpu"))
+        check_same(comm, "weights", 5, torch.device("cpu"))  # agreement passes
+        return True
+
+    assert simulate(4, rank_fn) == [True] * 4
+
+
+def _layer(comm, **cfg_kw):
+    cfg = AttentionConfig(hidden_size=32, num_heads=4, num_kv_heads=2, **cfg_kw)
+    g = torch.Generator().manual_seed(0)
+    layer = Attention(cfg, comm=comm)
+    layer.load_weights(
+        qkv_weight=torch.randn(cfg.qkv_size, 32, generator=g),
+        dense_weight=torch.randn(32, 32, generator=g),
+        qkv_bias=torch.randn(cfg.qkv_size, generator=g),
+        dense_bias=torch.randn(32, generator=g),
+    )
+    return cfg, layer
+
+
+def test_mismatched_config_fails_on_every_rank_of_a_simulated_group():
+    def rank_fn(comm):
+        with pytest.raises(ValueError, match="config of Attention differs"):
+            _layer(comm, q_scaling=1.0 if comm.rank == 0 else 2.0)
+        return True
+
+    assert simulate(2, rank_fn) == [True, True]
+
+
+def test_nan_guard():
+    cfg, layer = _layer(NoComm(), check_finite=True)
+    cache = KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=1, max_seq_len=8)
+    x = torch.randn(3, 32)
+    layer(x, Step(new_lens=[3]), cache)  # finite: fine
+    x[1, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        layer(x, Step(new_lens=[3]), cache)
+
+
+def test_collective_timeout_knob():
+    old = collective_timeout()
+    try:
+        set_collective_timeout(2.5)
+        assert collective_timeout() == 2.5
+        for bad in (0, -1):
+            with pytest.raises(ValueError, match="collective timeout"):
+                set_collective_timeout(bad)
+    finally:
+        set_collective_timeout(old)
