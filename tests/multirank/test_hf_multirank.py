@@ -27,6 +27,7 @@ TP8_CASES = (
     "int8_bloom112",
     "decode_llama64_8",
     "int8_llama64_8",
+    "fp8_llama64_8",
     "decode_falcon_mqa",
     "decode_llama_gqa",
     "decode_bloom24",
