@@ -16,7 +16,7 @@ from .comm import Communicator
 from .config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
 from .consistency import check_same, fingerprint_tensors, fingerprint_text
 from .devices import as_device
-from .fp8 import FP8ColumnLinear, FP8RowLinear
+from .fp8 import FP8ColumnLinear, FP8RowLinear, check_scale
 from .kv_cache import KVCache, PagedKVCache
 from .linear import ColumnLinear, RowLinear
 from .position import RopeSpec, alibi_slopes
@@ -89,22 +89,21 @@ class _AttentionBase(torch.nn.Module):
             fingerprint_tensors(qkv_weight, dense_weight, qkv_bias, dense_bias, relative_table),
             self.device,
         )
-        self.qkv.load_weights(qkv_weight, qkv_bias)
-        self.dense.load_weights(dense_weight, dense_bias)
+        # Check everything before changing anything: a bad argument leaves the layer as it was.
+        self.qkv.check_weights(qkv_weight, qkv_bias)
+        self.dense.check_weights(dense_weight, dense_bias)
         static = (
             self.config.quant_mode is QuantMode.fp8_qdq
             and self.config.fp8_activation_scaling is Fp8ActivationScaling.static
         )
-        for name, layer, scale in (
-            ("qkv_input_scale", self.qkv, qkv_input_scale),
-            ("dense_input_scale", self.dense, dense_input_scale),
-        ):
+        scales = {"qkv_input_scale": qkv_input_scale, "dense_input_scale": dense_input_scale}
+        for name, scale in scales.items():
             if static and scale is None:
                 raise ValueError(f"{name}: FP8 with static activation scaling needs a calibrated scale, got None")
             if not static and scale is not None:
                 raise ValueError(f"{name}: only for quant_mode=fp8_qdq with fp8_activation_scaling=static")
             if static:
-                layer.set_input_scale(scale)
+                check_scale(name, scale)
         if (relative_table is None) != (self.relative_table is None):
             raise ValueError(
                 "relative_table: expected "
@@ -120,6 +119,12 @@ class _AttentionBase(torch.nn.Module):
             expected = (self.config.num_heads, self.config.relative_num_buckets)
             if tuple(relative_table.shape) != expected:
                 raise ValueError(f"relative_table: expected shape {expected}, got {tuple(relative_table.shape)}")
+        self.qkv.load_weights(qkv_weight, qkv_bias)
+        self.dense.load_weights(dense_weight, dense_bias)
+        if static:
+            self.qkv.set_input_scale(qkv_input_scale)
+            self.dense.set_input_scale(dense_input_scale)
+        if relative_table is not None:
             self.relative_table.copy_(slice_heads(relative_table, self.layout))
 
     def _spec(self, step: Step, *, cross: bool, position_bias: torch.Tensor | None) -> AttentionSpec:

@@ -44,8 +44,8 @@ class _ShardedLinear(torch.nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def load_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Load this rank's shard from the full ``weight [out, in]`` and ``bias [out]``."""
+    def check_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` unless ``load_weights(weight, bias)`` would succeed; changes nothing."""
         check_shape("weight", weight, (self.out_features, self.in_features))
         if (bias is None) != (self.bias is None):
             raise ValueError(
@@ -53,6 +53,10 @@ class _ShardedLinear(torch.nn.Module):
             )
         if bias is not None:
             check_shape("bias", bias, (self.out_features,))
+
+    def load_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Load this rank's shard from the full ``weight [out, in]`` and ``bias [out]``."""
+        self.check_weights(weight, bias)
         self.store_weight(weight, self.shard(weight))
         if bias is not None:
             self.bias.copy_(self.shard_bias(bias))

@@ -99,3 +99,27 @@ def test_collective_timeout_knob():
                 set_collective_timeout(bad)
     finally:
         set_collective_timeout(old)
+
+
+def test_bad_load_weights_changes_nothing():
+    """Every argument is checked before anything is copied: a bad dense weight (or table, or
+    scale) leaves the QKV shard that was loaded before it as it was."""
+    cfg, layer = _layer(NoComm())
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    good = dict(
+        qkv_weight=torch.randn(cfg.qkv_size, 32, generator=g),
+        dense_weight=torch.randn(32, 32, generator=g),
+        qkv_bias=torch.randn(cfg.qkv_size, generator=g),
+        dense_bias=torch.randn(32, generator=g),
+    )
+    for bad, match in (
+        (dict(dense_weight=torch.randn(32, 31)), "weight: expected shape"),
+        (dict(dense_bias=None), "bias: layer built with bias=True"),
+        (dict(relative_table=torch.randn(4, 32)), "relative_table"),
+        (dict(qkv_input_scale=0.5), "qkv_input_scale"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            layer.load_weights(**{**good, **bad})
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a failed load_weights({list(bad)})"
