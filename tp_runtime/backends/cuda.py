@@ -14,19 +14,29 @@ Public: ``name``, ``prepare``, ``attend``, ``route``, ``prepare_variant``, ``con
 
 from __future__ import annotations
 
-import importlib
 import math
-import warnings
 
 import torch
 
 from ..config import KVCacheDType
 from ..kv_cache import CacheLayout, LayerKV
-from ..position import RopeSpec, relative_bucket
+from ..position import RopeSpec
 from ..sharding import HeadLayout
 from ..step import Step
+from . import cuda_decode
 from .base import AttentionSpec, key_lengths
 from .compile import get_kernel
+from .cuda_common import (
+    bias_table,
+    cache_geometry,
+    check_activation,
+    f32,
+    f64,
+    i32,
+    i64,
+    launch,
+    ptr,
+)
 
 name = "cuda"
 
@@ -55,101 +65,13 @@ def context_tiles(head_size: int, *, causal: bool = True, max_new_len: int = 0) 
     return {"warps": w, "m_tiles": mt, "block_n": bn}
 
 
-_HALF = (torch.float16, torch.bfloat16)
 _PREPARE_THREADS = 256
-
-
-# ---- launching -------------------------------------------------------------------------------
-def _cupy():
-    try:
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise RuntimeError("backend='cuda' needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)") from e
-    return cupy
-
-
-def _ptr(t: torch.Tensor | None):
-    return _cupy().uint64(0 if t is None else t.data_ptr())
-
-
-_i32 = lambda v: _cupy().int32(int(v))  # noqa: E731
-_i64 = lambda v: _cupy().int64(int(v))  # noqa: E731
-_f32 = lambda v: _cupy().float32(float(v))  # noqa: E731
-_f64 = lambda v: _cupy().float64(float(v))  # noqa: E731
-
-_smem_set: set = set()
 
 
 def _new(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every output buffer comes from here (tests replace it with a NaN-filled allocator, so an
     element a kernel fails to write shows up)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-_streams: dict = {}
-
-
-def _stream(device: torch.device):
-    """torch's current stream on ``device`` as a CuPy stream (one wrapper per torch stream)."""
-    ptr = torch.cuda.current_stream(device).cuda_stream
-    key = (device.index, ptr)
-    s = _streams.get(key)
-    if s is None:
-        cupy = _cupy()
-        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external; this form works in 12-14
-            warnings.simplefilter("ignore", DeprecationWarning)
-            s = _streams[key] = cupy.cuda.ExternalStream(ptr, device.index)
-    return s
-
-
-def _launch(kernel, grid, block, args, device: torch.device, shared_mem: int = 0) -> None:
-    """Launch on torch's current stream of ``device``."""
-    cupy = _cupy()
-    with cupy.cuda.Device(device.index):
-        key = (id(kernel), device.index)
-        if shared_mem > 48 * 1024 and key not in _smem_set:
-            kernel.max_dynamic_shared_size_bytes = shared_mem
-            _smem_set.add(key)
-        with _stream(device):
-            kernel(tuple(grid), tuple(block), args, shared_mem=shared_mem)
-
-
-def _check_activation(t: torch.Tensor, what: str) -> None:
-    if t.dtype == torch.float32:
-        raise TypeError(
-            f"{what}: the CUDA backend runs fp16 and bf16 activations, got float32; "
-            "use backend='reference' for fp32 (or a half-precision config dtype)"
-        )
-    if t.dtype not in _HALF:
-        raise TypeError(f"{what}: expected dtype float16 or bfloat16, got {t.dtype}")
-    if not t.is_cuda:
-        raise ValueError(f"{what}: the CUDA backend needs CUDA tensors, got device {t.device}")
-
-
-def _cache_geometry(kv: LayerKV, kv_heads: int, head_size: int, dtype: torch.dtype):
-    """(cache_len, log2_cache_len, block_table, bt_stride) after checking the cache's shape."""
-    data = kv.data
-    if data.dim() != 5 or data.shape[1] != 2 or data.shape[2] != kv_heads or data.shape[4] != head_size:
-        raise ValueError(
-            f"kv.data: expected [rows, 2, {kv_heads} (KV heads on this rank), len, {head_size}], "
-            f"got {tuple(data.shape)}"
-        )
-    if not data.is_contiguous():
-        raise ValueError("kv.data: the CUDA backend needs a contiguous cache tensor")
-    expected = kv.kind.storage_dtype(dtype)
-    if data.dtype != expected:
-        raise ValueError(
-            f"kv.data: a {kv.kind.value} cache for {dtype} activations stores {expected}, got {data.dtype}"
-        )
-    length = data.shape[3]
-    if kv.layout is CacheLayout.paged:
-        table = kv.block_table
-        if table is None or table.dtype != torch.int32 or table.dim() != 2 or not table.is_contiguous():
-            raise ValueError("kv.block_table: a paged cache needs a contiguous int32 [max_seqs, max_blocks] table")
-        if length & (length - 1):
-            raise ValueError(f"kv: paged block size must be a power of two, got {length}")
-        return length, length.bit_length() - 1, table, table.shape[1]
-    return length, 0, None, 0
 
 
 # ---- prepare -----------------------------------------------------------------------------------
@@ -184,16 +106,16 @@ def _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r
     cache_len, log2_len, table, bt_stride = geometry
     # fmt: off
     return (
-        _ptr(qkv), _ptr(bias),                      # qkv [T, (H+2KV)·D], bias [(H+2KV)·D] or null
-        _ptr(q), _ptr(k), _ptr(v),                  # q [T, H, D]; k, v [T, KV, D]
-        _ptr(None if kv is None else kv.data),      # the layer's cache (or null: write nothing)
-        _ptr(table), _i32(bt_stride),               # paged: block table and its row stride
-        _i32(cache_len), _i32(log2_len),            # S_max (contiguous) | P and log2(P) (paged)
-        _ptr(step.positions), _ptr(step.token_seq), _ptr(step.slot),  # [T], [T], [B] int32
-        _ptr(inv_freq), _f64(pos_div),              # RoPE: [B, rot/2] fp64 1/base^(2i/rot); linear factor
-        _i32(qkv.shape[0]), _i32(h_r), _i32(kv_r), _i32(d), _i32(rot),
-        _i32(qkv.stride(0)),                        # qkv row stride (elements)
-        _f32(1.0 if kv is None else kv.quant_scale),  # int8/fp8: store x·quant_scale
+        ptr(qkv), ptr(bias),                      # qkv [T, (H+2KV)·D], bias [(H+2KV)·D] or null
+        ptr(q), ptr(k), ptr(v),                  # q [T, H, D]; k, v [T, KV, D]
+        ptr(None if kv is None else kv.data),      # the layer's cache (or null: write nothing)
+        ptr(table), i32(bt_stride),               # paged: block table and its row stride
+        i32(cache_len), i32(log2_len),            # S_max (contiguous) | P and log2(P) (paged)
+        ptr(step.positions), ptr(step.token_seq), ptr(step.slot),  # [T], [T], [B] int32
+        ptr(inv_freq), f64(pos_div),              # RoPE: [B, rot/2] fp64 1/base^(2i/rot); linear factor
+        i32(qkv.shape[0]), i32(h_r), i32(kv_r), i32(d), i32(rot),
+        i32(qkv.stride(0)),                        # qkv row stride (elements)
+        f32(1.0 if kv is None else kv.quant_scale),  # int8/fp8: store x·quant_scale
     )
     # fmt: on
 
@@ -208,7 +130,7 @@ def prepare(
     rope: RopeSpec | None,
     kv: LayerKV | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_activation(qkv, "qkv")
+    check_activation(qkv, "qkv")
     h_r, kv_r, d = head_layout.num_heads_per_rank, head_layout.num_kv_heads_per_rank, head_size
     width = (h_r + 2 * kv_r) * d
     if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
@@ -232,7 +154,7 @@ def prepare(
         return q, k, v
     geometry = (0, 0, None, 0)
     if kv is not None:
-        geometry = _cache_geometry(kv, kv_r, d, qkv.dtype)
+        geometry = cache_geometry(kv, kv_r, d, qkv.dtype)
         if kv.layout is CacheLayout.contiguous:
             if max(step.total_lens) > geometry[0]:
                 raise ValueError(
@@ -249,33 +171,22 @@ def prepare(
     kernel = get_kernel("prepare", **prepare_variant(qkv.dtype, rope, kv))
     args = _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot)
     # one block per token; dynamic shared memory: the token's cos and sin, rot/2 each (fp32)
-    _launch(kernel, (t, 1, 1), (_PREPARE_THREADS, 1, 1), args, dev, shared_mem=4 * rot)
+    launch(kernel, (t, 1, 1), (_PREPARE_THREADS, 1, 1), args, dev, shared_mem=4 * rot)
     return q, k, v
 
 
 # ---- attend ------------------------------------------------------------------------------------
-_decode_module = None
-
-
 def _decode_fn():
-    """``cuda_decode.decode`` if that module exists (written separately), else None."""
-    global _decode_module
-    if _decode_module is None:
-        try:
-            _decode_module = importlib.import_module(".cuda_decode", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.cuda_decode":
-                raise
-            _decode_module = False
-    return getattr(_decode_module, "decode", None) if _decode_module else None
+    """The decode launcher; a function so that tests can send every sequence to the context kernel."""
+    return cuda_decode.decode
 
 
 def route(step: Step, spec: AttentionSpec, *, decode_available: bool | None = None) -> tuple[list[int], list[int]]:
     """Split the step's sequences: ``(context kernel ids, decode kernel ids)``.
 
     Decode takes generation-phase sequences (one new token on a cached past) and, for cross
-    attention, every sequence with one new token; everything else (and everything, while the
-    decode module is absent) goes to the context kernel, which is exact for one-token queries too.
+    attention, every sequence with one new token; everything else (and everything, when a test
+    disables the decode path) goes to the context kernel, which is exact for one-token queries too.
     """
     if decode_available is None:
         decode_available = _decode_fn() is not None
@@ -292,7 +203,7 @@ def route(step: Step, spec: AttentionSpec, *, decode_available: bool | None = No
 def attend(
     q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, *, decode_splits: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_activation(q, "q")
+    check_activation(q, "q")
     if q.dim() != 3:
         raise ValueError(f"q: expected [tokens, heads, head_size], got shape {tuple(q.shape)}")
     t, h_r, d = q.shape
@@ -350,49 +261,23 @@ def _tile_map(step: Step, ids: list[int], n_keys: tuple[int, ...], block_m: int,
     return step.memo(("cuda.context_tiles", block_m, causal, tuple(ids), n_keys), build)
 
 
-def _table_bias(spec: AttentionSpec, step: Step, ids: list[int], n_keys: tuple[int, ...]):
-    """(table, sh, sq, sk, off): the BiasTable operand, so bias(h, q, k) = table[h·sh + q·sq + k·sk + off]."""
-    q_max = max(step.total_lens[i] for i in ids)  # query positions < q_max
-    k_max = max(max(n_keys[i] for i in ids), 1)
-    if spec.relative_bias is not None:
-        rb = spec.relative_bias
-        if rb.dim() != 3 or rb.shape[1] < q_max or rb.shape[2] < k_max:
-            raise ValueError(
-                f"relative_bias: expected [H_r, >= {q_max} query positions, >= {k_max} keys], got {tuple(rb.shape)}"
-            )
-        rb = rb.to(device=step.device, dtype=torch.float32).contiguous()
-        return rb, rb.shape[1] * rb.shape[2], rb.shape[2], 1, 0
-    # implicit T5 buckets: expand the [H_r, num_buckets] table to one value per distance k − q,
-    # using the reference's bucket function itself
-    bidir = spec.bidirectional_buckets
-
-    def build():
-        rel = torch.arange(-(q_max - 1), k_max, dtype=torch.long)
-        b = relative_bucket(rel, bidirectional=bidir, num_buckets=spec.num_buckets, max_distance=spec.max_distance)
-        return b.to(step.device)
-
-    buckets = step.memo(("cuda.rel_buckets", q_max, k_max, bidir, spec.num_buckets, spec.max_distance), build)
-    dense = spec.relative_table.to(device=step.device, dtype=torch.float32)[:, buckets].contiguous()
-    return dense, dense.shape[1], -1, 1, q_max - 1
-
-
 def _context_args(q, out, lse, kv, geometry, tiles, step, n_keys_dev, h_r, scale_log2, v_scale, alibi, table):
     """The context kernel's parameters, in the order of ``tp::context_attention_kernel``."""
     cache_len, log2_len, block_table, bt_stride = geometry
     tab, tab_h, tab_q, tab_k, tab_off = table if table is not None else (None, 0, 0, 0, 0)
     # fmt: off
     return (
-        _ptr(q), _i32(q.stride(0)),                 # q [T, H, D], token stride
-        _ptr(out), _i32(out.stride(0)),             # out [T, H, D], token stride
-        _ptr(lse),                                  # lse [T, H] fp32
-        _ptr(kv.data), _ptr(block_table), _i32(bt_stride),  # cache; paged: block table, row stride
-        _i32(cache_len), _i32(log2_len),            # S_max (contiguous) | P and log2(P) (paged)
-        _ptr(tiles),                                # [num_tiles, 2] (sequence, first query row)
-        _ptr(step.cu_seqlens), _ptr(step.past), _ptr(n_keys_dev), _ptr(step.slot),  # per sequence
-        _i32(h_r), _i32(kv.num_kv_heads),
-        _f32(scale_log2), _f32(v_scale),            # softmax_scale·log2(e)·k_dequant; v_dequant
-        _ptr(alibi),                                # [H] fp32 slopes or null
-        _ptr(tab), _i64(tab_h), _i64(tab_q), _i64(tab_k), _i64(tab_off),  # BiasTable operand
+        ptr(q), i32(q.stride(0)),                 # q [T, H, D], token stride
+        ptr(out), i32(out.stride(0)),             # out [T, H, D], token stride
+        ptr(lse),                                  # lse [T, H] fp32
+        ptr(kv.data), ptr(block_table), i32(bt_stride),  # cache; paged: block table, row stride
+        i32(cache_len), i32(log2_len),            # S_max (contiguous) | P and log2(P) (paged)
+        ptr(tiles),                                # [num_tiles, 2] (sequence, first query row)
+        ptr(step.cu_seqlens), ptr(step.past), ptr(n_keys_dev), ptr(step.slot),  # per sequence
+        i32(h_r), i32(kv.num_kv_heads),
+        f32(scale_log2), f32(v_scale),            # softmax_scale·log2(e)·k_dequant; v_dequant
+        ptr(alibi),                                # [H] fp32 slopes or null
+        ptr(tab), i64(tab_h), i64(tab_q), i64(tab_k), i64(tab_off),  # BiasTable operand
     )
     # fmt: on
 
@@ -413,7 +298,7 @@ def _context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: list[int], ou
     kv_r = kv.num_kv_heads
     if h_r % kv_r:
         raise ValueError(f"q: {h_r} query heads are not a multiple of the cache's {kv_r} KV heads")
-    geometry = _cache_geometry(kv, kv_r, d, q.dtype)
+    geometry = cache_geometry(kv, kv_r, d, q.dtype)
     n_keys = key_lengths(step, spec)
     if kv.layout is CacheLayout.contiguous:
         need = max(n_keys[i] for i in ids)
@@ -436,11 +321,11 @@ def _context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: list[int], ou
         alibi = spec.alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
         if alibi.numel() != h_r:
             raise ValueError(f"alibi_slopes: expected {h_r} slopes (heads on this rank), got {alibi.numel()}")
-    table = _table_bias(spec, step, ids, n_keys) if variant["bias"] == "table" else None
+    table = bias_table(spec, step, ids, n_keys) if variant["bias"] == "table" else None
     dq = kv.dequant_scale if kv.kind is not KVCacheDType.auto else 1.0
     scale_log2 = spec.softmax_scale * math.log2(math.e) * dq
     args = _context_args(q, out, lse, kv, geometry, tiles, step, n_keys_dev, h_r, scale_log2, dq, alibi, table)
     if tiles.shape[0] > 65535:
         raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
     smem = (block_m + 4 * block_n) * (d + 8) * q.element_size()
-    _launch(kernel, (h_r, tiles.shape[0], 1), (32 * warps, 1, 1), args, q.device, shared_mem=smem)
+    launch(kernel, (h_r, tiles.shape[0], 1), (32 * warps, 1, 1), args, q.device, shared_mem=smem)

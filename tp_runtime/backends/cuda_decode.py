@@ -23,7 +23,7 @@ from ..kv_cache import CacheLayout, LayerKV
 from ..step import Step
 from .base import AttentionSpec, key_lengths
 from .compile import get_kernel
-from .cuda import _cache_geometry, _check_activation, _f32, _i32, _i64, _launch, _ptr, _table_bias
+from .cuda_common import bias_table, cache_geometry, check_activation, f32, i32, i64, launch, ptr
 
 THREADS = 128  # decode::kThreads
 PIPE_BYTES = 48 * 1024  # decode::kPipeBytes: the K/V pipeline's shared memory (the kernel traps on less)
@@ -121,22 +121,22 @@ def _params(q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev
     table_cap = TABLE_CAP if kv.layout is CacheLayout.paged else 0
     # fmt: off
     return (
-        _ptr(q), _ptr(out), _ptr(lse),              # q, out [T, H_r, D]; lse [T, H_r] fp32
-        _ptr(part_o), _ptr(part_lse),               # split workspace [n, H_r, S, D], [n, H_r, S] fp32
-        _ptr(counters),                             # [n, KV_r, head_chunks] int32, zero
-        _ptr(data),                                 # the layer's cache
-        _i64(data.stride(0)), _i64(data.stride(1)), _i64(data.stride(2)),  # slot|block, K->V, KV head
-        _ptr(block_table), _i32(bt_stride),         # paged: block table, its row stride
-        _i32(log2_page), _i32(table_cap),           # paged: log2(P); table entries in shared memory
-        _ptr(seq_dev),                              # [n] int32 sequences to serve
-        _ptr(step.cu_seqlens), _ptr(step.past), _ptr(step.slot),  # per sequence: token row, q_pos, slot
-        _ptr(step.encoder if cross else None),      # cross: encoder lengths (keys); null: self
-        _ptr(ind), _i32(step.beam_width),           # beams: [B/W, W, S_ind] int32 cache indirection
-        _i32(0 if ind is None else ind.shape[2]),
-        _ptr(alibi),                                # [H_r] fp32 effective ALiBi slopes, or null
-        _ptr(tab), _i64(tab_h), _i64(tab_q), _i64(tab_k), _i64(tab_off),  # relative bias table
-        _i32(h_r), _i32(group), _i32(head_chunks), _i32(splits),
-        _f32(qk_scale), _f32(v_scale),              # softmax_scale·dequant·log2(e); dequant
+        ptr(q), ptr(out), ptr(lse),              # q, out [T, H_r, D]; lse [T, H_r] fp32
+        ptr(part_o), ptr(part_lse),               # split workspace [n, H_r, S, D], [n, H_r, S] fp32
+        ptr(counters),                             # [n, KV_r, head_chunks] int32, zero
+        ptr(data),                                 # the layer's cache
+        i64(data.stride(0)), i64(data.stride(1)), i64(data.stride(2)),  # slot|block, K->V, KV head
+        ptr(block_table), i32(bt_stride),         # paged: block table, its row stride
+        i32(log2_page), i32(table_cap),           # paged: log2(P); table entries in shared memory
+        ptr(seq_dev),                              # [n] int32 sequences to serve
+        ptr(step.cu_seqlens), ptr(step.past), ptr(step.slot),  # per sequence: token row, q_pos, slot
+        ptr(step.encoder if cross else None),      # cross: encoder lengths (keys); null: self
+        ptr(ind), i32(step.beam_width),           # beams: [B/W, W, S_ind] int32 cache indirection
+        i32(0 if ind is None else ind.shape[2]),
+        ptr(alibi),                                # [H_r] fp32 effective ALiBi slopes, or null
+        ptr(tab), i64(tab_h), i64(tab_q), i64(tab_k), i64(tab_off),  # relative bias table
+        i32(h_r), i32(group), i32(head_chunks), i32(splits),
+        f32(qk_scale), f32(v_scale),              # softmax_scale·dequant·log2(e); dequant
     )
     # fmt: on
 
@@ -156,7 +156,7 @@ def decode(
     ``q [T, H_r, D]`` fp16/bf16; ``seq_ids``: sequence indices (a list, or an int32 device tensor);
     ``out``/``lse`` are written at those rows only; ``splits`` forces the key split count.
     """
-    _check_activation(q, "q")
+    check_activation(q, "q")
     if q.dim() != 3 or not q.is_contiguous():
         raise ValueError(f"q: expected a contiguous [tokens, heads, head_size] tensor, got {tuple(q.shape)}")
     t, h_r, d = q.shape
@@ -169,7 +169,7 @@ def decode(
     kv_r = kv.num_kv_heads
     if h_r % kv_r:
         raise ValueError(f"q: {h_r} query heads are not a multiple of the cache's {kv_r} KV heads")
-    geometry = _cache_geometry(kv, kv_r, d, q.dtype)
+    geometry = cache_geometry(kv, kv_r, d, q.dtype)
     seq_dev, ids = _seq_ids(step, seq_ids)
     n = seq_dev.numel()
     if n == 0:
@@ -207,7 +207,7 @@ def decode(
     if spec.relative_table is not None or spec.relative_bias is not None:
         if spec.relative_table is not None and spec.relative_bias is not None:
             raise NotImplementedError("relative_table and relative_bias together; give one")
-        table = _table_bias(spec, step, list(served), all_keys)
+        table = bias_table(spec, step, list(served), all_keys)
 
     if splits > 1:
         part_o = torch.empty((n, h_r, splits, d), dtype=torch.float32, device=q.device)
@@ -221,4 +221,4 @@ def decode(
         q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev, (alibi, table),
         (h_r, group, head_chunks, splits), scales, spec.cross,
     )  # fmt: skip
-    _launch(kernel, (head_chunks * splits, kv_r, n), (THREADS, 1, 1), args, q.device, shared_mem=smem)
+    launch(kernel, (head_chunks * splits, kv_r, n), (THREADS, 1, 1), args, q.device, shared_mem=smem)
