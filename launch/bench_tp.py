@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import tp_runtime
 from tp_runtime.attention import Attention
 from tp_runtime.config import AttentionConfig, QuantMode
+from tp_runtime.graphs import DecodeGraph
 from tp_runtime.kv_cache import KVCache, PagedKVCache
 from tp_runtime.position import RopeSpec, apply_rope
 from tp_runtime.step import Step
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--phases", default="prefill,decode")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--fp8", action="store_true", help="also time prefill with FP8 projections (vs bf16)")
+    p.add_argument("--graph", action="store_true", help="also time decode steps replayed as a CUDA graph")
     p.add_argument("--smoke", action="store_true", help="one tiny step of each on the CPU, no timing")
     p.add_argument(
         "--report", nargs="*", default=None, help="merge result JSONs into a table, plot and BENCHMARKS.md rows"
@@ -168,7 +170,15 @@ def build(model: Model, world, dtype, quant=QuantMode.none, max_batch=8, max_len
     return cfg, layer
 
 
-def bench_case(model, world, group, phase, batch, length, repeats, dtype, paged=False, quant=QuantMode.none):
+def graph_splits(batch: int, kv_heads: int, sms: int) -> int:
+    """A fixed decode key-split count for a graph (launch shapes may not follow the length): about
+    two blocks per SM, as the decode notes measured best."""
+    return max(1, min(64, 2 * sms // max(batch * kv_heads, 1)))
+
+
+def bench_case(
+    model, world, group, phase, batch, length, repeats, dtype, paged=False, quant=QuantMode.none, graph=False
+):
     dev = world.device
     new = length if phase == "prefill" else 1
     past = 0 if phase == "prefill" else length - 1
@@ -211,6 +221,20 @@ def bench_case(model, world, group, phase, batch, length, repeats, dtype, paged=
         busy = gpu_busy_ms(ours)
         row["gpu_busy_ms"] = busy
         row["gpu_idle_pct"] = max(0.0, 100 * (1 - busy / row["ours_ms"]))
+        if graph:
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            splits = graph_splits(batch, lay.num_kv_heads_per_rank, sms)
+            dg = DecodeGraph(
+                lambda x, s: layer(x, s, cache, decode_splits=splits),
+                config=cfg,
+                slots=list(range(batch)),
+                cache=cache,
+                device=dev,
+            )
+            pasts = [past] * batch
+            graphed = lambda: dg(xs[next(it) % 4], pasts)  # noqa: E731
+            row["graph_ms"] = time_steps(graphed, repeats)
+            row["graph_idle_pct"] = max(0.0, 100 * (1 - gpu_busy_ms(graphed) / row["graph_ms"]))
     if quant is QuantMode.none and not paged:
         base = BaselineLayer(cfg, layer, group)
         kc = torch.randn(batch, lay.num_kv_heads_per_rank, length, cfg.head_size, device=dev, dtype=dtype)
@@ -284,7 +308,7 @@ def measure(args, world, group) -> list[dict]:
                 )
         if "decode" in args.phases:
             for batch, length in DECODE:
-                add(bench_case(m, world, group, "decode", batch, length, args.repeats, dtype))
+                add(bench_case(m, world, group, "decode", batch, length, args.repeats, dtype, graph=args.graph))
             add(bench_case(m, world, group, "decode", 64, 2048, args.repeats, dtype, paged=True))
     return rows
 
@@ -293,14 +317,15 @@ def print_table(rows, header: bool = True) -> None:
     if header:
         print(
             f"{'model':12} {'phase':8} {'B':>4} {'L':>6} {'tp':>2} {'paged':>5} {'quant':>7} "
-            f"{'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6}"
+            f"{'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6} {'graph ms':>9} {'g.idle%':>7}"
         )
     for r in rows:
         print(
             f"{r['model']:12} {r['phase']:8} {r['batch']:4} {r['length']:6} {r['tp']:2} "
             f"{str(r['paged']):>5} {r['quant']:>7} "
             f"{r['ours_ms']:9.3f} {r.get('baseline_ms', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f} "
-            f"{r.get('gpu_idle_pct', float('nan')):6.1f}"
+            f"{r.get('gpu_idle_pct', float('nan')):6.1f} {r.get('graph_ms', float('nan')):9.3f} "
+            f"{r.get('graph_idle_pct', float('nan')):7.1f}"
         )
 
 
@@ -310,8 +335,9 @@ def report(paths) -> None:
     key = lambda r: (r["model"], r["phase"], r["batch"], r["length"], r["paged"], r["quant"], r["dtype"])  # noqa: E731
     t1 = {key(r): r["ours_ms"] for res in results if res["tp"] == 1 for r in res["rows"]}
     lines = [
-        "| GPU | model | phase | batch | len | tp | ours ms | baseline ms | ratio | scaling eff. | idle % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU | model | phase | batch | len | tp | ours ms | baseline ms | ratio | scaling eff. | idle % "
+        "| graph ms | graph idle % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         for r in res["rows"]:
@@ -321,7 +347,8 @@ def report(paths) -> None:
             lines.append(
                 f"| {res['gpu']} | {r['model']}{extra} | {r['phase']} | {r['batch']} | {r['length']} | {r['tp']} | "
                 f"{r['ours_ms']:.3f} | {r.get('baseline_ms', float('nan')):.3f} | {r.get('ratio', float('nan')):.2f} | "
-                f"{eff} | {r.get('gpu_idle_pct', float('nan')):.1f} |"
+                f"{eff} | {r.get('gpu_idle_pct', float('nan')):.1f} | {r.get('graph_ms', float('nan')):.3f} | "
+                f"{r.get('graph_idle_pct', float('nan')):.1f} |"
             )
     print("\n".join(lines))
     try:

@@ -1,0 +1,112 @@
+"""Decode steps replayed as one CUDA graph: Python runs once per step, not once per kernel.
+
+A decode step of a tensor-parallel layer stack is a few dozen small launches (GEMMs, prepare,
+decode attention, NCCL all-reduce, bias) whose Python and launch overhead exceeds the GPU time at
+small batches (BENCHMARKS.md: the GPU idles most of such a step). ``DecodeGraph`` captures the
+whole step once and replays it, with the step metadata in fixed device buffers updated in place.
+
+What stays fixed between replays, and is checked: the sequences (cache slots, one new token
+each), the decode key-split count (``decode_splits``, so launch shapes do not follow the
+length), and a configuration whose kernels read lengths from the device only — RoPE without
+dynamic NTK scaling (its base follows each sequence's length on the host), no relative attention
+(its bias table is sized on the host), no beam search, no cross attention. What changes: the
+input rows, the past lengths, and the paged cache's block table (updated in place by its
+allocator, which the graph reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .config import AttentionConfig, PositionEmbeddingType, RotaryScalingType
+from .devices import as_device
+from .step import Step
+
+Forward = Callable[[torch.Tensor, Step], torch.Tensor]  # (x [B, hidden], step) -> [B, hidden]
+
+
+def check_graphable(config: AttentionConfig) -> None:
+    """Raise ``ValueError`` for configurations whose kernels size or compute something per step on the host."""
+    if config.rotary_scaling is RotaryScalingType.dynamic:
+        raise ValueError("DecodeGraph: rotary_scaling='dynamic' recomputes the RoPE base per length on the host")
+    if config.position_embedding is PositionEmbeddingType.relative:
+        raise ValueError("DecodeGraph: relative attention sizes its bias table per step on the host")
+    if config.cross_attention:
+        raise ValueError("DecodeGraph: cross attention is not captured (its keys do not grow)")
+    if config.check_finite:
+        raise ValueError("DecodeGraph: check_finite reads the output on the host, which a graph cannot capture")
+
+
+class DecodeGraph:
+    """``graph(x, past_lens) -> out``: one decode step of ``forward`` for the fixed ``slots`` of ``cache``.
+
+    ``forward(x, step)`` runs the layers (e.g. ``lambda x, s: stack(x, s, cache, decode_splits=8)``,
+    with a fixed ``decode_splits``). The first call captures it (after warm-up runs, which rewrite
+    the same K/V at the same positions, so the cache ends as after one step); later calls copy
+    ``x`` and the lengths into the graph's buffers and replay. The returned tensor is the graph's
+    output buffer: copy it before the next call if it must outlive that call.
+    """
+
+    def __init__(
+        self, forward: Forward, *, config: AttentionConfig, slots: Sequence[int], cache, device, warmup: int = 2
+    ):
+        check_graphable(config)
+        self.device = as_device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"DecodeGraph: CUDA graphs need a CUDA device, got {self.device}")
+        self.forward, self.config, self.cache, self.warmup = forward, config, cache, warmup
+        self.slots = tuple(int(s) for s in slots)
+        if not self.slots:
+            raise ValueError("DecodeGraph: slots must name at least one sequence")
+        n = len(self.slots)
+        self.x = torch.empty(n, config.hidden_size, dtype=config.dtype, device=self.device)
+        # Pinned staging buffers for the lengths, used in turn; each is reused only after the
+        # copies out of it have run (its event), so the host never overwrites what the GPU has yet
+        # to read, and never waits for the GPU in the steady state.
+        self._staging = [torch.empty(3, n, dtype=torch.int32).pin_memory() for _ in range(4)]
+        self._copied = [torch.cuda.Event() for _ in self._staging]
+        self._turn = 0
+        self.step: Step | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, past_lens: Sequence[int]) -> torch.Tensor:
+        n = len(self.slots)
+        past = [int(p) for p in past_lens]
+        if len(past) != n or min(past) < 1:
+            raise ValueError(f"past_lens: expected {n} lengths >= 1 (decode tokens follow a cached past), got {past}")
+        if tuple(x.shape) != (n, self.config.hidden_size) or x.dtype != self.config.dtype:
+            raise ValueError(
+                f"x: expected [{n}, {self.config.hidden_size}] {self.config.dtype}, got {tuple(x.shape)} {x.dtype}"
+            )
+        if self.graph is None:
+            self.x.copy_(x)
+            return self._capture(past)
+        # The graph does not run the layers' host-side checks: the cache's capacity is checked here.
+        self.cache.check_step(self.step, tuple(p + 1 for p in past))
+        self.x.copy_(x)
+        i = self._turn = (self._turn + 1) % len(self._staging)
+        self._copied[i].synchronize()
+        staging = self._staging[i]
+        staging.copy_(torch.tensor([past, past, [p + 1 for p in past]], dtype=torch.int32))  # the new token: at past
+        for dst, src in zip((self.step.past, self.step.positions, self.step.total_len), staging, strict=True):
+            dst.copy_(src, non_blocking=True)
+        self._copied[i].record(torch.cuda.current_stream(self.device))
+        self.graph.replay()
+        return self.out
+
+    def _capture(self, past: list[int]) -> torch.Tensor:
+        self.step = Step(new_lens=[1] * len(self.slots), past_lens=past, slots=self.slots, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up off the default stream (cuBLAS/NCCL set up lazily)
+            for _ in range(self.warmup):
+                self.forward(self.x, self.step)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.forward(self.x, self.step)
+        self.graph.replay()
+        return self.out
