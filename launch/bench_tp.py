@@ -25,6 +25,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,10 @@ MODELS = (
 )
 PREFILL = (8, 2048)  # sequences x tokens
 DECODE = ((1, 16384), (8, 4096), (64, 2048), (256, 1024))  # batch x cached tokens
+# The same table on a machine without GPUs (the demo's benchmark mode): small shapes, fp32.
+CPU_MODELS = (Model("tiny-gqa", 256, 8, 2, "rope_gpt_neox"), Model("tiny-alibi", 192, 12, 12, "alibi"))
+CPU_PREFILL = (2, 128)
+CPU_DECODE = ((1, 512), (8, 256))
 
 
 def parse_args(argv=None):
@@ -119,10 +124,17 @@ class BaselineLayer:
         return y + self.b_dense if self.b_dense is not None else y
 
 
-def time_steps(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` with CUDA events, after warm-up."""
+def time_steps(fn, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` with CUDA events (a host clock on the CPU), after warm-up."""
     for _ in range(3):
         fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -216,8 +228,8 @@ def bench_case(
         quant=quant.value,
         dtype=str(dtype).removeprefix("torch."),
     )
-    row["ours_ms"] = time_steps(ours, repeats)
-    if phase == "decode" and not paged and quant is QuantMode.none:
+    row["ours_ms"] = time_steps(ours, repeats, dev)
+    if phase == "decode" and not paged and quant is QuantMode.none and dev.type == "cuda":
         busy = gpu_busy_ms(ours)
         row["gpu_busy_ms"] = busy
         row["gpu_idle_pct"] = max(0.0, 100 * (1 - busy / row["ours_ms"]))
@@ -233,17 +245,18 @@ def bench_case(
             )
             pasts = [past] * batch
             graphed = lambda: dg(xs[next(it) % 4], pasts)  # noqa: E731
-            row["graph_ms"] = time_steps(graphed, repeats)
+            row["graph_ms"] = time_steps(graphed, repeats, dev)
             row["graph_idle_pct"] = max(0.0, 100 * (1 - gpu_busy_ms(graphed) / row["graph_ms"]))
     if quant is QuantMode.none and not paged:
         base = BaselineLayer(cfg, layer, group)
         kc = torch.randn(batch, lay.num_kv_heads_per_rank, length, cfg.head_size, device=dev, dtype=dtype)
         vc = torch.randn_like(kc)
         base_fn = lambda: base(xs[next(it) % 4], kc, vc, past, new, batch)  # noqa: E731
-        row["baseline_ms"] = time_steps(base_fn, repeats)
+        row["baseline_ms"] = time_steps(base_fn, repeats, dev)
         row["ratio"] = row["baseline_ms"] / row["ours_ms"]
     row["tokens_per_s"] = batch * new / row["ours_ms"] * 1e3
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -268,8 +281,9 @@ def smoke(world, group) -> None:
     )
 
 
-def run(args) -> list[dict]:
-    world = tp_runtime.init(device="cpu" if args.smoke else None)
+def run(args, world=None) -> list[dict]:
+    """Benchmark (or, with ``--smoke``, check) on the ranks of ``world`` (default: ``tp_runtime.init()``)."""
+    world = world or tp_runtime.init(device="cpu" if args.smoke else None)
     group = init_torch_distributed(world)
     group = group if world.tp_size > 1 else None
     try:
@@ -282,9 +296,12 @@ def run(args) -> list[dict]:
 
 
 def measure(args, world, group) -> list[dict]:
-    dtype = torch.float16
+    cuda = world.device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    models = [m for m in MODELS if m.name in args.models.split(",")] if cuda else CPU_MODELS
+    prefill, decode = (PREFILL, DECODE) if cuda else (CPU_PREFILL, CPU_DECODE)
     rows = []
-    gpu = torch.cuda.get_device_name(world.device)
+    gpu = torch.cuda.get_device_name(world.device) if cuda else "CPU"
 
     def add(row):  # saved after every row, so a run cut short still leaves its numbers
         rows.append(row)
@@ -294,22 +311,25 @@ def measure(args, world, group) -> list[dict]:
                 with open(args.out, "w") as f:
                     json.dump(dict(gpu=gpu, tp=world.tp_size, rows=rows), f, indent=1)
 
-    for m in [m for m in MODELS if m.name in args.models.split(",")]:
+    for m in models:
         if m.heads % world.tp_size:
             continue
         if "prefill" in args.phases:
-            add(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, dtype))
-            if args.fp8:
-                add(bench_case(m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16))
+            add(bench_case(m, world, group, "prefill", *prefill, args.repeats, dtype))
+            if args.fp8 and cuda:
+                add(bench_case(m, world, group, "prefill", *prefill, args.repeats, torch.bfloat16))
                 add(
                     bench_case(
-                        m, world, group, "prefill", *PREFILL, args.repeats, torch.bfloat16, quant=QuantMode.fp8_qdq
+                        m, world, group, "prefill", *prefill, args.repeats, torch.bfloat16, quant=QuantMode.fp8_qdq
                     )
                 )
         if "decode" in args.phases:
-            for batch, length in DECODE:
-                add(bench_case(m, world, group, "decode", batch, length, args.repeats, dtype, graph=args.graph))
-            add(bench_case(m, world, group, "decode", 64, 2048, args.repeats, dtype, paged=True))
+            for batch, length in decode:
+                add(
+                    bench_case(m, world, group, "decode", batch, length, args.repeats, dtype, graph=args.graph and cuda)
+                )
+            paged_case = (64, 2048) if cuda else decode[-1]
+            add(bench_case(m, world, group, "decode", *paged_case, args.repeats, dtype, paged=True))
     return rows
 
 

@@ -1,6 +1,6 @@
 """The main job: tensor-parallel layers on every rank, checked against the unsharded computation.
 
-    launch/tp_run -n 2 launch/demo.py [--pe rope_gpt_neox] [--heads 8 --kv-heads 2] [--device cpu]
+    launch/tp_run -n 2 launch/demo.py [--pe rope_gpt_neox] [--heads 8 --kv-heads 2] [--device cpu] [--bench]
 
 Two parts, both verified on every rank:
   1. a ColumnLinear -> RowLinear pair against the unsharded computation in float64;
@@ -10,14 +10,18 @@ Two parts, both verified on every rank:
      the reference backend (full weights, a contiguous cache, float32); per-step times printed.
 On GPUs the attention runs on the CUDA kernels; on the CPU on the reference backend.
 Any rank outside its error budget fails the whole job; rank 0 ends with "verified".
+``--bench`` then prints the tensor-parallel layer benchmark's table for this machine
+(``launch/bench_tp.py``: GPU shapes on GPUs, small shapes on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -51,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     attn.add_argument("--kv-cache", choices=["auto", "int8", "fp8"], default="auto")
     attn.add_argument("--steps", type=int, default=24, help="serving steps")
     attn.add_argument("--backend", choices=["reference", "cuda"], default=None, help="default: cuda on GPUs")
+    parser.add_argument(
+        "--bench",
+        action="store_true",
+        help="then print launch/bench_tp.py's table for this machine (whole layer vs a torch.distributed layer)",
+    )
     return parser.parse_args(argv)
 
 
@@ -257,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     run_linear_pair(world, args, dtype)
     run_attention_stack(world, args, dtype)
     world.log.info("verified")
+    if args.bench:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_tp
+
+        cuda_args = ["--models", "llama2-7b,llama2-70b", "--repeats", "10", "--graph"]
+        bench_tp.run(bench_tp.parse_args(cuda_args if world.device.type == "cuda" else ["--repeats", "5"]), world=world)
 
 
 if __name__ == "__main__":

@@ -20,3 +20,11 @@ def test_soak_short_run_leaks_nothing(tmp_path):
     assert result.returncode == 0, result.output
     stats = json.loads(out.read_text())
     assert stats["leaked_blocks"] == 0 and stats["checkpoints"] >= 5 and stats["finished"] > 0
+
+
+def test_demo_benchmark_mode_prints_the_table():
+    args = ("--hidden", "64", "--tokens", "8", "--repeats", "1", "--steps", "4", "--bench")
+    result = run_mpi(2, REPO / "launch" / "demo.py", *args, timeout=300)
+    assert result.returncode == 0, result.output
+    assert "verified" in result.output and "ours ms   base ms  ratio" in result.output, result.output
+    assert result.output.count("tiny-gqa") >= 3, result.output
