@@ -46,6 +46,20 @@ def build(world, q_scaling=1.0, wrong_shape=False):
     return cfg, layer
 
 
+def paged(layer, num_blocks):
+    """A small paged cache for ``layer``: blocks of 4 tokens, 2 sequences of at most 16."""
+    return PagedKVCache(
+        config=layer.config,
+        head_layout=layer.layout,
+        num_layers=1,
+        num_blocks=num_blocks,
+        block_size=4,
+        max_seqs=2,
+        max_blocks_per_seq=4,
+        device=layer.device,
+    )
+
+
 def rand(*shape, like, seed=None):
     """Random activations for ``like`` (a layer): its device and dtype, never zeros."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -63,16 +77,7 @@ def main(fault: str) -> None:
         build(world, wrong_shape=r == 1)
     elif fault in ("sigkill", "skip"):
         cfg, layer = build(world)
-        cache = PagedKVCache(
-            config=cfg,
-            head_layout=layer.layout,
-            num_layers=1,
-            num_blocks=8,
-            block_size=4,
-            max_seqs=2,
-            max_blocks_per_seq=4,
-            device=dev,
-        )
+        cache = paged(layer, num_blocks=8)
         step = Step(new_lens=[3], device=dev)
         cache.reserve(step)
         layer(rand(3, 256, like=layer), step, cache)  # one good step on every rank
@@ -87,16 +92,7 @@ def main(fault: str) -> None:
             torch.cuda.synchronize()  # NCCL is asynchronous: the host waits here (the watchdog fires)
     elif fault == "exhaustion":
         cfg, layer = build(world)
-        cache = PagedKVCache(
-            config=cfg,
-            head_layout=layer.layout,
-            num_layers=1,
-            num_blocks=3,
-            block_size=4,
-            max_seqs=2,
-            max_blocks_per_seq=4,
-            device=dev,
-        )
+        cache = paged(layer, num_blocks=3)
         x = rand(8, 256, seed=1, like=layer)
         first = Step(new_lens=[4, 4], slots=[0, 1], device=dev)
         cache.reserve(first)
@@ -117,16 +113,7 @@ def main(fault: str) -> None:
         cache.reserve(only)
         x1 = rand(1, 256, seed=2, like=layer)
         got = layer(x1, only, cache)
-        clean = PagedKVCache(
-            config=cfg,
-            head_layout=layer.layout,
-            num_layers=1,
-            num_blocks=3,
-            block_size=4,
-            max_seqs=2,
-            max_blocks_per_seq=4,
-            device=dev,
-        )
+        clean = paged(layer, num_blocks=3)
         solo = Step(new_lens=[4], slots=[1], device=dev)
         clean.reserve(solo)
         layer(x[4:], solo, clean)
