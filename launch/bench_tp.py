@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import tp_runtime
 from tp_runtime.attention import Attention
+from tp_runtime.backends import precompile
 from tp_runtime.config import AttentionConfig, QuantMode
 from tp_runtime.graphs import DecodeGraph
 from tp_runtime.kv_cache import KVCache, PagedKVCache
@@ -179,6 +180,7 @@ def build(model: Model, world, dtype, quant=QuantMode.none, max_batch=8, max_len
         qkv_bias=(torch.randn(cfg.qkv_size, device=dev, generator=gen) * 0.1).to(dtype),
         dense_bias=(torch.randn(model.hidden, device=dev, generator=gen) * 0.1).to(dtype),
     )
+    precompile([layer], world.local_comm)  # outside the timed region; one rank per node compiles
     return cfg, layer
 
 

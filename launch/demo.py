@@ -28,6 +28,7 @@ import torch
 import tp_runtime
 from tp_runtime import ColumnLinear, NoComm, RowLinear, World
 from tp_runtime.attention import Attention
+from tp_runtime.backends import precompile
 from tp_runtime.config import AttentionConfig
 from tp_runtime.kv_cache import KVCache, PagedKVCache
 from tp_runtime.step import Step
@@ -167,6 +168,7 @@ def run_attention_stack(world: World, args: argparse.Namespace, dtype: torch.dty
         ref = Attention(ref_cfg, comm=NoComm(), layer_idx=i, backend="reference")
         ref.load_weights(**{k: v.to(dtype).float() for k, v in w.items()})
         oracle.append(ref)
+    precompile(ours, world.local_comm)  # CUDA kernels: one rank per node compiles, before the first step
     max_seqs, block = 6, 16
     cache = PagedKVCache(
         config=cfg,

@@ -20,6 +20,7 @@ import torch
 
 import tp_runtime
 from tp_runtime.attention import Attention
+from tp_runtime.backends import precompile
 from tp_runtime.config import AttentionConfig
 from tp_runtime.kv_cache import CacheCapacityError, KVCache, PagedKVCache
 from tp_runtime.step import Step
@@ -55,6 +56,7 @@ def main(argv=None) -> dict:
     w_dense = torch.randn(cfg.hidden_size, cfg.hidden_size, generator=gen) / 16
     bias = torch.randn(cfg.qkv_size, generator=gen) / 4
     layer = Attention(cfg, comm=world.tp_comm, device=dev, backend=args.backend)
+    precompile([layer], world.local_comm)
     layer.load_weights(
         qkv_weight=w_qkv.to(dev, dtype),
         dense_weight=w_dense.to(dev, dtype),

@@ -55,3 +55,32 @@ def test_activation_checks_name_the_fix():
         check_activation(torch.randn(2, 2), "qkv")
     with pytest.raises(ValueError, match="CUDA tensors"):
         check_activation(torch.randn(2, 2).half(), "qkv")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(position_embedding="rope_gpt_neox", num_kv_heads=2),
+        dict(position_embedding="alibi", kv_cache_dtype="int8"),
+        dict(position_embedding="relative", mask_type="causal", kv_cache_dtype="fp8"),
+        dict(position_embedding="relative", mask_type="causal", relative_table=False),
+        dict(cross_attention=True),
+    ],
+)
+def test_layer_variants_are_in_the_compile_table(kw):
+    """What precompile_layers asks for: every variant the layer can launch, each one the table supports."""
+    from tp_runtime.attention import Attention, BertAttention
+    from tp_runtime.comm import NoComm
+    from tp_runtime.config import AttentionConfig
+
+    cfg = AttentionConfig(hidden_size=1024, num_heads=8, dtype=torch.bfloat16, **kw)
+    layers = [Attention(cfg, comm=NoComm(), backend="reference")]
+    if not cfg.cross_attention and not cfg.position_embedding.is_rope and not cfg.kv_cache_dtype.is_quantized:
+        layers.append(BertAttention(AttentionConfig(**{**cfg.__dict__, "mask_type": "padding"}), comm=NoComm()))
+    for layer in layers:
+        variants = cuda.layer_variants(layer)
+        families = {f for f, _ in variants}
+        assert "prepare" in families and "context" in families
+        assert ("decode" in families) == (not isinstance(layer, BertAttention))
+        for family, params in variants:
+            kc._resolve(family, params)

@@ -33,3 +33,12 @@ def get_backend(name: str | None, device: torch.device | str, dtype: torch.dtype
     if dtype not in CUDA_DTYPES:
         raise ValueError(f"backend='cuda' runs fp16/bf16 layers, got dtype={dtype}: use backend='reference' for fp32")
     return importlib.import_module(".cuda", __name__)
+
+
+def precompile(layers, local_comm=None) -> None:
+    """Compile ahead of the first step what the layers will launch (the CUDA backend's kernels;
+    nothing for the reference backend). Under mpirun pass ``World.local_comm``: one rank per node
+    compiles, the others then load the binaries from the disk cache. Collective over it."""
+    cuda_layers = [layer for layer in layers if layer.backend.name == "cuda"]
+    if cuda_layers:
+        importlib.import_module(".cuda", __name__).precompile_layers(cuda_layers, local_comm)

@@ -9,12 +9,14 @@ device pointers and typed scalars. Per-step metadata (the context tile map, key 
 frequencies) is built once per step through ``step.memo`` and reused by every layer.
 
 Public: ``name``, ``prepare``, ``attend``, ``route``, ``prepare_variant``, ``context_variant``,
-``CONTEXT_TILES``, ``CONTEXT_TILES_WIDE``, ``context_tiles``.
+``CONTEXT_TILES``, ``CONTEXT_TILES_WIDE``, ``context_tiles``, ``layer_variants``, ``precompile_layers``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -329,3 +331,52 @@ def _context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: list[int], ou
         raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
     smem = (block_m + 4 * block_n) * (d + 8) * q.element_size()
     launch(kernel, (h_r, tiles.shape[0], 1), (32 * warps, 1, 1), args, q.device, shared_mem=smem)
+
+
+# ---- compiling ahead -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _CacheKind:
+    """What the variant choosers read of a cache: its storage kind and layout (no data needed)."""
+
+    kind: KVCacheDType
+    layout: CacheLayout
+
+
+def layer_variants(layer) -> list[tuple[str, dict]]:
+    """Every kernel variant an ``Attention``/``BertAttention`` layer can launch on this backend:
+    both cache layouts, both context tile shapes, the decode kernel for its head grouping."""
+    from ..attention import BertAttention  # the layer classes import this backend
+
+    c = layer.config
+    spec = layer._spec(None, cross=c.cross_attention, position_bias=None)
+    if c.position_embedding.value == "relative" and not c.relative_table:
+        spec = dataclasses.replace(spec, relative_bias=torch.empty(0))  # an explicit table, given per call
+    bert = isinstance(layer, BertAttention)
+    layouts = (CacheLayout.contiguous,) if bert else (CacheLayout.contiguous, CacheLayout.paged)
+    group = layer.layout.group_size
+    out: list[tuple[str, dict]] = []
+    for layout in layouts:
+        kv = _CacheKind(c.kv_cache_dtype, layout)
+        if c.cross_attention:
+            out += [("prepare", prepare_variant(c.dtype, None, kv)), ("prepare", prepare_variant(c.dtype, None, None))]
+        else:
+            out.append(("prepare", prepare_variant(c.dtype, layer.rope, kv)))
+        for max_new in (0, WIDE_CAUSAL_MIN_LEN):
+            out.append(("context", context_variant(c.dtype, c.head_size, spec, kv, max_new)))
+        if not bert:
+            out.append(("decode", cuda_decode.variant(c.dtype, kv, c.head_size, group)))
+    return _unique(out)
+
+
+def _unique(variants: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    return list({(f, tuple(sorted((k, str(v)) for k, v in p.items()))): (f, p) for f, p in variants}.values())
+
+
+def precompile_layers(layers, local_comm=None) -> None:
+    """Compile every variant ``layers`` can launch before the first step. Under mpirun, pass the
+    node-local communicator (``World.local_comm``): one rank per node compiles (in parallel
+    processes), the others wait, then load the binaries from the disk cache. Collective over it."""
+    from .compile import precompile
+
+    wanted = [v for layer in layers if layer.backend.name == name for v in layer_variants(layer)]
+    precompile(_unique(wanted), local_comm)
