@@ -123,3 +123,24 @@ def test_bad_load_weights_changes_nothing():
             layer.load_weights(**{**good, **bad})
         for k, v in layer.state_dict().items():
             assert torch.equal(v, before[k]), f"{k} changed by a failed load_weights({list(bad)})"
+
+
+def test_start_up_checksum_catches_a_broken_all_reduce():
+    from mpi4py import MPI
+
+    from tp_runtime.comm import Communicator
+    from tp_runtime.world import _self_test
+
+    class Lossy(Communicator):  # rank 0 of 2 whose peer's contribution never arrives
+        rank, size = 0, 2
+
+        def all_reduce(self, tensor):
+            return tensor
+
+    class Right(Lossy):  # ... and one where it does (the peer, rank 1, gives 2x)
+        def all_reduce(self, tensor):
+            return tensor.mul_(3)
+
+    _self_test(MPI.COMM_SELF, Right(), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="start-up all-reduce checksum failed on 1 of 1 ranks"):
+        _self_test(MPI.COMM_SELF, Lossy(), torch.device("cpu"))
