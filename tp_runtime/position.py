@@ -61,13 +61,17 @@ class RopeSpec:
             base = torch.where(n > m, grown, base)
         return base
 
+    def inv_freq(self, seq_len: torch.Tensor) -> torch.Tensor:
+        """``seq_len [N]`` -> fp64 inverse frequencies ``[N, rot/2]``: ``1 / base^(2i/rot)`` with each
+        length's base (the CUDA prepare kernel reads the same table, per sequence)."""
+        base = self.base_for_length(seq_len)[:, None]  # [N, 1]
+        i = torch.arange(self.rotary_dim // 2, dtype=torch.float64, device=seq_len.device)[None, :]
+        return 1.0 / base ** (2 * i / self.rotary_dim)
+
     def cos_sin(self, positions: torch.Tensor, seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions [T]`` (absolute, per token) and ``seq_len [T]`` (its sequence's length after
         this step, for dynamic scaling) -> ``cos, sin [T, rot/2]`` in fp32."""
-        half = self.rotary_dim // 2
-        base = self.base_for_length(seq_len)[:, None]  # [T, 1]
-        i = torch.arange(half, dtype=torch.float64, device=positions.device)[None, :]
-        inv_freq = 1.0 / base ** (2 * i / self.rotary_dim)  # [T, rot/2]
+        inv_freq = self.inv_freq(seq_len)  # [T, rot/2]
         t = positions.to(torch.float64)[:, None]
         if self.scaling is RotaryScalingType.linear:
             t = t / self.factor

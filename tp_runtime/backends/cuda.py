@@ -91,16 +91,10 @@ def prepare_variant(dtype: torch.dtype, rope: RopeSpec | None, kv: LayerKV | Non
 
 
 def _rope_inv_freq(step: Step, rope: RopeSpec) -> torch.Tensor:
-    """``[B, rot/2]`` fp64 inverse frequencies per sequence (dynamic NTK: per-sequence base), built
-    with the reference's own arithmetic and cached for the step."""
-
-    def build():  # on the step's device, exactly as reference's RopeSpec.cos_sin computes it
-        dev = step.device
-        base = rope.base_for_length(torch.tensor(step.total_lens, dtype=torch.float64, device=dev))[:, None]
-        i = torch.arange(rope.rotary_dim // 2, dtype=torch.float64, device=dev)[None, :]
-        return (1.0 / base ** (2 * i / rope.rotary_dim)).contiguous()
-
-    return step.memo(("cuda.rope_inv_freq", rope), build)
+    """``[B, rot/2]`` fp64 inverse frequencies per sequence (dynamic NTK: per-sequence base), the
+    reference's own table (``RopeSpec.inv_freq``), built once per step."""
+    lengths = lambda: torch.tensor(step.total_lens, dtype=torch.float64, device=step.device)  # noqa: E731
+    return step.memo(("cuda.rope_inv_freq", rope), lambda: rope.inv_freq(lengths()).contiguous())
 
 
 def _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot):
