@@ -780,6 +780,30 @@ for _name in ("llama_gqa", "bloom12"):
 # ---------------------------------------------------------------------------------------------
 # mpirun entry point
 # ---------------------------------------------------------------------------------------------
+def _precompile_cuda(world) -> None:
+    """Every kernel variant the cases can launch at head size 64, compiled once per node before the
+    first case (in parallel processes), instead of by every rank on first use inside the cases."""
+    import itertools
+
+    from tp_runtime.backends.compile import precompile
+    from tp_runtime.backends.cuda import context_tiles
+
+    caches, layouts = ("auto", "int8", "fp8"), ("contiguous", "paged")
+    wanted = []
+    for dt in (F16, BF16):
+        for cache, layout, rope in itertools.product(caches, (*layouts, "none"), ("none", "gptj", "neox")):
+            wanted.append(("prepare", dict(dtype=dt, cache=cache, layout=layout, rope=rope)))
+        for mask, bias, cache, layout in itertools.product(
+            ("causal", "padding", "bidirectional"), ("none", "alibi", "table"), caches, layouts
+        ):
+            tiles = context_tiles(HEAD_SIZE, causal=mask == "causal")
+            wanted.append(("context", dict(dtype=dt, head_size=HEAD_SIZE, mask=mask, bias=bias, layout=layout,
+                                           cache=cache, **tiles)))  # fmt: skip
+        for cache, layout, heads in itertools.product(caches, layouts, (1, 2, 4, 8)):
+            wanted.append(("decode", dict(dtype=dt, cache=cache, layout=layout, head_size=HEAD_SIZE, heads=heads)))
+    precompile(wanted, world.local_comm)
+
+
 def main(argv: list[str]) -> int:
     import tp_runtime
 
@@ -789,6 +813,7 @@ def main(argv: list[str]) -> int:
     DEVICE = world.device
     if DEVICE.type == "cuda":
         HEAD_SIZE, FP32_AS = 64, BF16
+        _precompile_cuda(world)
     names = argv or list(CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
