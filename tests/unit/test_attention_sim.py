@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from layer_weights import make_weights
 from simulated import simulate
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.t5.modeling_t5 import T5Attention
@@ -30,21 +31,6 @@ HIDDEN = 32
 
 def make_config(**kw) -> AttentionConfig:
     return AttentionConfig(**{"hidden_size": HIDDEN, "num_heads": 4, **kw})
-
-
-def make_weights(c: AttentionConfig, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    w = {
-        "qkv_weight": torch.randn(c.qkv_size, c.hidden_size, generator=g) / math.sqrt(c.hidden_size),
-        "dense_weight": torch.randn(c.hidden_size, c.num_heads * c.head_size, generator=g) / math.sqrt(c.hidden_size),
-    }
-    if c.qkv_bias:
-        w["qkv_bias"] = torch.randn(c.qkv_size, generator=g) * 0.5
-    if c.dense_bias:
-        w["dense_bias"] = torch.randn(c.hidden_size, generator=g)
-    if c.position_embedding.value == "relative" and c.relative_table:
-        w["relative_table"] = torch.randn(c.num_heads, c.relative_num_buckets, generator=g)
-    return w
 
 
 def build(c: AttentionConfig, w: dict, comm, *, paged=False, max_seq_len=40, max_batch=4):

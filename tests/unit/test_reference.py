@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from layer_weights import make_weights
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -334,19 +335,6 @@ def layer_oracle(c: AttentionConfig, w, history: torch.Tensor, n_new: int, *, ma
     return ctx @ w["dense_weight"].double().T + (w["dense_bias"].double() if c.dense_bias else 0.0)
 
 
-def random_weights(c: AttentionConfig, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    w = {
-        "qkv_weight": torch.randn(c.qkv_size, c.hidden_size, generator=g) / math.sqrt(c.hidden_size),
-        "dense_weight": torch.randn(c.hidden_size, c.num_heads * c.head_size, generator=g) / math.sqrt(c.hidden_size),
-    }
-    if c.qkv_bias:
-        w["qkv_bias"] = torch.randn(c.qkv_size, generator=g) * 0.5
-    if c.dense_bias:
-        w["dense_bias"] = torch.randn(c.hidden_size, generator=g)
-    return w
-
-
 LAYER_CONFIGS = {
     "causal_gqa": dict(num_heads=4, num_kv_heads=2),
     "q_scaling": dict(num_heads=4, q_scaling=0.7),
@@ -364,7 +352,7 @@ LAYER_CONFIGS = {
 def test_layer_prefill_then_decode_against_loops(name):
     kw = {"hidden_size": 32, **LAYER_CONFIGS[name]}
     c = AttentionConfig(**kw)
-    w = random_weights(c, seed=len(name))
+    w = make_weights(c, seed=len(name))
     layer = Attention(c, comm=NoComm())
     layer.load_weights(**w)
     cache = KVCache(
@@ -392,7 +380,7 @@ def test_layer_prefill_then_decode_against_loops(name):
 
 def test_bert_attention_padding_against_loops():
     c = AttentionConfig(hidden_size=32, num_heads=4, mask_type="padding")
-    w = random_weights(c, seed=3)
+    w = make_weights(c, seed=3)
     layer = BertAttention(c, comm=NoComm())
     layer.load_weights(**w)
     g = torch.Generator().manual_seed(4)
@@ -409,7 +397,7 @@ def test_bert_attention_padding_against_loops():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_layer_half_precision_close_to_fp64(dtype):
     c = AttentionConfig(hidden_size=32, num_heads=4, num_kv_heads=2, position_embedding="rope_gpt_neox", dtype=dtype)
-    w = random_weights(c, seed=8)
+    w = make_weights(c, seed=8)
     layer = Attention(c, comm=NoComm())
     layer.load_weights(**{k: v.to(dtype) for k, v in w.items()})
     cache = KVCache(config=c, head_layout=head_layout(4, 2, 1, 0), num_layers=1, max_batch=1, max_seq_len=8)
