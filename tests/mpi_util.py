@@ -28,6 +28,12 @@ class MpiResult:
     returncode: int
     output: str  # stdout and stderr of every rank, interleaved
     elapsed: float  # seconds
+    finished_at: float  # wall clock (time.time()) when the job ended, to compare with times ranks print
+
+
+def job_device(nprocs: int) -> str:
+    """Where ``run_mpi(nprocs, ...)`` runs its ranks: ``"cuda"`` with a GPU per rank, else ``"cpu"``."""
+    return "cuda" if os.environ.get("TP_RUNTIME_DEVICE") != "cpu" and _gpus() >= nprocs else "cpu"
 
 
 def _gpus() -> int:
@@ -68,7 +74,7 @@ def run_mpi(
         _kill_session(proc.pid)
         output, _ = proc.communicate()
         pytest.fail(f"{' '.join(command)} did not finish within {timeout} s; output so far:\n{output}")
-    return MpiResult(proc.returncode, output, time.monotonic() - start)
+    return MpiResult(proc.returncode, output, time.monotonic() - start, time.time())
 
 
 def _kill_session(session: int) -> None:

@@ -324,7 +324,7 @@ class _NcclWatchdog:
         while True:
             time.sleep(0.05)
             with self._lock:
-                while self._pending and self._pending[0][0].query():
+                while self._pending and self._done(self._pending[0][0]):
                     self._pending.popleft()
                 late = self._pending[0] if self._pending and time.monotonic() > self._pending[0][2] else None
             if late is not None:
@@ -336,6 +336,16 @@ class _NcclWatchdog:
                 self._comm._nccl.check_async_error()
             except Exception as exc:  # an NCCL error on this communicator: nothing will complete now
                 self._fail(f"NCCL reported an error: {exc}")
+
+    @staticmethod
+    def _done(event: torch.cuda.Event) -> bool:
+        """Whether the collective behind ``event`` finished. A query that errors counts as not yet:
+        the deadline still ends the job if it never does, and this thread must not die (it is the
+        only one that can end a job whose main thread waits on the GPU)."""
+        try:
+            return event.query()
+        except RuntimeError:  # torch.AcceleratorError derives from it
+            return False
 
     def _fail(self, reason: str) -> None:
         c = self._comm

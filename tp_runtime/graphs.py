@@ -106,7 +106,9 @@ class DecodeGraph:
                 self.forward(self.x, self.step)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads (the NCCL watchdog polls its events) may keep using CUDA while
+        # this one captures; the default mode would fail their calls and invalidate the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = self.forward(self.x, self.step)
         self.graph.replay()
         return self.out

@@ -5,9 +5,13 @@
   config         rank 1 builds its layer with another q_scaling
   weights        rank 1 is given weights of the wrong shape
   exhaustion     the paged cache runs out of blocks mid-run: a clear error, other sequences unchanged
+Rank 0 prints ``FAULT_AT <wall clock>`` just before the fault, so the test can bound the time from
+the fault to the end of the job apart from start-up (CUDA, NCCL, kernel compilation). If a rank is
+still alive 60 s after that, it prints every thread's stack (what it is stuck in).
 Prints ``PASS rank r`` when a rank finishes normally (only ``exhaustion`` does).
 """
 
+import faulthandler
 import os
 import signal
 import sys
@@ -71,9 +75,17 @@ def main(fault: str) -> None:
     dev = world.device
     set_collective_timeout(5)
     r = world.rank
+
+    def fault_now():
+        if r == 0:
+            print(f"FAULT_AT {time.time():.3f}", flush=True)
+        faulthandler.dump_traceback_later(60, exit=False)
+
     if fault == "config":
+        fault_now()
         build(world, q_scaling=2.0 if r == 1 else 1.0)
     elif fault == "weights":
+        fault_now()
         build(world, wrong_shape=r == 1)
     elif fault in ("sigkill", "skip"):
         cfg, layer = build(world)
@@ -81,6 +93,8 @@ def main(fault: str) -> None:
         step = Step(new_lens=[3], device=dev)
         cache.reserve(step)
         layer(rand(3, 256, like=layer), step, cache)  # one good step on every rank
+        world.tp_comm.barrier()  # both ranks are past start-up (and kernel compilation)
+        fault_now()
         if r == 1:
             if fault == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
