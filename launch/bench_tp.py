@@ -231,6 +231,10 @@ def bench_case(
         dtype=str(dtype).removeprefix("torch."),
     )
     row["ours_ms"] = time_steps(ours, repeats, dev)
+    if phase == "prefill":  # the two projection GEMMs alone (FP8: with the activation quantizer)
+        ctx = torch.randn(batch * new, len(layer.dense.cols), device=dev, dtype=dtype)
+        proj = lambda: (layer.qkv.matmul(xs[0]), layer.dense.matmul(ctx))  # noqa: E731
+        row["proj_ms"] = time_steps(proj, repeats, dev)
     if phase == "decode" and not paged and quant is QuantMode.none and dev.type == "cuda":
         busy = gpu_busy_ms(ours)
         row["gpu_busy_ms"] = busy
@@ -339,7 +343,7 @@ def print_table(rows, header: bool = True) -> None:
     if header:
         print(
             f"{'model':12} {'phase':8} {'B':>4} {'L':>6} {'tp':>2} {'paged':>5} {'quant':>7} "
-            f"{'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6} {'graph ms':>9} {'g.idle%':>7}"
+            f"{'ours ms':>9} {'base ms':>9} {'ratio':>6} {'idle%':>6} {'graph ms':>9} {'g.idle%':>7} {'proj ms':>8}"
         )
     for r in rows:
         print(
@@ -347,7 +351,7 @@ def print_table(rows, header: bool = True) -> None:
             f"{str(r['paged']):>5} {r['quant']:>7} "
             f"{r['ours_ms']:9.3f} {r.get('baseline_ms', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f} "
             f"{r.get('gpu_idle_pct', float('nan')):6.1f} {r.get('graph_ms', float('nan')):9.3f} "
-            f"{r.get('graph_idle_pct', float('nan')):7.1f}"
+            f"{r.get('graph_idle_pct', float('nan')):7.1f} {r.get('proj_ms', float('nan')):8.3f}"
         )
 
 
@@ -355,24 +359,45 @@ def report(paths) -> None:
     """Merge per-tp JSONs: ratios, strong-scaling efficiency (t1 / (tp · t_tp)), markdown and a plot."""
     results = [json.load(open(p)) for p in sorted(set(sum((glob.glob(p) for p in paths), [])))]
     key = lambda r: (r["model"], r["phase"], r["batch"], r["length"], r["paged"], r["quant"], r["dtype"])  # noqa: E731
-    t1 = {key(r): r["ours_ms"] for res in results if res["tp"] == 1 for r in res["rows"]}
+    t1 = {key(r): r for res in results if res["tp"] == 1 for r in res["rows"]}
+
+    def efficiency(r, field):  # strong scaling from tp 1 to r's tp, of the time in ``field``
+        one = t1.get(key(r), {}).get(field)
+        return f"{100 * one / (r['tp'] * r[field]):.0f}%" if one and r.get(field) else "-"
+
     lines = [
         "| GPU | model | phase | batch | len | tp | ours ms | baseline ms | ratio | scaling eff. | idle % "
-        "| graph ms | graph idle % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| graph ms | graph idle % | graph scaling eff. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fp8 = [
+        "| GPU | model | tp | bf16 step ms | fp8 step ms | step speed-up | bf16 projections ms | fp8 projections ms "
+        "| projections speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
+        bf16 = {r["model"]: r for r in res["rows"] if r["phase"] == "prefill" and r["dtype"] == "bfloat16"}
         for r in res["rows"]:
-            eff = t1.get(key(r))
-            eff = f"{100 * eff / (r['tp'] * r['ours_ms']):.0f}%" if eff else "-"
-            extra = " paged" if r["paged"] else (" fp8" if r["quant"] != "none" else "")
+            if r["quant"] == "fp8_qdq" and r["model"] in bf16 and "proj_ms" in r:
+                b = bf16[r["model"]]
+                fp8.append(
+                    f"| {res['gpu']} | {r['model']} | {r['tp']} | {b['ours_ms']:.3f} | {r['ours_ms']:.3f} | "
+                    f"{b['ours_ms'] / r['ours_ms']:.2f} | {b['proj_ms']:.3f} | {r['proj_ms']:.3f} | "
+                    f"{b['proj_ms'] / r['proj_ms']:.2f} |"
+                )
+            if r["quant"] != "none" or r["dtype"] == "bfloat16":
+                continue  # the FP8 comparison's rows: in the second table
+            eff = efficiency(r, "ours_ms")
+            extra = " paged" if r["paged"] else ""
             lines.append(
                 f"| {res['gpu']} | {r['model']}{extra} | {r['phase']} | {r['batch']} | {r['length']} | {r['tp']} | "
                 f"{r['ours_ms']:.3f} | {r.get('baseline_ms', float('nan')):.3f} | {r.get('ratio', float('nan')):.2f} | "
                 f"{eff} | {r.get('gpu_idle_pct', float('nan')):.1f} | {r.get('graph_ms', float('nan')):.3f} | "
-                f"{r.get('graph_idle_pct', float('nan')):.1f} |"
+                f"{r.get('graph_idle_pct', float('nan')):.1f} | {efficiency(r, 'graph_ms')} |"
             )
     print("\n".join(lines))
+    print("\nFP8 projections vs bf16, prefill (same run):\n")
+    print("\n".join(fp8))
     try:
         import matplotlib
 

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .backends import cuda_fp8
 from .config import Fp8ActivationScaling, Fp8WeightScaling
 from .linear import ColumnLinear, RowLinear
 
@@ -94,14 +95,25 @@ class _Fp8Mixin:
                 )
             s_x = self.input_scale
         else:
-            s_x = scale_from_amax(x2.abs().amax()).reshape(1)
-        xq = quantize_fp8(x2, s_x)
+            s_x = None
         if self.use_fp8_gemm:
+            if cuda_fp8.supports(x2):  # the same numbers as the torch ops below, in two fused passes
+                xq, s_x = cuda_fp8.quantize(x2, s_x)
+            else:
+                xq, s_x = self._quantize(x2, s_x)
             y = self._scaled_mm(xq, s_x)
         else:
+            xq, s_x = self._quantize(x2, s_x)
             w = self.weight.float() * self.weight_scale[:, None]
             y = (xq.float() * s_x) @ w.t()
         return y.to(self.dtype).reshape(*lead, -1)
+
+    @staticmethod
+    def _quantize(x2: torch.Tensor, s_x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The specification of the activation quantizer (``s_x`` None: dynamic, from amax)."""
+        if s_x is None:
+            s_x = scale_from_amax(x2.abs().amax()).reshape(1)
+        return quantize_fp8(x2, s_x), s_x
 
     def _scaled_mm(self, xq: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
         if self.weight_scaling is Fp8WeightScaling.per_tensor:

@@ -85,14 +85,18 @@ class DecodeGraph:
             self.x.copy_(x)
             return self._capture(past)
         # The graph does not run the layers' host-side checks: the cache's capacity is checked here.
-        self.cache.check_step(self.step, tuple(p + 1 for p in past))
-        self.x.copy_(x)
+        total = tuple(p + 1 for p in past)
+        self.cache.check_step(self.step, total)
+        # Host work here is GPU idle time at small batches: fill pinned memory through numpy and
+        # move past | positions | total_len (adjacent in the step's buffer) with one copy.
         i = self._turn = (self._turn + 1) % len(self._staging)
         self._copied[i].synchronize()
         staging = self._staging[i]
-        staging.copy_(torch.tensor([past, past, [p + 1 for p in past]], dtype=torch.int32))  # the new token: at past
-        for dst, src in zip((self.step.past, self.step.positions, self.step.total_len), staging, strict=True):
-            dst.copy_(src, non_blocking=True)
+        rows = staging.numpy()
+        rows[0] = rows[1] = past  # the new token sits at position past
+        rows[2] = total
+        self.x.copy_(x)
+        self.step.lengths_block.copy_(staging, non_blocking=True)
         self._copied[i].record(torch.cuda.current_stream(self.device))
         self.graph.replay()
         return self.out

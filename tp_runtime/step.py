@@ -113,19 +113,24 @@ class Step:
         cu[1:] = torch.cumsum(new, 0)
         token_seq = torch.repeat_interleave(torch.arange(len(new), dtype=i32), new.long())
         offset = torch.arange(int(cu[-1]), dtype=i32) - cu[token_seq.long()]
+        # past, positions and total_len adjacent, in this order: for a decode step (one token per
+        # sequence) they form one [3, B] block that a CUDA graph updates with one copy (lengths_block).
         parts = {
             "cu_seqlens": cu,
-            "past": past,
             "slot": torch.tensor(self.slots, dtype=i32),
+            "token_seq": token_seq,
+            "past": past,
             "positions": past[token_seq.long()] + offset,
             "total_len": (past + new)[token_seq.long()],
-            "token_seq": token_seq,
         }
         if self.encoder_lens is not None:
             parts["encoder"] = torch.tensor(self.encoder_lens, dtype=i32)
         flat = torch.cat(list(parts.values())).to(self.device)
         views = flat.split([p.numel() for p in parts.values()])
         self._t.update(zip(parts, views, strict=True))
+        if all(n == 1 for n in self.new_lens):
+            b, start = len(new), len(cu) + 2 * len(new)  # after cu_seqlens, slot and token_seq
+            self._t["lengths_block"] = flat[start : start + 3 * b].view(3, b)
         self._t.setdefault("encoder", None)
         object.__setattr__(self, "total_lens", tuple(int(v) for v in (past + new).tolist()))
 
@@ -149,6 +154,14 @@ class Step:
     @property
     def total_len(self) -> torch.Tensor:
         return self._t["total_len"]
+
+    @property
+    def lengths_block(self) -> torch.Tensor:
+        """Decode steps only: ``[3, B]`` int32 device view of ``past``, ``positions`` and
+        ``total_len`` (one buffer), so a replayed CUDA graph's lengths are updated by one copy."""
+        if "lengths_block" not in self._t:
+            raise ValueError("Step.lengths_block: only for steps of one new token per sequence")
+        return self._t["lengths_block"]
 
     @property
     def token_seq(self) -> torch.Tensor:

@@ -5,12 +5,60 @@ import torch
 
 from tp_runtime.comm import NoComm
 from tp_runtime.config import AttentionConfig
-from tp_runtime.fp8 import FP8ColumnLinear, fp8_gemm_supported
+from tp_runtime.fp8 import FP8ColumnLinear, fp8_gemm_supported, quantize_fp8, scale_from_amax
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not fp8_gemm_supported(torch.device("cuda")),
     reason="needs a CUDA GPU with FP8 matrix units (sm_89+)",
 )
+KERNEL_VARIANTS = [(f, {"dtype": d}) for f in ("fp8_amax", "fp8_quantize") for d in ("float16", "bfloat16")]
+
+
+def _wide_random(n: int, dtype, seed: int) -> torch.Tensor:
+    """Values over many binades (e4m3 subnormals, clipping at 448 with a small static scale), signed."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mag = torch.exp(torch.randn(n, generator=g, device="cuda") * 3)
+    return (torch.randn(n, generator=g, device="cuda").sign() * mag).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,offset", [((333, 1024), 0), ((7, 13), 0), ((1000, 4096), 1), ((1,), 0), ((5, 8), 3)])
+@pytest.mark.parametrize("static", [False, True])
+def test_quantizer_kernel_equals_torch_ops(dtype, shape, offset, static):
+    """kernels/fp8_quant.cu against the specification in fp8.py, bit for bit: aligned (vector) and
+    unaligned (scalar) inputs, odd sizes, dynamic and static scales; output memory poisoned first."""
+    from tp_runtime.backends import cuda_fp8
+
+    n = torch.Size(shape).numel()
+    x = _wide_random(n + offset, dtype, seed=n + offset)[offset:].view(shape)  # offset: not 16-byte aligned
+    s = torch.tensor([0.37], device="cuda") if static else None
+    torch.full((4 * n + 4096,), 0x7F, dtype=torch.uint8, device="cuda")  # e4m3 NaN bytes, freed for reuse
+    got_q, got_s = cuda_fp8.quantize(x, s)
+    ref_s = s if static else scale_from_amax(x.abs().amax()).reshape(1)
+    ref_q = quantize_fp8(x, ref_s)
+    assert torch.equal(got_s, ref_s), (got_s, ref_s)
+    assert got_q.shape == x.shape and got_q.dtype == torch.float8_e4m3fn
+    bad = (got_q.view(torch.uint8) != ref_q.view(torch.uint8)).sum().item()
+    assert bad == 0, f"{bad} of {n} quantized values differ from quantize_fp8"
+
+
+@pytest.mark.parametrize("fill", [0.0, float("nan")])
+def test_quantizer_kernel_special_inputs(fill):
+    """All zeros: scale 1 (as scale_from_amax). A NaN: amax is NaN, so the scale is 1, and the NaN
+    stays NaN while every other value quantizes as usual -- the torch ops' behaviour."""
+    from tp_runtime.backends import cuda_fp8
+
+    x = (
+        _wide_random(4099, torch.bfloat16, seed=7)
+        if fill != fill
+        else torch.zeros(4099, dtype=torch.bfloat16, device="cuda")
+    )
+    if fill != fill:
+        x[1234] = fill
+    got_q, got_s = cuda_fp8.quantize(x)
+    ref_s = scale_from_amax(x.abs().amax()).reshape(1)
+    assert torch.equal(got_s, ref_s) and ref_s.item() == 1.0
+    torch.testing.assert_close(got_q.float(), quantize_fp8(x, ref_s).float(), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("scaling", ["per_tensor", "per_channel"])

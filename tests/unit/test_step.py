@@ -188,3 +188,16 @@ def test_padding_to_packed_left_and_right(seed):
     assert idx.tolist() == want and list(got_lens) == lens
     with pytest.raises(ValueError, match="attention_mask"):
         padding_to_packed(mask[0])
+
+
+def test_lengths_block_is_one_view_of_the_decode_lengths():
+    """A decode step's past | positions | total_len are one [3, B] block (a CUDA graph updates the
+    lengths with one copy); writing through it changes what the kernels read."""
+    step = Step(new_lens=[1, 1, 1], past_lens=[4, 9, 2], slots=[2, 0, 5])
+    block = step.lengths_block
+    assert block.tolist() == [[4, 9, 2], [4, 9, 2], [5, 10, 3]]
+    block.copy_(torch.tensor([[7, 1, 3], [7, 1, 3], [8, 2, 4]], dtype=torch.int32))
+    assert step.past.tolist() == [7, 1, 3] and step.positions.tolist() == [7, 1, 3]
+    assert step.total_len.tolist() == [8, 2, 4] and step.slot.tolist() == [2, 0, 5]
+    with pytest.raises(ValueError, match="lengths_block"):
+        Step(new_lens=[2, 1], past_lens=[0, 3]).lengths_block

@@ -157,6 +157,20 @@ FAMILIES: dict[str, Family] = {
         },
         doc="flash-decoding: one query token per sequence against its cached keys",
     ),
+    # Per-tensor FP8 quantization of a projection's input (kernels/fp8_quant.cu): max |x|, then
+    # x / scale rounded to e4m3. Elementwise and memory-bound: only the input type is compile-time.
+    "fp8_amax": Family(
+        source="fp8_quant.cu",
+        template="tp::fp8_amax_kernel<{dtype}>",
+        params={"dtype": _HALF_TYPES},
+        doc="max |x| of an fp16/bf16 tensor (NaN propagates), for a dynamic FP8 scale",
+    ),
+    "fp8_quantize": Family(
+        source="fp8_quant.cu",
+        template="tp::fp8_quantize_kernel<{dtype}>",
+        params={"dtype": _HALF_TYPES},
+        doc="e4m3(clip(x / scale, +-448)) with a static or amax-derived per-tensor scale",
+    ),
 }
 
 _lock = threading.Lock()

@@ -25,7 +25,7 @@ from ..kv_cache import CacheLayout, LayerKV
 from ..position import RopeSpec
 from ..sharding import HeadLayout
 from ..step import Step
-from . import cuda_decode
+from . import cuda_decode, cuda_fp8
 from .base import AttentionSpec, key_lengths
 from .compile import get_kernel
 from .cuda_common import (
@@ -359,6 +359,8 @@ def layer_variants(layer) -> list[tuple[str, dict]]:
             out.append(("context", context_variant(c.dtype, c.head_size, spec, kv, max_new)))
         if not bert:
             out.append(("decode", cuda_decode.variant(c.dtype, kv, c.head_size, group)))
+    if getattr(layer.qkv, "use_fp8_gemm", False):  # FP8 projections: their activation quantizer
+        out += cuda_fp8.variants(c.dtype)
     return _unique(out)
 
 
