@@ -200,4 +200,4 @@ def test_lengths_block_is_one_view_of_the_decode_lengths():
     assert step.past.tolist() == [7, 1, 3] and step.positions.tolist() == [7, 1, 3]
     assert step.total_len.tolist() == [8, 2, 4] and step.slot.tolist() == [2, 0, 5]
     with pytest.raises(ValueError, match="lengths_block"):
-        Step(new_lens=[2, 1], past_lens=[0, 3]).lengths_block
+        _ = Step(new_lens=[2, 1], past_lens=[0, 3]).lengths_block
