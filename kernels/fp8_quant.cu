@@ -7,7 +7,7 @@
 //                        of the bit patterns is the numeric order, and NaN patterns sort above
 //                        +inf, so one atomicMax per block gives max |x| and propagates a NaN the
 //                        way torch.amax does. amax_bits must be zero on entry.
-//   fp8_quantize_kernel  scale = the static scale if given, else (amax > 0 ? amax / 448 : 1);
+//   fp8_quantize_kernel  scale = the static scale if given, else (amax > 0 ? amax * fp32(1/448) : 1);
 //                        xq = e4m3(clip(x / scale, -448, 448)), NaN kept; block 0 stores scale.
 //
 // The same arithmetic as tp_runtime.fp8.scale_from_amax / quantize_fp8 (fp32, correctly rounded
@@ -72,7 +72,8 @@ __global__ void __launch_bounds__(kQuantThreads)
     scale = *static_scale;
   } else {
     const float amax = __uint_as_float(*amax_bits);
-    scale = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;  // NaN amax: 1, as torch.where(amax > 0, ...)
+    // amax * fp32(1/448), as scale_from_amax (not a division); NaN amax: 1, as torch.where(amax > 0, ...)
+    scale = amax > 0.0f ? __fmul_rn(amax, (float)(1.0 / 448.0)) : 1.0f;
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
 

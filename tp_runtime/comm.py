@@ -11,6 +11,7 @@ contiguity) and raises ``ValueError``/``TypeError`` naming what it expected and 
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import threading
@@ -357,6 +358,10 @@ class _NcclWatchdog:
         from mpi4py import MPI
 
         # Each step gets a bounded time: neither a wedged NCCL abort nor MPI may keep the job alive.
+        # The joins below need the GIL to return, which a blocked C call (the abort, say) may hold:
+        # faulthandler's timer is a C thread, so it ends the process (printing every thread's
+        # stack first) even then.
+        faulthandler.dump_traceback_later(15, exit=True)
         for action, seconds in ((c.abort, 2.0), (lambda: MPI.COMM_WORLD.Abort(3), 10.0)):
             t = threading.Thread(target=action, daemon=True)
             t.start()

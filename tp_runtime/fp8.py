@@ -3,7 +3,7 @@
 Weights are stored as float8 e4m3 with a per-tensor (or per-output-channel) fp32 scale;
 activations are quantized on the fly with a per-tensor scale, static (from calibration) or
 dynamic (current amax). ``x ≈ x_q · s`` with ``x_q = e4m3(clip(x / s, ±448))`` and
-``s = amax / 448``. The GEMM runs in FP8 with fp32 accumulation through
+``s = amax · fp32(1/448)``. The GEMM runs in FP8 with fp32 accumulation through
 ``torch._scaled_mm`` where the GPU has FP8 matrix units (sm_89+); elsewhere the same math is
 emulated exactly (dequantize, then an fp32 GEMM), so the semantics are testable on the CPU.
 
@@ -27,9 +27,13 @@ E4M3_MAX = 448.0
 
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 scale mapping ``amax`` onto the largest e4m3 value (1 for an all-zero tensor)."""
+    """fp32 scale mapping ``amax`` onto the largest e4m3 value (1 for an all-zero tensor).
+
+    Defined as ``amax · fp32(1/448)``, not ``amax / 448``: torch divides by a scalar as a multiply
+    by its reciprocal on CUDA but divides on the CPU (one ulp apart at times); the product is the
+    same on every device, and in the quantizer kernel."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

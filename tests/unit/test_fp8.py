@@ -20,8 +20,9 @@ class _PartialComm(NoComm):
 def _reference_qdq(x, w, *, per_channel, input_scale=None):
     """Independent oracle: quantize both operands to e4m3 and multiply the dequantized values in fp64."""
     fmax = torch.finfo(torch.float8_e4m3fn).max
-    s_w = (w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()) / fmax
-    s_x = torch.tensor(input_scale) if input_scale is not None else x.abs().amax() / fmax
+    inv = 1 / fmax  # scales are amax * fp32(1/448), the same on every device (fp8.scale_from_amax)
+    s_w = (w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()) * inv
+    s_x = torch.tensor(input_scale) if input_scale is not None else x.abs().amax() * inv
     wq = torch.clamp(w.float() / s_w, -fmax, fmax).to(torch.float8_e4m3fn).double() * s_w.double()
     xq = torch.clamp(x.float() / s_x, -fmax, fmax).to(torch.float8_e4m3fn).double() * s_x.double()
     return xq @ wq.t()
@@ -73,7 +74,7 @@ def test_row_weight_scale_same_on_every_rank():
         )
         layer.load_weights(w.half())
         scales.append(layer.weight_scale.clone())
-    expected = w.half().float().abs().amax(dim=1) / 448
+    expected = w.half().float().abs().amax(dim=1) * (1 / 448)
     for s in scales:
         torch.testing.assert_close(s, expected)
 

@@ -26,7 +26,7 @@ def quantize(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple
     """``x`` (fp16/bf16, CUDA, any shape) -> (``x_q`` float8_e4m3fn of ``x``'s shape, ``scale`` fp32 [1]).
 
     ``static_scale``: a positive fp32 [1] tensor on ``x``'s device (calibrated), or None for the
-    dynamic scale ``amax / 448`` (1 when ``x`` is all zeros).
+    dynamic scale ``amax · fp32(1/448)`` (1 when ``x`` is all zeros).
     """
     if not supports(x):
         raise TypeError(f"x: expected a float16 or bfloat16 CUDA tensor, got {x.dtype} on {x.device}")
