@@ -11,6 +11,8 @@ contiguity) and raises ``ValueError``/``TypeError`` naming what it expected and 
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import faulthandler
 import os
 import sys
@@ -295,6 +297,19 @@ class NcclComm(Communicator):
         self._nccl.abort()
 
 
+_failed = threading.Event()  # a watchdog gave up on a collective: this process must not exit normally
+_aborted = threading.Event()  # ... and has aborted the NCCL communicator (or given up on that)
+
+
+@atexit.register
+def _exit_if_failed() -> None:
+    """Runs before MPI_Finalize (mpi4py's C-level exit hook), while daemon threads still run."""
+    if _failed.is_set():
+        _aborted.wait(3.0)
+        sys.stderr.flush()
+        os._exit(3)
+
+
 class _NcclWatchdog:
     """Deadlines for NCCL collectives without stalling the host.
 
@@ -349,11 +364,21 @@ class _NcclWatchdog:
             return False
 
     def _fail(self, reason: str) -> None:
+        # First of all, before anything that takes time: the abort below lets the main thread's
+        # wait (torch.cuda.synchronize, say) return as if the collective had finished, and it must
+        # not go on with the garbage. CollectiveTimeout is raised in it at its next Python
+        # instruction (as MpiComm raises on the CPU); should it reach interpreter exit first --
+        # which freezes this daemon thread and cancels faulthandler -- the atexit hook ends the
+        # process before MPI_Finalize waits for peers that never come.
+        _failed.set()
         c = self._comm
         print(
             f"tp_runtime watchdog: rank {_world_rank()} (TP rank {c.rank}/{c.size}): {reason}; aborting the job",
             file=sys.stderr,
             flush=True,
+        )
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(threading.main_thread().ident), ctypes.py_object(CollectiveTimeout)
         )
         from mpi4py import MPI
 
@@ -366,4 +391,5 @@ class _NcclWatchdog:
             t = threading.Thread(target=action, daemon=True)
             t.start()
             t.join(seconds)
+            _aborted.set()  # the communicator's abort is over (or timed out): exiting may proceed
         os._exit(3)  # mpirun sees a rank die without finalising and ends the others

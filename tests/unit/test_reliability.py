@@ -144,3 +144,42 @@ def test_start_up_checksum_catches_a_broken_all_reduce():
     _self_test(MPI.COMM_SELF, Right(), torch.device("cpu"))
     with pytest.raises(RuntimeError, match="start-up all-reduce checksum failed on 1 of 1 ranks"):
         _self_test(MPI.COMM_SELF, Lossy(), torch.device("cpu"))
+
+
+_ABORT_PATH = """
+import sys, threading, time
+from mpi4py import MPI  # initialised before any communicator exists, as in a job
+from tp_runtime.comm import _NcclWatchdog
+
+released = threading.Event()
+
+class Comm:  # stands in for NcclComm: its abort lets the waiting main thread go on, as NCCL's does
+    rank, size = 0, 2
+    def abort(self):
+        released.set()
+
+dog = object.__new__(_NcclWatchdog)
+dog._comm = Comm()
+threading.Thread(target=dog._fail, args=("NcclComm.all_reduce did not complete",), daemon=True).start()
+released.wait()  # the main thread waits in C with the GIL released, as in torch.cuda.synchronize()
+print("MAIN WENT ON", flush=True)
+time.sleep(30)
+"""
+
+
+def test_watchdog_abort_path_ends_the_process_and_stops_the_main_thread():
+    """The NCCL watchdog's failure path (CPU-testable part): the reason is printed, the main
+    thread does not carry on once the aborted collective lets its wait return (CollectiveTimeout
+    is raised in it), and the process ends with status 3 within the abort's time bound, never
+    hanging in interpreter exit (on a GPU it used to print PASS, then hang in MPI_Finalize)."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _ABORT_PATH], capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "MAIN WENT ON" not in out, out
+    assert "all_reduce did not complete; aborting the job" in out, out
+    assert time.monotonic() - start < 20, out
