@@ -376,7 +376,11 @@ def report(paths) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
-        bf16 = {r["model"]: r for r in res["rows"] if r["phase"] == "prefill" and r["dtype"] == "bfloat16"}
+        bf16 = {
+            r["model"]: r
+            for r in res["rows"]
+            if r["phase"] == "prefill" and r["dtype"] == "bfloat16" and r["quant"] == "none"
+        }
         for r in res["rows"]:
             if r["quant"] == "fp8_qdq" and r["model"] in bf16 and "proj_ms" in r:
                 b = bf16[r["model"]]
