@@ -1,9 +1,12 @@
 // Fused prepare: QKV bias + RoPE + K/V cache write (quantizing for int8/fp8) + Q/K/V out.
 //
-// One pass over qkv [T, (H + 2·KV)·D]: one block per token; each thread handles channel PAIRS of
-// the token's heads (the two channels a rotation mixes; plain adjacent pairs elsewhere), so the
-// rotation needs no communication; the token's cos/sin are computed once (shared memory) for all
-// heads. Memory-bound: qkv read once; q/k/v written once, K/V also into the cache.
+// One pass over qkv [T, (H + 2·KV)·D]: block (token, g) takes heads [g·hpb, (g+1)·hpb) of the
+// token; each thread handles channel PAIRS of those heads (the two channels a rotation mixes; plain
+// adjacent pairs elsewhere), so the rotation needs no communication; the token's cos/sin are
+// computed once per block (shared memory) for all its heads. Memory-bound: qkv read once; q/k/v
+// written once, K/V also into the cache. The launcher picks hpb (heads_per_block): all heads
+// when the tokens alone fill the GPU (prefill), fewer at decode, where one block per token left
+// the SMs idle while it walked 336 heads (BLOOM: 46 µs for one token).
 //
 // Numerics follow tp_runtime.backends.reference.prepare exactly:
 //   x = T(qkv + bias)                       (fp32 add, rounded to the activation type T)
@@ -41,21 +44,24 @@ __device__ __forceinline__ float round_to(float x) {
 //   positions  [T] int32 absolute positions; token_seq [T] int32; slots [B] int32
 //   inv_freq   [B, rot/2] fp64 (RoPE only)
 //   pos_div    linear scaling factor (1.0 otherwise), fp64
-//   num_tokens, H, KV, D, rot, qkv_stride; quant_scale (fp32, int8/fp8 caches)
+//   num_tokens, H, KV, D, rot, qkv_stride; heads_per_block (grid.y · hpb >= H + 2KV);
+//   quant_scale (fp32, int8/fp8 caches)
 template <typename T, typename Cache, typename Layout, typename Rope>
 __global__ void __launch_bounds__(256, 4) prepare_kernel(
     const T* __restrict__ qkv, const T* __restrict__ bias, T* __restrict__ q_out, T* __restrict__ k_out,
     T* __restrict__ v_out, void* __restrict__ cache, const int* __restrict__ block_table, int bt_stride,
     int cache_len, int log2_cache_len, const int* __restrict__ positions, const int* __restrict__ token_seq,
     const int* __restrict__ slots, const double* __restrict__ inv_freq, double pos_div, int num_tokens,
-    int num_heads, int num_kv_heads, int head_size, int rot, int qkv_stride, float quant_scale) {
+    int num_heads, int num_kv_heads, int head_size, int rot, int qkv_stride, int heads_per_block,
+    float quant_scale) {
   const int D = head_size;
   const int half_d = D >> 1, half_rot = rot >> 1;
   const int heads = num_heads + 2 * num_kv_heads;
-  const int per_token = heads * half_d;
+  const int head0 = blockIdx.y * heads_per_block;
+  const int pairs = (min(heads, head0 + heads_per_block) - head0) * half_d;  // this block's
   const KVAddr addr{block_table, bt_stride, num_kv_heads, cache_len, log2_cache_len, D};
-  // One block per token. The rotation angles depend on (token, pair) only, not on the head:
-  // compute cos/sin of the rot/2 angles once into shared memory, then every head uses them.
+  // The rotation angles depend on (token, pair) only, not on the head: compute cos/sin of the
+  // rot/2 angles once into shared memory, then every head of the block uses them.
   extern __shared__ float trig[];  // [2][rot/2]: cos, then sin
   const int tok = blockIdx.x;
   if (tok >= num_tokens) return;
@@ -73,9 +79,10 @@ __global__ void __launch_bounds__(256, 4) prepare_kernel(
   const int slot = Layout::kHasCache ? slots[seq] : 0;
   const T* src_tok = qkv + (i64)tok * qkv_stride;
 #pragma unroll 2
-  for (int rem = threadIdx.x; rem < per_token; rem += blockDim.x) {
-    const int hh = rem / half_d;  // head among [Q heads | K heads | V heads]
-    const int j = rem - hh * half_d;
+  for (int rem = threadIdx.x; rem < pairs; rem += blockDim.x) {
+    const int local = rem / half_d;
+    const int hh = head0 + local;  // head among [Q heads | K heads | V heads]
+    const int j = rem - local * half_d;
     const bool rotate = Rope::kind != 0 && hh < num_heads + num_kv_heads && j < half_rot;
     // NeoX rotated pair (j, j + rot/2); otherwise adjacent channels (2j, 2j + 1): for GPT-J that is
     // the rotated pair, past rot (j >= rot/2) it covers channels rot..D-1, and V heads take all.

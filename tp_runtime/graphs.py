@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .config import AttentionConfig, PositionEmbeddingType, RotaryScalingType
@@ -45,8 +46,9 @@ class DecodeGraph:
     ``forward(x, step)`` runs the layers (e.g. ``lambda x, s: stack(x, s, cache, decode_splits=8)``,
     with a fixed ``decode_splits``). The first call captures it (after warm-up runs, which rewrite
     the same K/V at the same positions, so the cache ends as after one step); later calls copy
-    ``x`` and the lengths into the graph's buffers and replay. The returned tensor is the graph's
-    output buffer: copy it before the next call if it must outlive that call.
+    ``x`` and the lengths into the graph's buffers and replay (a caller may write ``x`` into
+    ``graph.x`` itself and pass that, saving the copy). The returned tensor is the graph's output
+    buffer: copy it before the next call if it must outlive that call.
     """
 
     def __init__(
@@ -66,37 +68,50 @@ class DecodeGraph:
         # copies out of it have run (its event), so the host never overwrites what the GPU has yet
         # to read, and never waits for the GPU in the steady state.
         self._staging = [torch.empty(3, n, dtype=torch.int32).pin_memory() for _ in range(4)]
+        self._rows = [b.numpy() for b in self._staging]
         self._copied = [torch.cuda.Event() for _ in self._staging]
+        self._capacity: np.ndarray | None = None
+        self._capacity_version = None
         self._turn = 0
         self.step: Step | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, past_lens: Sequence[int]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, past_lens: Sequence[int] | np.ndarray) -> torch.Tensor:
+        # Everything here runs while the GPU waits (BENCHMARKS.md: the idle share of a step), so
+        # the lengths go through numpy whatever the batch, never a Python loop over sequences.
         n = len(self.slots)
-        past = [int(p) for p in past_lens]
-        if len(past) != n or min(past) < 1:
-            raise ValueError(f"past_lens: expected {n} lengths >= 1 (decode tokens follow a cached past), got {past}")
-        if tuple(x.shape) != (n, self.config.hidden_size) or x.dtype != self.config.dtype:
+        past = np.asarray(past_lens, dtype=np.int64)
+        if past.shape != (n,) or past.min() < 1:
+            raise ValueError(
+                f"past_lens: expected {n} lengths >= 1 (decode tokens follow a cached past), got {past.tolist()}"
+            )
+        if x.shape != self.x.shape or x.dtype != self.x.dtype:
             raise ValueError(
                 f"x: expected [{n}, {self.config.hidden_size}] {self.config.dtype}, got {tuple(x.shape)} {x.dtype}"
             )
         if self.graph is None:
             self.x.copy_(x)
-            return self._capture(past)
-        # The graph does not run the layers' host-side checks: the cache's capacity is checked here.
-        total = tuple(p + 1 for p in past)
-        self.cache.check_step(self.step, total)
-        # Host work here is GPU idle time at small batches: fill pinned memory through numpy and
-        # move past | positions | total_len (adjacent in the step's buffer) with one copy.
+            return self._capture(past.tolist())
+        # The graph does not run the layers' host-side checks: the cache's capacity is checked here
+        # (check_step only to raise its message).
+        total = past + 1
+        if self._capacity_version != self.cache.version:
+            self._capacity = self.cache.capacities(self.slots)
+            self._capacity_version = self.cache.version
+        if (total > self._capacity).any():
+            self.cache.check_step(self.step, tuple(total.tolist()))
+        # Fill pinned memory and move past | positions | total_len (adjacent in the step's buffer)
+        # with one copy.
         i = self._turn = (self._turn + 1) % len(self._staging)
         self._copied[i].synchronize()
-        staging = self._staging[i]
-        rows = staging.numpy()
-        rows[0] = rows[1] = past  # the new token sits at position past
+        rows = self._rows[i]
+        rows[0] = past
+        rows[1] = past  # the new token sits at position past
         rows[2] = total
-        self.x.copy_(x)
-        self.step.lengths_block.copy_(staging, non_blocking=True)
+        if x.data_ptr() != self.x.data_ptr():  # callers may write the input into ``graph.x`` directly
+            self.x.copy_(x)
+        self.step.lengths_block.copy_(self._staging[i], non_blocking=True)
         self._copied[i].record(torch.cuda.current_stream(self.device))
         self.graph.replay()
         return self.out

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 import torch
 
 from .config import AttentionConfig, KVCacheDType
@@ -150,6 +151,13 @@ class KVCache(_CacheBase):
 
     version = 0  # capacity never changes
 
+    def capacities(self, slots) -> np.ndarray:
+        """Tokens each of ``slots`` can hold now (0 for a slot the cache lacks): the vectorized form
+        of ``check_step``'s test, for callers (``DecodeGraph``) whose Python time per step is GPU
+        idle time; they call ``check_step`` for its message only when this says no."""
+        s = np.asarray(slots, dtype=np.int64)
+        return np.where((s >= 0) & (s < self.max_batch), self.max_seq_len, 0)
+
     def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         """Raise ``CacheCapacityError`` (before any write) if a sequence would not fit."""
         lengths = step.total_lens if lengths is None else lengths
@@ -266,6 +274,10 @@ class PagedKVCache(_CacheBase):
 
     def free(self, slot: int) -> None:
         self.allocator.free(slot)
+
+    def capacities(self, slots) -> np.ndarray:
+        """Tokens each of ``slots`` can hold with the blocks it owns now (see ``KVCache.capacities``)."""
+        return np.array([self.allocator.capacity(int(s)) for s in slots], dtype=np.int64)
 
     def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         lengths = step.total_lens if lengths is None else lengths

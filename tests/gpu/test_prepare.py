@@ -73,15 +73,22 @@ def _ulp_close(got, ref, dtype, what):
     return int((diff > 0).sum())
 
 
+# New tokens per sequence: a mixed step (a few hundred tokens: few blocks per token) and a decode
+# step (one token each: the launcher splits each token's heads over many blocks, the last group
+# partly empty where the head count is not a multiple of the group).
+STEPS = {"mixed": [1, 7, 97, 300], "decode": [1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize("new_kind", STEPS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_prepare_kernel(case, gpu, poison_outputs):
+def test_prepare_kernel(case, new_kind, gpu, poison_outputs):
     from tp_runtime.backends import cuda, reference
     from tp_runtime.kv_cache import LayerKV
 
     name, dtype, d, h, kv_h, rope_t, layout, cache, with_bias = case
     seed = int(torch.randint(2**31 - 1, ()))
     torch.manual_seed(seed)
-    new, past = [1, 7, 97, 300], [0, 5, 100, 3000]
+    new, past = STEPS[new_kind], [0, 5, 100, 3000]
     slots = (2, 0, 4, 1)
     step = Step(new_lens=new, past_lens=past, slots=slots, device="cuda")
     hl = HeadLayout(num_heads=h, num_kv_heads=kv_h, tp_size=1, tp_rank=0)
@@ -108,7 +115,7 @@ def test_prepare_kernel(case, gpu, poison_outputs):
     q_ref, k_ref, v_ref = reference.prepare(qkv, bias, step, kv=kv_ref, **common)
     q, k, v = cuda.prepare(qkv, bias, step, kv=kv_got, **common)
     torch.cuda.synchronize()
-    what = f"{name} (seed {seed})"
+    what = f"{name} {new_kind} (seed {seed})"
     flips = sum(
         _ulp_close(a, b, dtype, f"{what} {n}") for n, a, b in (("q", q, q_ref), ("k", k, k_ref), ("v", v, v_ref))
     )

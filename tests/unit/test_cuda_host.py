@@ -24,6 +24,22 @@ def test_route_sends_generation_tokens_to_decode():
     assert cuda.route(step, cross) == ([0, 3], [1, 2])  # cross: every one-token query decodes
 
 
+def test_prepare_head_groups():
+    """Prefill: one block takes all of a token's heads; decode: a token's heads spread over blocks of
+    at least one channel pair per thread; the groups always cover every head."""
+    sms = 132
+    assert cuda.prepare_heads_per_block(16384, 336, 128, sms) == 336
+    assert cuda.prepare_heads_per_block(1, 336, 128, sms) == 4  # 256 threads / 64 pairs per head
+    assert cuda.prepare_heads_per_block(1, 3, 128, sms) == 3
+    for tokens in (1, 2, 7, 64, 100, 256, 1056, 5000):
+        for heads, d in ((336, 128), (96, 128), (66, 64), (9, 96), (3, 256)):
+            hpb = cuda.prepare_heads_per_block(tokens, heads, d, sms)
+            groups = -(-heads // hpb)
+            assert 1 <= hpb <= heads and (groups - 1) * hpb < heads
+            assert hpb >= min(heads, 256 // (d // 2))  # a block has about one pair per thread, or all heads
+            assert tokens * groups <= max(tokens, 8 * sms) + tokens  # no more blocks than ~8 per SM
+
+
 def test_split_heuristic():
     resident = 132 * 4
     assert cuda_decode.choose_splits(resident, 32768, resident) == 1  # the GPU is already full

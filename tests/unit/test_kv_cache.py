@@ -295,6 +295,39 @@ def test_paged_capacity_errors_change_nothing():
     assert after[2:] == before[2:]
 
 
+def test_capacities_agree_with_check_step():
+    """``capacities`` (DecodeGraph's vectorized test) says no exactly where ``check_step`` raises."""
+    c, _ = small_layer()
+    lay = head_layout(2, 2, 1, 0)
+    contiguous = KVCache(config=c, head_layout=lay, num_layers=1, max_batch=3, max_seq_len=6)
+    paged = PagedKVCache(
+        config=c, head_layout=lay, num_layers=1, num_blocks=6, block_size=4, max_seqs=4, max_blocks_per_seq=3
+    )
+    paged.reserve(Step(new_lens=[5, 2], slots=[0, 2]))  # slot 0: 2 blocks, slot 2: 1, slots 1 and 3: none
+    assert contiguous.capacities([0, 2, 3, -1]).tolist() == [6, 6, 0, 0]
+    assert paged.capacities([0, 1, 2, 3]).tolist() == [8, 0, 4, 0]
+    for cache, slots in ((contiguous, [0, 1, 2, 3]), (paged, [0, 1, 2, 3])):
+        for total in range(1, 10):
+            step = Step(new_lens=[1] * 4, past_lens=[total - 1] * 4, slots=slots)
+            fits = cache.capacities(slots) >= total
+            for slot, ok in zip(slots, fits, strict=True):
+                one = Step(new_lens=[1], past_lens=[total - 1], slots=[slot])
+                if ok:
+                    cache.check_step(one)
+                else:
+                    with pytest.raises(CacheCapacityError):
+                        cache.check_step(one)
+            assert fits.all() == _fits(cache, step)
+
+
+def _fits(cache, step) -> bool:
+    try:
+        cache.check_step(step)
+    except CacheCapacityError:
+        return False
+    return True
+
+
 def test_exhaustion_leaves_other_sequences_intact():
     """A new request that does not fit fails; the running sequences decode on as if nothing happened."""
     c, layer = small_layer(position_embedding="rope_gptj")

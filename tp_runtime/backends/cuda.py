@@ -97,7 +97,24 @@ def _rope_inv_freq(step: Step, rope: RopeSpec) -> torch.Tensor:
     return step.memo(("cuda.rope_inv_freq", rope), lambda: rope.inv_freq(lengths()).contiguous())
 
 
-def _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot):
+def prepare_heads_per_block(tokens: int, heads: int, head_size: int, sms: int) -> int:
+    """Heads one prepare block takes: all of a token's when the tokens give every SM ~8 blocks,
+    else fewer, so that decode steps spread over the GPU, but at least a thread's pair each."""
+    groups = max(1, min(heads, -(-8 * sms // max(tokens, 1))))
+    at_least = max(1, _PREPARE_THREADS // (head_size // 2))
+    return min(heads, max(at_least, -(-heads // groups)))
+
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.index not in _sm_counts:
+        _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device.index]
+
+
+def _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot, hpb):
     """The prepare kernel's parameters, in the order of ``tp::prepare_kernel`` (kernels/prepare.cu)."""
     cache_len, log2_len, table, bt_stride = geometry
     # fmt: off
@@ -111,6 +128,7 @@ def _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r
         ptr(inv_freq), f64(pos_div),              # RoPE: [B, rot/2] fp64 1/base^(2i/rot); linear factor
         i32(qkv.shape[0]), i32(h_r), i32(kv_r), i32(d), i32(rot),
         i32(qkv.stride(0)),                        # qkv row stride (elements)
+        i32(hpb),                                  # heads per block (grid.y blocks per token)
         f32(1.0 if kv is None else kv.quant_scale),  # int8/fp8: store x·quant_scale
     )
     # fmt: on
@@ -165,9 +183,11 @@ def prepare(
         if rope.scaling.value == "linear":
             pos_div = rope.factor
     kernel = get_kernel("prepare", **prepare_variant(qkv.dtype, rope, kv))
-    args = _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot)
-    # one block per token; dynamic shared memory: the token's cos and sin, rot/2 each (fp32)
-    launch(kernel, (t, 1, 1), (_PREPARE_THREADS, 1, 1), args, dev, shared_mem=4 * rot)
+    heads = h_r + 2 * kv_r
+    hpb = prepare_heads_per_block(t, heads, d, _sm_count(dev))
+    args = _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot, hpb)
+    # blocks (token, head group); dynamic shared memory: the token's cos and sin, rot/2 each (fp32)
+    launch(kernel, (t, -(-heads // hpb), 1), (_PREPARE_THREADS, 1, 1), args, dev, shared_mem=4 * rot)
     return q, k, v
 
 
