@@ -45,10 +45,10 @@ class DecodeGraph:
 
     ``forward(x, step)`` runs the layers (e.g. ``lambda x, s: stack(x, s, cache, decode_splits=8)``,
     with a fixed ``decode_splits``). The first call captures it (after warm-up runs, which rewrite
-    the same K/V at the same positions, so the cache ends as after one step); later calls copy
-    ``x`` and the lengths into the graph's buffers and replay (a caller may write ``x`` into
-    ``graph.x`` itself and pass that, saving the copy). The returned tensor is the graph's output
-    buffer: copy it before the next call if it must outlive that call.
+    the same K/V at the same positions, so the cache ends as after one step); later calls write
+    the lengths into the graph's pinned buffer, copy ``x`` into its input buffer and replay (a
+    caller may write ``x`` into ``graph.x`` itself and pass that, saving the copy). The returned
+    tensor is the graph's output buffer: copy it before the next call if it must outlive that call.
     """
 
     def __init__(
@@ -64,15 +64,16 @@ class DecodeGraph:
             raise ValueError("DecodeGraph: slots must name at least one sequence")
         n = len(self.slots)
         self.x = torch.empty(n, config.hidden_size, dtype=config.dtype, device=self.device)
-        # Pinned staging buffers for the lengths, used in turn; each is reused only after the
-        # copies out of it have run (its event), so the host never overwrites what the GPU has yet
-        # to read, and never waits for the GPU in the steady state.
-        self._staging = [torch.empty(3, n, dtype=torch.int32).pin_memory() for _ in range(4)]
-        self._rows = [b.numpy() for b in self._staging]
-        self._copied = [torch.cuda.Event() for _ in self._staging]
+        # The lengths travel from one pinned buffer, copied by the graph's own first node: the host
+        # fills it through numpy and replays, with no copy of its own to launch. The host must not
+        # refill it before the previous replay has copied it out: ``_copied`` is recorded by the
+        # graph right after that copy (an external event node), so the wait is at most the time
+        # for the previous replay to start, and nothing in the steady state.
+        self._lengths = torch.empty(3, n, dtype=torch.int32).pin_memory()
+        self._rows = self._lengths.numpy()
+        self._copied = torch.cuda.Event(external=True)
         self._capacity: np.ndarray | None = None
         self._capacity_version = None
-        self._turn = 0
         self.step: Step | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
@@ -101,23 +102,22 @@ class DecodeGraph:
             self._capacity_version = self.cache.version
         if (total > self._capacity).any():
             self.cache.check_step(self.step, tuple(total.tolist()))
-        # Fill pinned memory and move past | positions | total_len (adjacent in the step's buffer)
-        # with one copy.
-        i = self._turn = (self._turn + 1) % len(self._staging)
-        self._copied[i].synchronize()
-        rows = self._rows[i]
-        rows[0] = past
-        rows[1] = past  # the new token sits at position past
-        rows[2] = total
+        self._copied.synchronize()
+        self._fill(past)
         if x.data_ptr() != self.x.data_ptr():  # callers may write the input into ``graph.x`` directly
             self.x.copy_(x)
-        self.step.lengths_block.copy_(self._staging[i], non_blocking=True)
-        self._copied[i].record(torch.cuda.current_stream(self.device))
         self.graph.replay()
         return self.out
 
+    def _fill(self, past: np.ndarray) -> None:
+        """past | positions | total_len, laid out as ``Step.lengths_block``."""
+        self._rows[0] = past
+        self._rows[1] = past  # the new token sits at position past
+        self._rows[2] = past + 1
+
     def _capture(self, past: list[int]) -> torch.Tensor:
         self.step = Step(new_lens=[1] * len(self.slots), past_lens=past, slots=self.slots, device=self.device)
+        self._fill(np.asarray(past, dtype=np.int64))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the default stream (cuBLAS/NCCL set up lazily)
@@ -128,6 +128,8 @@ class DecodeGraph:
         # thread_local: other threads (the NCCL watchdog polls its events) may keep using CUDA while
         # this one captures; the default mode would fail their calls and invalidate the capture.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.step.lengths_block.copy_(self._lengths, non_blocking=True)
+            self._copied.record()
             self.out = self.forward(self.x, self.step)
         self.graph.replay()
         return self.out
