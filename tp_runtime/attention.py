@@ -248,6 +248,10 @@ class Attention(_AttentionBase):
         decode_splits: int | None = None,
     ) -> torch.Tensor:
         x, idx = self._pack(hidden_states, step, attention_mask)
+        # The QKV GEMM is launched before the rest of the checks: it writes only its own output,
+        # and the GPU runs it while the host validates the step and the cache (an eager decode step
+        # of a wide model otherwise starts with the GPU idle for the whole of that Python).
+        qkv = self.qkv(x, with_bias=False)
         spec = self._spec(step, cross=self.config.cross_attention, position_bias=position_bias)
         kv = self._layer_kv(kv_cache, step, encoder_output)
         common = dict(head_layout=self.layout, head_size=self.config.head_size)
@@ -257,13 +261,9 @@ class Attention(_AttentionBase):
                 self.backend.prepare(
                     self.qkv(encoder_output, with_bias=False), self.qkv.bias, enc_step, rope=None, kv=kv, **common
                 )
-            q, _, _ = self.backend.prepare(
-                self.qkv(x, with_bias=False), self.qkv.bias, step, rope=None, kv=None, **common
-            )
+            q, _, _ = self.backend.prepare(qkv, self.qkv.bias, step, rope=None, kv=None, **common)
         else:
-            q, _, _ = self.backend.prepare(
-                self.qkv(x, with_bias=False), self.qkv.bias, step, rope=self.rope, kv=kv, **common
-            )
+            q, _, _ = self.backend.prepare(qkv, self.qkv.bias, step, rope=self.rope, kv=kv, **common)
         ctx, _ = self.backend.attend(q, kv, step, spec, decode_splits=decode_splits)
         return self._finish(ctx, hidden_states.shape, idx)
 
