@@ -89,7 +89,8 @@ class _Fp8Mixin:
         self.weight_scale.copy_(scale)
         self.weight.copy_(quantize_fp8(local.to(self.weight.device), scale[:, None]))
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local] -> [..., out_local]
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., in_local] -> [..., out_local], the bias (if any) added in the layer's dtype."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if self.activation_scaling is Fp8ActivationScaling.static:
@@ -110,7 +111,8 @@ class _Fp8Mixin:
             xq, s_x = self._quantize(x2, s_x)
             w = self.weight.float() * self.weight_scale[:, None]
             y = (xq.float() * s_x) @ w.t()
-        return y.to(self.dtype).reshape(*lead, -1)
+        y = y.to(self.dtype)
+        return (y if bias is None else y + bias).reshape(*lead, -1)
 
     @staticmethod
     def _quantize(x2: torch.Tensor, s_x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,7 +64,7 @@ def test_column_then_row_equals_unsharded(tp, dtype):
 
     # Column: the ranks' outputs side by side are the full output (no communication).
     assert_matches(torch.cat([h for h, _ in outs], dim=1), torch.nn.functional.linear, x, w1, b1)
-    # Row: every rank ends with the same full output (bias added once, after the reduce).
+    # Row: every rank ends with the same full output (bias added once, by rank 0's GEMM).
     ys = [y for _, y in outs]
     assert all(torch.equal(y, ys[0]) for y in ys)
     assert_matches(ys[0], unsharded, x, w1, b1, w2, b2, partials=tp)
