@@ -1,7 +1,7 @@
 """Decode steps replayed as one CUDA graph: Python runs once per step, not once per kernel.
 
 A decode step of a tensor-parallel layer stack is a few dozen small launches (GEMMs, prepare,
-decode attention, NCCL all-reduce, bias) whose Python and launch overhead exceeds the GPU time at
+decode attention, NCCL all-reduce) whose Python and launch overhead exceeds the GPU time at
 small batches (BENCHMARKS.md: the GPU idles most of such a step). ``DecodeGraph`` captures the
 whole step once and replays it, with the step metadata in fixed device buffers updated in place.
 
@@ -47,7 +47,8 @@ class DecodeGraph:
     with a fixed ``decode_splits``). The first call captures it (after warm-up runs, which rewrite
     the same K/V at the same positions, so the cache ends as after one step); later calls write
     the lengths into the graph's pinned buffer, copy ``x`` into its input buffer and replay (a
-    caller may write ``x`` into ``graph.x`` itself and pass that, saving the copy). The returned
+    caller may write ``x`` into ``graph.x`` itself, on the current stream, and pass that, saving the
+    copy; from another stream the write would race the previous replay's reads). The returned
     tensor is the graph's output buffer: copy it before the next call if it must outlive that call.
     """
 
@@ -124,12 +125,15 @@ class DecodeGraph:
             for _ in range(self.warmup):
                 self.forward(self.x, self.step)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (the NCCL watchdog polls its events) may keep using CUDA while
         # this one captures; the default mode would fail their calls and invalidate the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.step.lengths_block.copy_(self._lengths, non_blocking=True)
             self._copied.record()
-            self.out = self.forward(self.x, self.step)
+            out = self.forward(self.x, self.step)
+        # Kept only once captured: after a failed capture the next call captures again instead of
+        # replaying an empty graph.
+        self.graph, self.out = graph, out
         self.graph.replay()
         return self.out

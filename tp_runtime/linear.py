@@ -3,10 +3,11 @@
 ``ColumnLinear`` keeps a subset of the output rows of the full weight: no communication,
 its output is this rank's slice. ``RowLinear`` keeps the matching input columns: a local
 GEMM gives a partial sum, which is all-reduced over the group; the bias is added once, by
-rank 0's GEMM (its epilogue), so the reduced sum carries it exactly once. Adding it after the
-reduce instead costs every rank one more kernel per layer and step (3–7 µs of a 0.2–0.3 ms
-tp 2 decode step on an H200, and ~15 µs of host time in eager steps); the two differ only in
-where one rounding falls. Both allocate only their shard and load it from the full weight.
+rank 0's GEMM (cuBLAS's bias epilogue; the FP8 layers add it after their scaled GEMM), so the
+reduced sum carries it exactly once. Adding it after the reduce instead costs every rank one
+more kernel per layer and step (3–7 µs of a 0.2–0.3 ms tp 2 decode step on an H200, and ~15 µs
+of host time in eager steps); the two differ only in where one rounding falls. Both allocate
+only their shard and load it from the full weight.
 Subclasses (``fp8.py``) change how the shard is stored and multiplied, not how it is chosen.
 """
 

@@ -1,6 +1,8 @@
 """DecodeGraph on a GPU: replayed decode steps equal eager steps of the same layers, step after step,
-over a paged cache that grows block by block while the graph is replayed."""
+over a paged cache that grows block by block while the graph is replayed; and replays queued back
+to back, with no host synchronization between them, still see each step's own lengths."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from tp_runtime.attention import Attention
 from tp_runtime.comm import NoComm
 from tp_runtime.config import AttentionConfig
 from tp_runtime.graphs import DecodeGraph
-from tp_runtime.kv_cache import PagedKVCache
+from tp_runtime.kv_cache import KVCache, PagedKVCache
 from tp_runtime.step import Step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -61,3 +63,46 @@ def test_graph_replay_equals_eager(pe, kv_heads):
         # could move the last bit. A wrong length or block table moves far more.
         torch.testing.assert_close(replayed, eager, rtol=1e-3, atol=1e-3, msg=f"decode step {t}")
         past = [p + 1 for p in past]
+
+
+def test_queued_replays_equal_eager():
+    """The lengths travel through one pinned buffer that the graph copies from: the host must not
+    refill it before the previous replay has copied it. Replays queued without a host sync (the
+    GPU far behind) expose a refill that comes too early: later lengths in earlier steps."""
+    dev, dt = torch.device("cuda", torch.cuda.current_device()), torch.float16
+    cfg = AttentionConfig(hidden_size=1024, num_heads=8, num_kv_heads=2, position_embedding="rope_gpt_neox", dtype=dt)
+    g = torch.Generator(device=dev).manual_seed(1)
+    layers = []
+    for i in range(6):  # enough GPU work per step that the host runs ahead of it
+        layer = Attention(cfg, comm=NoComm(), layer_idx=i, device=dev)
+        layer.load_weights(
+            qkv_weight=torch.randn(cfg.qkv_size, 1024, device=dev, generator=g).to(dt) / 32,
+            dense_weight=torch.randn(1024, 1024, device=dev, generator=g).to(dt) / 32,
+            qkv_bias=torch.randn(cfg.qkv_size, device=dev, generator=g).to(dt) / 4,
+            dense_bias=torch.randn(1024, device=dev, generator=g).to(dt) / 4,
+        )
+        layers.append(layer)
+    batch, steps = 8, 60
+    caches = [
+        KVCache(config=cfg, head_layout=layers[0].layout, num_layers=6, max_batch=batch, max_seq_len=160, device=dev)
+        for _ in range(2)
+    ]
+
+    def stack(x, step, cache):
+        for layer in layers:
+            x = x + layer(x, step, cache, decode_splits=2)
+        return x
+
+    prompts = np.array([37, 5, 20, 1, 64, 9, 13, 50])
+    x0 = torch.randn(int(prompts.sum()), 1024, device=dev, generator=g).to(dt)
+    for c in caches:
+        stack(x0, Step(new_lens=prompts.tolist(), device=dev), c)
+    graph = DecodeGraph(
+        lambda x, s: stack(x, s, caches[0]), config=cfg, slots=range(batch), cache=caches[0], device=dev
+    )
+    xs = [torch.randn(batch, 1024, device=dev, generator=g).to(dt) for _ in range(steps)]
+    replayed = [graph(xs[t], prompts + t).clone() for t in range(steps)]  # nothing here waits for the GPU
+    for t in range(steps):
+        step = Step(new_lens=[1] * batch, past_lens=(prompts + t).tolist(), device=dev)
+        eager = stack(xs[t], step, caches[1])
+        torch.testing.assert_close(replayed[t], eager, rtol=1e-3, atol=1e-3, msg=f"queued decode step {t}")

@@ -64,6 +64,26 @@ def test_static_scale_tp_equals_tp1():
     assert (full - run(0, 2)).abs().max() > 0.1  # a single rank's partial is not the whole sum
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_row_bias_enters_the_sum_once(size):
+    """The bias is added by rank 0 only (before the all-reduce): summed over ranks it appears once."""
+    torch.manual_seed(4)
+    w, b, x = torch.randn(24, 48), torch.randn(24) * 4, torch.randn(5, 48)
+    dt = torch.bfloat16
+
+    def run(rank, bias):
+        layer = FP8RowLinear(48, 24, comm=_PartialComm(rank, size), bias=bias is not None, dtype=dt,
+                             activation_scaling="static")  # fmt: skip
+        layer.load_weights(w.to(dt), None if bias is None else bias.to(dt))
+        layer.set_input_scale(0.02)
+        cols = layer.cols
+        return layer(x.to(dt)[:, cols.start : cols.stop]).float()  # NoComm: this rank's partial sum
+
+    with_bias = sum(run(r, b) for r in range(size))
+    without = sum(run(r, None) for r in range(size))
+    torch.testing.assert_close(with_bias - without, b.to(dt).float().expand(5, -1), rtol=2e-2, atol=6e-2)
+
+
 def test_row_weight_scale_same_on_every_rank():
     torch.manual_seed(3)
     w = torch.randn(16, 64)
