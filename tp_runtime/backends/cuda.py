@@ -38,6 +38,7 @@ from .cuda_common import (
     i64,
     launch,
     ptr,
+    sm_count,
 )
 
 name = "cuda"
@@ -103,15 +104,6 @@ def prepare_heads_per_block(tokens: int, heads: int, head_size: int, sms: int) -
     groups = max(1, min(heads, -(-8 * sms // max(tokens, 1))))
     at_least = max(1, _PREPARE_THREADS // (head_size // 2))
     return min(heads, max(at_least, -(-heads // groups)))
-
-
-_sm_counts: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.index not in _sm_counts:
-        _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_counts[device.index]
 
 
 def _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot, hpb):
@@ -184,7 +176,7 @@ def prepare(
             pos_div = rope.factor
     kernel = get_kernel("prepare", **prepare_variant(qkv.dtype, rope, kv))
     heads = h_r + 2 * kv_r
-    hpb = prepare_heads_per_block(t, heads, d, _sm_count(dev))
+    hpb = prepare_heads_per_block(t, heads, d, sm_count(dev))
     args = _prepare_args(qkv, bias, q, k, v, kv, geometry, step, inv_freq, pos_div, h_r, kv_r, d, rot, hpb)
     # blocks (token, head group); dynamic shared memory: the token's cos and sin, rot/2 each (fp32)
     launch(kernel, (t, -(-heads // hpb), 1), (_PREPARE_THREADS, 1, 1), args, dev, shared_mem=4 * rot)

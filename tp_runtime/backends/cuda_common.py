@@ -65,6 +65,16 @@ def launch(kernel, grid, block, args, device: torch.device, shared_mem: int = 0)
             kernel(tuple(grid), tuple(block), args, shared_mem=shared_mem)
 
 
+_sm_counts: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (asked once per device: launchers size grids by it)."""
+    if device.index not in _sm_counts:
+        _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device.index]
+
+
 def check_activation(t: torch.Tensor, what: str) -> None:
     if t.dtype == torch.float32:
         raise TypeError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .compile import get_kernel
-from .cuda_common import i32, i64, launch, ptr
+from .cuda_common import i32, i64, launch, ptr, sm_count
 
 _THREADS = 256  # kQuantThreads in the kernel
 _BLOCKS_PER_SM = 8
@@ -35,8 +35,7 @@ def quantize(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
     scale = torch.empty(1, dtype=torch.float32, device=dev)
     aligned = i32(x.data_ptr() % 16 == 0)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    blocks = max(1, min(-(-n // (8 * _THREADS)), sms * _BLOCKS_PER_SM))
+    blocks = max(1, min(-(-n // (8 * _THREADS)), sm_count(dev) * _BLOCKS_PER_SM))
     amax = None
     if static_scale is None:
         amax = torch.zeros(1, dtype=torch.int32, device=dev)  # the kernel's atomicMax starts from 0
