@@ -16,21 +16,28 @@ from tp_runtime.step import Step
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def _layers(cfg: AttentionConfig, n: int, dev: torch.device, g: torch.Generator) -> list[Attention]:
+    """``n`` layers with random weights and biases drawn from ``g``."""
+    dt, hidden = cfg.dtype, cfg.hidden_size
+    layers = []
+    for i in range(n):
+        layer = Attention(cfg, comm=NoComm(), layer_idx=i, device=dev)
+        layer.load_weights(
+            qkv_weight=torch.randn(cfg.qkv_size, hidden, device=dev, generator=g).to(dt) / 32,
+            dense_weight=torch.randn(hidden, hidden, device=dev, generator=g).to(dt) / 32,
+            qkv_bias=torch.randn(cfg.qkv_size, device=dev, generator=g).to(dt) / 4,
+            dense_bias=torch.randn(hidden, device=dev, generator=g).to(dt) / 4,
+        )
+        layers.append(layer)
+    return layers
+
+
 @pytest.mark.parametrize("pe,kv_heads", [("rope_gpt_neox", 2), ("alibi", 8)])
 def test_graph_replay_equals_eager(pe, kv_heads):
     dev, dt = torch.device("cuda", torch.cuda.current_device()), torch.float16
     cfg = AttentionConfig(hidden_size=1024, num_heads=8, num_kv_heads=kv_heads, position_embedding=pe, dtype=dt)
     g = torch.Generator(device=dev).manual_seed(0)
-    layers = []
-    for i in range(2):
-        layer = Attention(cfg, comm=NoComm(), layer_idx=i, device=dev)
-        layer.load_weights(
-            qkv_weight=torch.randn(cfg.qkv_size, 1024, device=dev, generator=g).to(dt) / 32,
-            dense_weight=torch.randn(1024, 1024, device=dev, generator=g).to(dt) / 32,
-            qkv_bias=torch.randn(cfg.qkv_size, device=dev, generator=g).to(dt) / 4,
-            dense_bias=torch.randn(1024, device=dev, generator=g).to(dt) / 4,
-        )
-        layers.append(layer)
+    layers = _layers(cfg, 2, dev, g)
     caches = [
         PagedKVCache(config=cfg, head_layout=layers[0].layout, num_layers=2, num_blocks=64, block_size=16,
                      max_seqs=4, max_blocks_per_seq=16, device=dev)
@@ -72,16 +79,7 @@ def test_queued_replays_equal_eager():
     dev, dt = torch.device("cuda", torch.cuda.current_device()), torch.float16
     cfg = AttentionConfig(hidden_size=1024, num_heads=8, num_kv_heads=2, position_embedding="rope_gpt_neox", dtype=dt)
     g = torch.Generator(device=dev).manual_seed(1)
-    layers = []
-    for i in range(6):  # enough GPU work per step that the host runs ahead of it
-        layer = Attention(cfg, comm=NoComm(), layer_idx=i, device=dev)
-        layer.load_weights(
-            qkv_weight=torch.randn(cfg.qkv_size, 1024, device=dev, generator=g).to(dt) / 32,
-            dense_weight=torch.randn(1024, 1024, device=dev, generator=g).to(dt) / 32,
-            qkv_bias=torch.randn(cfg.qkv_size, device=dev, generator=g).to(dt) / 4,
-            dense_bias=torch.randn(1024, device=dev, generator=g).to(dt) / 4,
-        )
-        layers.append(layer)
+    layers = _layers(cfg, 6, dev, g)  # enough GPU work per step that the host runs ahead of it
     batch, steps = 8, 60
     caches = [
         KVCache(config=cfg, head_layout=layers[0].layout, num_layers=6, max_batch=batch, max_seq_len=160, device=dev)
