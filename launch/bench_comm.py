@@ -24,7 +24,7 @@ import torch
 import torch.distributed
 
 import tp_runtime
-from tp_runtime.world import World, init_torch_distributed
+from tp_runtime.distributed.world import World, init_torch_distributed
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KiB, MiB = 1 << 10, 1 << 20

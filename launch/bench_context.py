@@ -81,9 +81,9 @@ def _sdpa_call(backend, q, k, v, causal):
 def _one(dtype, d, s, causal, args) -> dict:
     from tp_runtime.backends import cuda
     from tp_runtime.backends.base import AttentionSpec
+    from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
+    from tp_runtime.batch.step import Step
     from tp_runtime.config import AttentionMaskType, KVCacheDType
-    from tp_runtime.kv_cache import CacheLayout, LayerKV
-    from tp_runtime.step import Step
 
     b = max(1, args.tokens // s)
     h = max(1, args.hidden // d)
@@ -174,11 +174,11 @@ def bench_prepare(args) -> dict:
     H 32, KV 8, D 128: bytes moved (qkv read; q, k, v and the cache rows written) per second,
     against a device-to-device copy of the same number of bytes (read + write) in the same run."""
     from tp_runtime.backends import cuda
+    from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
+    from tp_runtime.batch.step import Step
     from tp_runtime.config import KVCacheDType, PositionEmbeddingType, RotaryScalingType
-    from tp_runtime.kv_cache import CacheLayout, LayerKV
     from tp_runtime.position import RopeSpec
     from tp_runtime.sharding import HeadLayout
-    from tp_runtime.step import Step
 
     t, h, kvh, d, p = args.tokens, 32, 8, 128, 64
     dev, dt = torch.device("cuda"), torch.float16

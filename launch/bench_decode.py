@@ -32,9 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tp_runtime.backends import cuda_decode
 from tp_runtime.backends.base import AttentionSpec
+from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionMaskType, KVCacheDType
-from tp_runtime.kv_cache import CacheLayout, LayerKV
-from tp_runtime.step import Step
 
 D = 128
 HEADS = {"mha": (32, 32), "gqa": (32, 8)}  # (H, KV) on one rank

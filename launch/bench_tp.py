@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 
 import tp_runtime
-from tp_runtime.attention import Attention
 from tp_runtime.backends import precompile
+from tp_runtime.batch.graphs import DecodeGraph
+from tp_runtime.batch.kv_cache import KVCache, PagedKVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig, QuantMode
-from tp_runtime.graphs import DecodeGraph
-from tp_runtime.kv_cache import KVCache, PagedKVCache
+from tp_runtime.distributed.world import init_torch_distributed
+from tp_runtime.layers.attention import Attention
 from tp_runtime.position import RopeSpec, apply_rope
-from tp_runtime.step import Step
-from tp_runtime.world import init_torch_distributed
 
 
 @dataclass(frozen=True)

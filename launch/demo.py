@@ -27,11 +27,11 @@ import torch
 
 import tp_runtime
 from tp_runtime import ColumnLinear, NoComm, RowLinear, World
-from tp_runtime.attention import Attention
 from tp_runtime.backends import precompile
+from tp_runtime.batch.kv_cache import KVCache, PagedKVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
-from tp_runtime.kv_cache import KVCache, PagedKVCache
-from tp_runtime.step import Step
+from tp_runtime.layers.attention import Attention
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

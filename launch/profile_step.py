@@ -22,10 +22,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tp_runtime
-from tp_runtime.graphs import DecodeGraph
-from tp_runtime.kv_cache import KVCache
-from tp_runtime.step import Step
-from tp_runtime.world import init_torch_distributed
+from tp_runtime.batch.graphs import DecodeGraph
+from tp_runtime.batch.kv_cache import KVCache
+from tp_runtime.batch.step import Step
+from tp_runtime.distributed.world import init_torch_distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tp import DECODE, MODELS, BaselineLayer, build, gpu_busy_ms, graph_splits, time_steps  # noqa: E402

@@ -19,11 +19,11 @@ import time
 import torch
 
 import tp_runtime
-from tp_runtime.attention import Attention
 from tp_runtime.backends import precompile
+from tp_runtime.batch.kv_cache import CacheCapacityError, KVCache, PagedKVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
-from tp_runtime.kv_cache import CacheCapacityError, KVCache, PagedKVCache
-from tp_runtime.step import Step
+from tp_runtime.layers.attention import Attention
 
 
 def parse_args(argv=None):

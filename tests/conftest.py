@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tp_runtime.world import cuda_unusable_reason
+from tp_runtime.distributed.world import cuda_unusable_reason
 
 _HERE = Path(__file__).resolve().parent
 _MARKERS = {"multirank": "starts mpirun jobs (tests/multirank)", "gpu": "needs CUDA and CuPy (tests/gpu)"}

@@ -38,7 +38,7 @@ def job_device(nprocs: int) -> str:
 
 def _gpus() -> int:
     """GPUs this machine's ranks could use (0 without a usable CUDA + CuPy)."""
-    from tp_runtime.world import cuda_unusable_reason
+    from tp_runtime.distributed.world import cuda_unusable_reason
 
     return torch.cuda.device_count() if cuda_unusable_reason() is None else 0
 

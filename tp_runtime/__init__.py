@@ -1,17 +1,63 @@
-"""tp_runtime: a tensor-parallel attention runtime for NVIDIA GPUs, launched with mpirun."""
+"""tp_runtime: a tensor-parallel attention runtime for NVIDIA GPUs, launched with mpirun.
 
-from .comm import Communicator, NoComm
-from .linear import ColumnLinear, RowLinear
+The front door: everything a launch script or model code needs is importable from here
+(``from tp_runtime import init, Attention, AttentionConfig, Step, KVCache``). The rooms behind
+it (``distributed``, ``layers``, ``batch``, ``backends``) and what each may import are described
+in the repository's ARCHITECTURE.md.
+"""
+
+from .backends import precompile
+from .batch.graphs import DecodeGraph
+from .batch.kv_cache import CacheCapacityError, KVCache, PagedKVCache
+from .batch.step import Step
+from .config import (
+    AttentionConfig,
+    AttentionMaskType,
+    Fp8ActivationScaling,
+    Fp8WeightScaling,
+    KVCacheDType,
+    PositionEmbeddingType,
+    QuantMode,
+    RotaryScalingType,
+)
+from .distributed.comm import Communicator, MpiComm, NcclComm, NoComm
+from .distributed.watchdog import CollectiveTimeout, collective_timeout, set_collective_timeout
+from .distributed.world import World, init
+from .layers.attention import Attention, BertAttention
+from .layers.linear import ColumnLinear, RowLinear
 from .sharding import HeadLayout, head_layout
-from .world import World, init
+
+__version__ = "0.1.0"
 
 __all__ = [
+    "Attention",
+    "AttentionConfig",
+    "AttentionMaskType",
+    "BertAttention",
+    "CacheCapacityError",
+    "CollectiveTimeout",
     "ColumnLinear",
     "Communicator",
+    "DecodeGraph",
+    "Fp8ActivationScaling",
+    "Fp8WeightScaling",
     "HeadLayout",
+    "KVCache",
+    "KVCacheDType",
+    "MpiComm",
+    "NcclComm",
     "NoComm",
+    "PagedKVCache",
+    "PositionEmbeddingType",
+    "QuantMode",
+    "RotaryScalingType",
     "RowLinear",
+    "Step",
     "World",
+    "__version__",
+    "collective_timeout",
     "head_layout",
     "init",
+    "precompile",
+    "set_collective_timeout",
 ]

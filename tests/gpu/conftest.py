@@ -86,8 +86,8 @@ def make_kv(
     (quantized for int8/fp8 with amax ``scale``) and whose every other entry is poisoned. Room is
     made for ``capacity[i]`` positions (default ``lengths``)."""
     from tp_runtime.backends.reference import write_kv
+    from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.config import KVCacheDType
-    from tp_runtime.kv_cache import CacheLayout, LayerKV
 
     kv_kind = KVCacheDType(kind)
     storage = kv_kind.storage_dtype(dtype)

@@ -16,9 +16,9 @@ pytest.importorskip("cupy")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from tp_runtime.backends.base import AttentionSpec  # noqa: E402
+from tp_runtime.batch.step import Step  # noqa: E402
 from tp_runtime.config import AttentionMaskType  # noqa: E402
 from tp_runtime.position import alibi_slopes  # noqa: E402
-from tp_runtime.step import Step  # noqa: E402
 
 F16, BF16 = torch.float16, torch.bfloat16
 

@@ -18,9 +18,9 @@ pytest.importorskip("cupy")
 
 from tp_runtime.backends import cuda_decode  # noqa: E402
 from tp_runtime.backends.base import AttentionSpec  # noqa: E402
+from tp_runtime.batch.step import Step  # noqa: E402
 from tp_runtime.config import AttentionMaskType  # noqa: E402
 from tp_runtime.position import alibi_slopes  # noqa: E402
-from tp_runtime.step import Step  # noqa: E402
 
 DEV = "cuda"
 NAN = float("nan")

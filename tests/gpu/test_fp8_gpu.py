@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tp_runtime.comm import NoComm
 from tp_runtime.config import AttentionConfig
-from tp_runtime.fp8 import FP8ColumnLinear, fp8_gemm_supported, quantize_fp8, scale_from_amax
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.fp8 import FP8ColumnLinear, fp8_gemm_supported, quantize_fp8, scale_from_amax
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not fp8_gemm_supported(torch.device("cuda")),
@@ -80,9 +80,9 @@ def test_scaled_mm_matches_emulation(scaling, dtype):
 
 @pytest.mark.parametrize("pe,heads,kv", [("rope_gpt_neox", 32, 32), ("rope_gpt_neox", 32, 8), ("alibi", 16, 16)])
 def test_attention_fp8_close_to_bf16(pe, heads, kv):
-    from tp_runtime.attention import Attention
-    from tp_runtime.kv_cache import KVCache
-    from tp_runtime.step import Step
+    from tp_runtime.batch.kv_cache import KVCache
+    from tp_runtime.batch.step import Step
+    from tp_runtime.layers.attention import Attention
 
     torch.manual_seed(1)
     hidden, dt, dev = heads * 128, torch.bfloat16, "cuda"

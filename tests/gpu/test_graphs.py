@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tp_runtime.attention import Attention
-from tp_runtime.comm import NoComm
+from tp_runtime.batch.graphs import DecodeGraph
+from tp_runtime.batch.kv_cache import KVCache, PagedKVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
-from tp_runtime.graphs import DecodeGraph
-from tp_runtime.kv_cache import KVCache, PagedKVCache
-from tp_runtime.step import Step
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

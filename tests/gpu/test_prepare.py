@@ -14,10 +14,10 @@ import torch
 pytest.importorskip("cupy")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+from tp_runtime.batch.step import Step  # noqa: E402
 from tp_runtime.config import PositionEmbeddingType, RotaryScalingType  # noqa: E402
 from tp_runtime.position import RopeSpec  # noqa: E402
 from tp_runtime.sharding import HeadLayout  # noqa: E402
-from tp_runtime.step import Step  # noqa: E402
 
 F16, BF16 = torch.float16, torch.bfloat16
 GPTJ, NEOX = PositionEmbeddingType.rope_gptj, PositionEmbeddingType.rope_gpt_neox
@@ -49,8 +49,8 @@ def _variant(dtype, rope, layout, cache):
 
     class _KV:  # the two fields prepare_variant reads
         def __init__(self):
+            from tp_runtime.batch.kv_cache import CacheLayout
             from tp_runtime.config import KVCacheDType
-            from tp_runtime.kv_cache import CacheLayout
 
             self.kind, self.layout = KVCacheDType(cache), CacheLayout(layout)
 
@@ -83,7 +83,7 @@ STEPS = {"mixed": [1, 7, 97, 300], "decode": [1, 1, 1, 1]}
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_prepare_kernel(case, new_kind, gpu, poison_outputs):
     from tp_runtime.backends import cuda, reference
-    from tp_runtime.kv_cache import LayerKV
+    from tp_runtime.batch.kv_cache import LayerKV
 
     name, dtype, d, h, kv_h, rope_t, layout, cache, with_bias = case
     seed = int(torch.randint(2**31 - 1, ()))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mpi_util import REPO, assert_passed, run_mpi
 
-from tp_runtime.world import cuda_unusable_reason
+from tp_runtime.distributed.world import cuda_unusable_reason
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mpi_util import assert_passed, run_mpi
 
-from tp_runtime.world import cuda_unusable_reason
+from tp_runtime.distributed.world import cuda_unusable_reason
 
 WORKER = Path(__file__).resolve().parent / "workers" / "graph_worker.py"
 

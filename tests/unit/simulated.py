@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from tp_runtime.comm import Communicator, check_root, check_tensor
+from tp_runtime.distributed.comm import Communicator, check_root, check_tensor
 
 R = TypeVar("R")
 

@@ -20,11 +20,11 @@ from simulated import simulate
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from tp_runtime.attention import Attention, BertAttention
-from tp_runtime.comm import NoComm
+from tp_runtime.batch.kv_cache import KVCache, PagedKVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
-from tp_runtime.kv_cache import KVCache, PagedKVCache
-from tp_runtime.step import Step
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention, BertAttention
 
 HIDDEN = 32
 

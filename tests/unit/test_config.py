@@ -10,8 +10,6 @@ import math
 import pytest
 import torch
 
-from tp_runtime.attention import Attention, BertAttention
-from tp_runtime.comm import NoComm
 from tp_runtime.config import (
     AttentionConfig,
     AttentionMaskType,
@@ -19,6 +17,8 @@ from tp_runtime.config import (
     PositionEmbeddingType,
     RotaryScalingType,
 )
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention, BertAttention
 from tp_runtime.sharding import head_layout
 
 BASE = dict(hidden_size=64, num_heads=8)

@@ -11,8 +11,8 @@ from tp_runtime.backends import compile as kc  # CuPy is imported lazily: these 
 from tp_runtime.backends import cuda, cuda_decode
 from tp_runtime.backends.base import AttentionSpec
 from tp_runtime.backends.cuda_common import check_activation
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionMaskType
-from tp_runtime.step import Step
 
 
 def test_route_sends_generation_tokens_to_decode():
@@ -85,9 +85,9 @@ def test_activation_checks_name_the_fix():
 )
 def test_layer_variants_are_in_the_compile_table(kw):
     """What precompile_layers asks for: every variant the layer can launch, each one the table supports."""
-    from tp_runtime.attention import Attention, BertAttention
-    from tp_runtime.comm import NoComm
     from tp_runtime.config import AttentionConfig
+    from tp_runtime.distributed.comm import NoComm
+    from tp_runtime.layers.attention import Attention, BertAttention
 
     cfg = AttentionConfig(hidden_size=1024, num_heads=8, dtype=torch.bfloat16, **kw)
     layers = [Attention(cfg, comm=NoComm(), backend="reference")]

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from tp_runtime.comm import NoComm
 from tp_runtime.config import AttentionConfig
-from tp_runtime.fp8 import FP8ColumnLinear, FP8RowLinear
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.fp8 import FP8ColumnLinear, FP8RowLinear
 
 
 class _PartialComm(NoComm):

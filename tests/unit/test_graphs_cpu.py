@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from tp_runtime.batch.graphs import DecodeGraph, check_graphable
 from tp_runtime.config import AttentionConfig
-from tp_runtime.graphs import DecodeGraph, check_graphable
 
 BASE = dict(hidden_size=64, num_heads=4, dtype=torch.float16)
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from simulated import simulate
 
-from tp_runtime.attention import Attention
-from tp_runtime.comm import NoComm
-from tp_runtime.kv_cache import KVCache
-from tp_runtime.step import Step
+from tp_runtime.batch.kv_cache import KVCache
+from tp_runtime.batch.step import Step
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention
 
 BATCH, BEAMS, PROMPT, NEW_TOKENS = 2, 3, 5, 7
 

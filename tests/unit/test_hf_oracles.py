@@ -25,8 +25,8 @@ import hf_adapters as hf  # noqa: E402
 import hf_worker as W  # noqa: E402
 from simulated import simulate  # noqa: E402
 
-from tp_runtime.comm import NoComm  # noqa: E402
-from tp_runtime.step import Step  # noqa: E402
+from tp_runtime.batch.step import Step  # noqa: E402
+from tp_runtime.distributed.comm import NoComm  # noqa: E402
 
 
 def _reference(name: str):

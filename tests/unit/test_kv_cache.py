@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from tp_runtime.attention import Attention
 from tp_runtime.backends import reference
 from tp_runtime.backends.base import AttentionSpec
-from tp_runtime.comm import NoComm
+from tp_runtime.batch.kv_cache import BlockAllocator, CacheCapacityError, CacheLayout, KVCache, LayerKV, PagedKVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig, AttentionMaskType, KVCacheDType
-from tp_runtime.kv_cache import BlockAllocator, CacheCapacityError, CacheLayout, KVCache, LayerKV, PagedKVCache
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention
 from tp_runtime.sharding import head_layout
-from tp_runtime.step import Step
 
 NAN = float("nan")
 CAUSAL = AttentionMaskType.causal

@@ -19,9 +19,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from tp_runtime.attention import Attention
-from tp_runtime.comm import NoComm
 from tp_runtime.config import AttentionConfig, PositionEmbeddingType, RotaryScalingType
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention
 from tp_runtime.position import RopeSpec, alibi_slopes, apply_rope, relative_bucket
 from tp_runtime.sharding import head_layout, slice_heads
 

@@ -16,14 +16,14 @@ from layer_weights import make_weights
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from tp_runtime.attention import Attention, BertAttention
 from tp_runtime.backends import reference
 from tp_runtime.backends.base import AttentionSpec
-from tp_runtime.comm import NoComm
+from tp_runtime.batch.kv_cache import CacheLayout, KVCache, LayerKV
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig, AttentionMaskType, KVCacheDType
-from tp_runtime.kv_cache import CacheLayout, KVCache, LayerKV
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention, BertAttention
 from tp_runtime.sharding import head_layout
-from tp_runtime.step import Step
 
 NEG_INF = float("-inf")
 CAUSAL, PADDING, BIDIR = AttentionMaskType.causal, AttentionMaskType.padding, AttentionMaskType.bidirectional

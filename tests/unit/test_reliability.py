@@ -8,13 +8,13 @@ import torch
 from simulated import simulate
 
 from tp_runtime import NoComm
-from tp_runtime.attention import Attention
 from tp_runtime.backends import get_backend, reference
-from tp_runtime.comm import collective_timeout, set_collective_timeout
+from tp_runtime.batch.kv_cache import KVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
-from tp_runtime.consistency import check_same, fingerprint_tensors
-from tp_runtime.kv_cache import KVCache
-from tp_runtime.step import Step
+from tp_runtime.distributed.consistency import check_same, fingerprint_tensors
+from tp_runtime.distributed.watchdog import collective_timeout, set_collective_timeout
+from tp_runtime.layers.attention import Attention
 
 
 def test_backend_choice():
@@ -128,8 +128,8 @@ def test_bad_load_weights_changes_nothing():
 def test_start_up_checksum_catches_a_broken_all_reduce():
     from mpi4py import MPI
 
-    from tp_runtime.comm import Communicator
-    from tp_runtime.world import _self_test
+    from tp_runtime.distributed.comm import Communicator
+    from tp_runtime.distributed.world import _self_test
 
     class Lossy(Communicator):  # rank 0 of 2 whose peer's contribution never arrives
         rank, size = 0, 2
@@ -149,7 +149,7 @@ def test_start_up_checksum_catches_a_broken_all_reduce():
 _ABORT_PATH = """
 import sys, threading, time
 from mpi4py import MPI  # initialised before any communicator exists, as in a job
-from tp_runtime.comm import _NcclWatchdog
+from tp_runtime.distributed.watchdog import NcclWatchdog
 
 released = threading.Event()
 
@@ -158,7 +158,7 @@ class Comm:  # stands in for NcclComm: its abort lets the waiting main thread go
     def abort(self):
         released.set()
 
-dog = object.__new__(_NcclWatchdog)
+dog = object.__new__(NcclWatchdog)
 dog._comm = Comm()
 threading.Thread(target=dog._fail, args=("NcclComm.all_reduce did not complete",), daemon=True).start()
 released.wait()  # the main thread waits in C with the GIL released, as in torch.cuda.synchronize()

@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from tp_runtime.attention import Attention
-from tp_runtime.comm import NoComm
+from tp_runtime.batch.kv_cache import KVCache
+from tp_runtime.batch.step import Step, padding_to_packed
 from tp_runtime.config import AttentionConfig
-from tp_runtime.kv_cache import KVCache
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.layers.attention import Attention
 from tp_runtime.sharding import head_layout
-from tp_runtime.step import Step, padding_to_packed
 
 
 @pytest.mark.parametrize("seed", range(5))

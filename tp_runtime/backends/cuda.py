@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batch.kv_cache import CacheLayout, LayerKV
+from ..batch.step import Step
 from ..config import KVCacheDType
-from ..kv_cache import CacheLayout, LayerKV
 from ..position import RopeSpec
 from ..sharding import HeadLayout
-from ..step import Step
 from . import cuda_decode, cuda_fp8
 from .base import AttentionSpec, key_lengths
 from .compile import get_kernel
@@ -351,7 +351,7 @@ class _CacheKind:
 def layer_variants(layer) -> list[tuple[str, dict]]:
     """Every kernel variant an ``Attention``/``BertAttention`` layer can launch on this backend:
     both cache layouts, both context tile shapes, the decode kernel for its head grouping."""
-    from ..attention import BertAttention  # the layer classes import this backend
+    from ..layers.attention import BertAttention  # the layer classes import this backend
 
     c = layer.config
     spec = layer._spec(None, cross=c.cross_attention, position_bias=None)

@@ -9,9 +9,9 @@ import warnings
 
 import torch
 
-from ..kv_cache import CacheLayout, LayerKV
+from ..batch.kv_cache import CacheLayout, LayerKV
+from ..batch.step import Step
 from ..position import relative_bucket
-from ..step import Step
 from .base import AttentionSpec
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from ..kv_cache import CacheLayout, LayerKV
-from ..step import Step
+from ..batch.kv_cache import CacheLayout, LayerKV
+from ..batch.step import Step
 from .base import AttentionSpec, key_lengths
 from .compile import get_kernel
 from .cuda_common import bias_table, cache_geometry, check_activation, f32, i32, i64, launch, ptr

@@ -1,6 +1,6 @@
 """Launcher of the FP8 activation quantizer (``kernels/fp8_quant.cu``) used by the FP8 projections.
 
-``quantize(x, static_scale)`` returns what ``tp_runtime.fp8`` computes with torch ops
+``quantize(x, static_scale)`` returns what ``tp_runtime.layers.fp8`` computes with torch ops
 (``scale_from_amax`` and ``quantize_fp8``), bit for bit, in two passes over ``x`` instead of six
 or seven elementwise kernels: at prefill sizes those passes cost about as much as the FP8 GEMM
 saves (BENCHMARKS.md, FP8 projections).

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from ..batch.kv_cache import LayerKV, dequantize, quantize
+from ..batch.step import Step
 from ..config import AttentionMaskType
-from ..kv_cache import LayerKV, dequantize, quantize
 from ..position import RopeSpec, apply_rope, relative_bucket
 from ..sharding import HeadLayout
-from ..step import Step
 from .base import AttentionSpec, key_lengths
 
 name = "reference"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import tp_runtime
-from tp_runtime.comm import MpiComm, NcclComm
+from tp_runtime.distributed.comm import MpiComm, NcclComm
 
 SHAPES = [(1,), (7, 13), (3, 5, 1025)]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]

@@ -20,11 +20,11 @@ import time
 import torch
 
 import tp_runtime
-from tp_runtime.attention import Attention
-from tp_runtime.comm import set_collective_timeout
+from tp_runtime.batch.kv_cache import CacheCapacityError, PagedKVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
-from tp_runtime.kv_cache import CacheCapacityError, PagedKVCache
-from tp_runtime.step import Step
+from tp_runtime.distributed.watchdog import set_collective_timeout
+from tp_runtime.layers.attention import Attention
 
 
 def build(world, q_scaling=1.0, wrong_shape=False):

@@ -4,11 +4,11 @@ eager steps of the same tensor-parallel layers. Prints ``PASS rank r``."""
 import torch
 
 import tp_runtime
-from tp_runtime.attention import Attention
+from tp_runtime.batch.graphs import DecodeGraph
+from tp_runtime.batch.kv_cache import KVCache
+from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
-from tp_runtime.graphs import DecodeGraph
-from tp_runtime.kv_cache import KVCache
-from tp_runtime.step import Step
+from tp_runtime.layers.attention import Attention
 
 
 def main() -> None:

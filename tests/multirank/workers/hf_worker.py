@@ -31,10 +31,10 @@ for _p in (str(_ROOT), str(_ROOT / "tests")):
 import hf_adapters as hf  # noqa: E402
 import torch  # noqa: E402
 
-from tp_runtime.attention import Attention, BertAttention  # noqa: E402
-from tp_runtime.comm import Communicator, NoComm  # noqa: E402
-from tp_runtime.kv_cache import KVCache, PagedKVCache  # noqa: E402
-from tp_runtime.step import Step  # noqa: E402
+from tp_runtime.batch.kv_cache import KVCache, PagedKVCache  # noqa: E402
+from tp_runtime.batch.step import Step  # noqa: E402
+from tp_runtime.distributed.comm import Communicator, NoComm  # noqa: E402
+from tp_runtime.layers.attention import Attention, BertAttention  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Max abs error allowed, relative to the reference's max abs value (the output scale). fp32:

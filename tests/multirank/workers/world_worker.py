@@ -10,7 +10,7 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 import tp_runtime
-from tp_runtime.world import cuda_unusable_reason, init_torch_distributed
+from tp_runtime.distributed.world import cuda_unusable_reason, init_torch_distributed
 
 
 def main() -> None:

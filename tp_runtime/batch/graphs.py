@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .config import AttentionConfig, PositionEmbeddingType, RotaryScalingType
-from .devices import as_device
+from ..config import AttentionConfig, PositionEmbeddingType, RotaryScalingType
+from ..devices import as_device
 from .step import Step
 
 Forward = Callable[[torch.Tensor, Step], torch.Tensor]  # (x [B, hidden], step) -> [B, hidden]

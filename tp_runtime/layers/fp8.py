@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from .backends import cuda_fp8
-from .config import Fp8ActivationScaling, Fp8WeightScaling
+from ..backends import cuda_fp8
+from ..config import Fp8ActivationScaling, Fp8WeightScaling
 from .linear import ColumnLinear, RowLinear
 
 E4M3_MAX = 448.0

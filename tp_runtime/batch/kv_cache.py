@@ -20,9 +20,9 @@ from enum import Enum
 import numpy as np
 import torch
 
-from .config import AttentionConfig, KVCacheDType
-from .devices import as_device
-from .sharding import HeadLayout
+from ..config import AttentionConfig, KVCacheDType
+from ..devices import as_device
+from ..sharding import HeadLayout
 from .step import Step
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .comm import Communicator
-from .sharding import even_range
+from ..distributed.comm import Communicator
+from ..sharding import even_range
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from .backends import get_backend
-from .backends.base import AttentionSpec
-from .comm import Communicator
-from .config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
-from .consistency import check_same, fingerprint_tensors, fingerprint_text
-from .devices import as_device
+from ..backends import get_backend
+from ..backends.base import AttentionSpec
+from ..batch.kv_cache import KVCache, PagedKVCache
+from ..batch.step import Step, padding_to_packed
+from ..config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
+from ..devices import as_device
+from ..distributed.comm import Communicator
+from ..distributed.consistency import check_same, fingerprint_tensors, fingerprint_text
+from ..position import RopeSpec, alibi_slopes
+from ..sharding import head_layout, qkv_rows, slice_heads
 from .fp8 import FP8ColumnLinear, FP8RowLinear, check_scale
-from .kv_cache import KVCache, PagedKVCache
 from .linear import ColumnLinear, RowLinear
-from .position import RopeSpec, alibi_slopes
-from .sharding import head_layout, qkv_rows, slice_heads
-from .step import Step, padding_to_packed
 
 
 def _check_tensor(name: str, t: torch.Tensor, *, dtype: torch.dtype, device: torch.device, last: int) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .devices import as_device
+from ..devices import as_device
 
 
 def _ints(name: str, values, minimum: int) -> tuple[int, ...]:

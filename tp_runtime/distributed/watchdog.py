@@ -1,0 +1,148 @@
+"""Deadlines for collectives: the timeout every communicator uses, and the NCCL watchdog thread.
+
+A collective still unfinished after ``collective_timeout()`` seconds ends the whole job with a
+message naming the rank and the collective. ``MpiComm`` checks the deadline in its own wait loop;
+NCCL collectives are asynchronous, so ``NcclWatchdog`` watches them from a daemon thread and, when
+one is late or NCCL reports an error, aborts the communicator and then MPI.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import faulthandler
+import os
+import sys
+import threading
+import time
+from collections import deque
+
+import torch
+
+TIMEOUT_ENV = "TP_RUNTIME_COLLECTIVE_TIMEOUT"
+_timeout_s = float(os.environ.get(TIMEOUT_ENV, "60"))
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Deadline of every collective (default 60 s, or ``$TP_RUNTIME_COLLECTIVE_TIMEOUT``).
+
+    A collective still unfinished after it ends the whole job with a message naming the rank
+    and the collective: a peer that died, skipped the collective or hangs cannot hold the
+    others (and their GPUs) forever.
+    """
+    global _timeout_s
+    if not seconds > 0:
+        raise ValueError(f"collective timeout: expected seconds > 0, got {seconds!r}")
+    _timeout_s = float(seconds)
+
+
+def collective_timeout() -> float:
+    return _timeout_s
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete before its deadline."""
+
+
+def world_rank() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
+_failed = threading.Event()  # a watchdog gave up on a collective: this process must not exit normally
+_aborted = threading.Event()  # ... and has aborted the NCCL communicator (or given up on that)
+
+
+@atexit.register
+def _exit_if_failed() -> None:
+    """Runs before MPI_Finalize (mpi4py's C-level exit hook), while daemon threads still run."""
+    if _failed.is_set():
+        _aborted.wait(3.0)
+        sys.stderr.flush()
+        os._exit(3)
+
+
+class NcclWatchdog:
+    """Deadlines for NCCL collectives without stalling the host.
+
+    Each collective records a CUDA event behind it on the stream; a daemon thread polls the
+    oldest events and the communicator's asynchronous error. A collective unfinished after
+    ``collective_timeout()`` seconds, or an NCCL error, ends the job: the message names the rank
+    and the collective, the communicator is aborted (not destroyed, which can block), then MPI
+    aborts every rank. Nothing is watched while a CUDA graph is being captured.
+    """
+
+    def __init__(self, comm):
+        self._comm = comm
+        self._pending: deque = deque()  # (event, what, deadline), oldest first
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tp_runtime-nccl-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, what: str) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._comm.device))
+        with self._lock:
+            self._pending.append((event, what, time.monotonic() + _timeout_s))
+
+    def _run(self) -> None:
+        torch.cuda.set_device(self._comm.device)
+        while True:
+            time.sleep(0.05)
+            with self._lock:
+                while self._pending and self._done(self._pending[0][0]):
+                    self._pending.popleft()
+                late = self._pending[0] if self._pending and time.monotonic() > self._pending[0][2] else None
+            if late is not None:
+                self._fail(
+                    f"NcclComm.{late[1]} did not complete within {_timeout_s:g} s: a peer died, skipped it "
+                    f"or is stuck ({TIMEOUT_ENV} sets the deadline)"
+                )
+            try:
+                self._comm.check_async_error()
+            except Exception as exc:  # an NCCL error on this communicator: nothing will complete now
+                self._fail(f"NCCL reported an error: {exc}")
+
+    @staticmethod
+    def _done(event: torch.cuda.Event) -> bool:
+        """Whether the collective behind ``event`` finished. A query that errors counts as not yet:
+        the deadline still ends the job if it never does, and this thread must not die (it is the
+        only one that can end a job whose main thread waits on the GPU)."""
+        try:
+            return event.query()
+        except RuntimeError:  # torch.AcceleratorError derives from it
+            return False
+
+    def _fail(self, reason: str) -> None:
+        # First of all, before anything that takes time: the abort below lets the main thread's
+        # wait (torch.cuda.synchronize, say) return as if the collective had finished, and it must
+        # not go on with the garbage. CollectiveTimeout is raised in it at its next Python
+        # instruction (as MpiComm raises on the CPU); should it reach interpreter exit first --
+        # which freezes this daemon thread and cancels faulthandler -- the atexit hook ends the
+        # process before MPI_Finalize waits for peers that never come.
+        _failed.set()
+        c = self._comm
+        print(
+            f"tp_runtime watchdog: rank {world_rank()} (TP rank {c.rank}/{c.size}): {reason}; aborting the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(threading.main_thread().ident), ctypes.py_object(CollectiveTimeout)
+        )
+        from mpi4py import MPI
+
+        # Each step gets a bounded time: neither a wedged NCCL abort nor MPI may keep the job alive.
+        # The joins below need the GIL to return, which a blocked C call (the abort, say) may hold:
+        # faulthandler's timer is a C thread, so it ends the process (printing every thread's
+        # stack first) even then.
+        faulthandler.dump_traceback_later(15, exit=True)
+        for action, seconds in ((c.abort, 2.0), (lambda: MPI.COMM_WORLD.Abort(3), 10.0)):
+            t = threading.Thread(target=action, daemon=True)
+            t.start()
+            t.join(seconds)
+            _aborted.set()  # the communicator's abort is over (or timed out): exiting may proceed
+        os._exit(3)  # mpirun sees a rank die without finalising and ends the others

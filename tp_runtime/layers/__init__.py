@@ -1,0 +1,1 @@
+"""The tensor-parallel layers: column/row-parallel linear (plain and FP8) and the attention layers."""
