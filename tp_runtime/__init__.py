@@ -6,7 +6,6 @@ it (``distributed``, ``layers``, ``batch``, ``backends``) and what each may impo
 in the repository's ARCHITECTURE.md.
 """
 
-from .backends import precompile
 from .batch.graphs import DecodeGraph
 from .batch.kv_cache import CacheCapacityError, KVCache, PagedKVCache
 from .batch.step import Step
@@ -23,7 +22,7 @@ from .config import (
 from .distributed.comm import Communicator, MpiComm, NcclComm, NoComm
 from .distributed.watchdog import CollectiveTimeout, collective_timeout, set_collective_timeout
 from .distributed.world import World, init
-from .layers.attention import Attention, BertAttention
+from .layers.attention import Attention, BertAttention, precompile
 from .layers.linear import ColumnLinear, RowLinear
 from .sharding import HeadLayout, head_layout
 

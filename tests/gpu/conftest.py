@@ -50,12 +50,12 @@ def _precompile_kernels(request):
 @pytest.fixture
 def poison_outputs(monkeypatch):
     """Make the CUDA backend allocate its outputs filled with NaN."""
-    from tp_runtime.backends import cuda
+    from tp_runtime.backends import cuda_common
 
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, NAN, dtype=dtype, device=device)
 
-    monkeypatch.setattr(cuda, "_new", nan_alloc)
+    monkeypatch.setattr(cuda_common, "new", nan_alloc)
 
 
 # ---- caches ----------------------------------------------------------------------------------

@@ -52,10 +52,10 @@ CASES = [
 
 
 def _variant(dtype, d, mask, bias, layout, cache, new_lens=(1,)):
-    from tp_runtime.backends.cuda import context_tiles
+    from tp_runtime.backends.cuda_context import tile_shape
 
     return {
-        **context_tiles(d, causal=mask == "causal", max_new_len=max(new_lens)),
+        **tile_shape(d, causal=mask == "causal", max_new_len=max(new_lens)),
         "dtype": dtype,
         "head_size": d,
         "mask": "padding" if mask == "cross" else mask,
@@ -97,18 +97,19 @@ def _spec(mask, bias, h, d, step, gen):
     return AttentionSpec(mask=mask_type, softmax_scale=1.0 / math.sqrt(d), cross=cross, **kw)
 
 
-@pytest.fixture
-def context_only(monkeypatch):
-    """Route every sequence to the context kernel (whether or not the decode module exists)."""
-    from tp_runtime.backends import cuda
+def context_all(q, kv, step, spec):
+    """Every sequence of the step through the context kernel (one-token queries included), into
+    outputs from the launchers' allocator (NaN-poisoned under ``poison_outputs``)."""
+    from tp_runtime.backends import cuda_common, cuda_context
 
-    monkeypatch.setattr(cuda, "_decode_fn", lambda: None)
+    out = cuda_common.new(q.shape, q.dtype, q.device)
+    lse = cuda_common.new(q.shape[:2], torch.float32, q.device)
+    cuda_context.context(q, kv, step, spec, tuple(range(step.num_seqs)), out, lse)
+    return out, lse
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_context_kernel(case, gpu, poison_outputs, context_only):
-    from tp_runtime.backends import cuda
-
+def test_context_kernel(case, gpu, poison_outputs):
     name, dtype, d, h, kv_h, mask, bias, layout, cache, new, past, enc, block = case
     seed = int(torch.randint(2**31 - 1, ()))  # fresh inputs every run; the seed is in any failure message
     gen = torch.Generator().manual_seed(seed)
@@ -128,20 +129,20 @@ def test_context_kernel(case, gpu, poison_outputs, context_only):
         block_size=block,
     )
     q = (torch.randn(step.num_tokens, h, d, device="cuda") * 1.5).to(dtype)
-    out, lse = cuda.attend(q, kv, step, spec)
+    out, lse = context_all(q, kv, step, spec)
     torch.cuda.synchronize()
     err, pt_err = gpu.check_attention(out, lse, q, kv, step, spec, what=f"{name} (seed {seed})")
     print(f"{name}: max err {err:.2e} (torch {dtype} {pt_err:.2e})")
 
 
 @pytest.mark.parametrize("i", range(len(TILE_SHAPES)), ids=[f"d{d}-{w}x{mt}x{bn}" for d, (w, mt, bn) in TILE_SHAPES])
-def test_tile_shapes(i, gpu, poison_outputs, context_only, monkeypatch):
-    from tp_runtime.backends import cuda
+def test_tile_shapes(i, gpu, poison_outputs, monkeypatch):
+    from tp_runtime.backends import cuda_context
 
     d, cfg = TILE_SHAPES[i]
     dtype = F16 if i % 2 else BF16
-    monkeypatch.setitem(cuda.CONTEXT_TILES, d, cfg)
-    monkeypatch.setattr(cuda, "CONTEXT_TILES_WIDE", {})
+    monkeypatch.setitem(cuda_context.TILES, d, cfg)
+    monkeypatch.setattr(cuda_context, "TILES_WIDE", {})
     step = Step(new_lens=[300, 1, 77, 520], past_lens=[0, 40, 600, 3], slots=(3, 0, 1, 2), device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(d))
     kv = gpu.make_kv(
@@ -149,15 +150,14 @@ def test_tile_shapes(i, gpu, poison_outputs, context_only, monkeypatch):
         lengths=step.total_lens, block_size=16,
     )  # fmt: skip
     q = torch.randn(step.num_tokens, 4, d, device="cuda").to(dtype)
-    out, lse = cuda.attend(q, kv, step, spec)
+    out, lse = context_all(q, kv, step, spec)
     torch.cuda.synchronize()
     gpu.check_attention(out, lse, q, kv, step, spec, what=f"D {d} tiles {cfg}")
 
 
-def test_context_repeatable_and_layer_reuse(gpu, context_only):
-    """Two layers of one step reuse the memoised tile map; results are bitwise repeatable."""
-    from tp_runtime.backends import cuda
-
+def test_context_repeatable_and_layer_reuse(gpu):
+    """Two layers of one step reuse the step's plan (nothing new is planned); results are bitwise
+    repeatable."""
     step = Step(new_lens=[333, 64], past_lens=[0, 17], device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=0.125)
     kv = gpu.make_kv(
@@ -170,10 +170,10 @@ def test_context_repeatable_and_layer_reuse(gpu, context_only):
         lengths=step.total_lens,
     )
     q = torch.randn(step.num_tokens, 4, 128, device="cuda").to(F16)
-    a, la = cuda.attend(q, kv, step, spec)
-    memo_keys = set(step._t)
-    b, lb = cuda.attend(q, kv, step, spec)
-    assert set(step._t) == memo_keys, "the second layer must reuse the per-step metadata"
+    a, la = context_all(q, kv, step, spec)
+    planned = dict(step.plans)
+    b, lb = context_all(q, kv, step, spec)
+    assert step.plans == planned, "the second layer must reuse the step's plan"
     assert torch.equal(a, b) and torch.equal(la, lb)
 
 
@@ -186,9 +186,7 @@ def test_fp32_raises():
         cuda.attend(torch.randn(3, 2, 64, device="cuda"), None, step, spec)
 
 
-def test_beam_context_with_past_raises(gpu, context_only):
-    from tp_runtime.backends import cuda
-
+def test_beam_context_with_past_raises(gpu):
     ind = torch.zeros(1, 2, 16, dtype=torch.int32)
     step = Step(new_lens=[2, 2], past_lens=[3, 3], beam_width=2, cache_indirection=ind, device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=0.125)
@@ -196,22 +194,11 @@ def test_beam_context_with_past_raises(gpu, context_only):
         layout="contiguous", kind="auto", dtype=F16, kv_heads=2, head_size=64, slots=step.slots, lengths=step.total_lens
     )
     with pytest.raises(NotImplementedError, match="beam"):
-        cuda.attend(torch.randn(4, 2, 64, device="cuda").to(F16), kv, step, spec)
-
-
-def test_route():
-    from tp_runtime.backends import cuda
-
-    step = Step(new_lens=[5, 1, 1, 3], past_lens=[0, 7, 0, 9], device="cpu")
-    spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1.0)
-    assert cuda.route(step, spec, decode_available=True) == ([0, 2, 3], [1])
-    assert cuda.route(step, spec, decode_available=False) == ([0, 1, 2, 3], [])
-    cross = AttentionSpec(mask=AttentionMaskType.padding, softmax_scale=1.0, cross=True)
-    assert cuda.route(step, cross, decode_available=True) == ([0, 3], [1, 2])
+        context_all(torch.randn(4, 2, 64, device="cuda").to(F16), kv, step, spec)
 
 
 def test_attend_mixed_step_with_decode(gpu, poison_outputs):
-    """The whole attend (context kernel + decode kernel when present) on an in-flight batch."""
+    """The whole attend (context kernel + decode kernel) on an in-flight batch."""
     from tp_runtime.backends import cuda
 
     step = Step(new_lens=[1, 97, 1, 1, 40], past_lens=[500, 0, 33, 4096, 7], slots=(4, 0, 2, 1, 3), device="cuda")
@@ -229,9 +216,7 @@ def test_attend_mixed_step_with_decode(gpu, poison_outputs):
     q = torch.randn(step.num_tokens, 8, 128, device="cuda").to(BF16)
     out, lse = cuda.attend(q, kv, step, spec)
     torch.cuda.synchronize()
-    gpu.check_attention(
-        out, lse, q, kv, step, spec, what=f"mixed step (decode module: {cuda._decode_fn() is not None})"
-    )
+    gpu.check_attention(out, lse, q, kv, step, spec, what="mixed step")
 
 
 KERNEL_VARIANTS += [

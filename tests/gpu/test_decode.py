@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("cupy")
 
-from tp_runtime.backends import cuda_decode  # noqa: E402
+from tp_runtime.backends import cuda_decode, cuda_plan  # noqa: E402
 from tp_runtime.backends.base import AttentionSpec  # noqa: E402
 from tp_runtime.batch.step import Step  # noqa: E402
 from tp_runtime.config import AttentionMaskType  # noqa: E402
@@ -76,12 +76,11 @@ def setup(gpu, *, lengths, h_r=8, kv_r=2, d=128, dtype=torch.float16, layout="co
     return step, kv, q
 
 
-def run(q, kv, step, spec, ids=None, splits=None, as_tensor=False):
+def run(q, kv, step, spec, ids=None, splits=None):
     out = torch.full_like(q, NAN)
     lse = torch.full(q.shape[:2], NAN, dtype=torch.float32, device=q.device)
     ids = list(range(step.num_seqs)) if ids is None else ids
-    seq = torch.tensor(ids, dtype=torch.int32, device=q.device) if as_tensor else ids
-    cuda_decode.decode(q, kv, step, seq, spec, out, lse, splits)
+    cuda_decode.decode(q, kv, step, ids, spec, out, lse, splits)
     torch.cuda.synchronize()
     return out, lse
 
@@ -207,10 +206,10 @@ def test_long_single_sequence(gpu, heads, layout):
 
 
 def test_split_heuristic():
-    assert cuda_decode.choose_splits(8, 32768, 396) > 1  # one long sequence: multi-block
-    assert cuda_decode.choose_splits(2048, 4096, 396) == 1  # a big batch fills the GPU already
-    assert cuda_decode.choose_splits(8, 300, 396) == 1  # too short to split
-    assert cuda_decode.choose_splits(8, 32768, 396) * 8 <= 396  # never a partial second wave
+    assert cuda_plan.choose_splits(8, 32768, 396) > 1  # one long sequence: multi-block
+    assert cuda_plan.choose_splits(2048, 4096, 396) == 1  # a big batch fills the GPU already
+    assert cuda_plan.choose_splits(8, 300, 396) == 1  # too short to split
+    assert cuda_plan.choose_splits(8, 32768, 396) * 8 <= 396  # never a partial second wave
 
 
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
@@ -267,12 +266,11 @@ def test_cross_attention(gpu, layout):
         assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
 
 
-@pytest.mark.parametrize("as_tensor", [False, True])
-def test_writes_only_served_rows(gpu, as_tensor):
+def test_writes_only_served_rows(gpu):
     torch.manual_seed(29)
     step, kv, q = setup(gpu, lengths=(40, 7, 97, 12))
     spec = spec_for(128)
-    out, lse = run(q, kv, step, spec, ids=[2, 0], as_tensor=as_tensor)
+    out, lse = run(q, kv, step, spec, ids=[2, 0])
     gpu.check_attention(out, lse, q, kv, step, spec, ids=[2, 0])
     assert torch.isnan(out[[1, 3]]).all() and torch.isnan(lse[[1, 3]]).all()
 
@@ -290,7 +288,7 @@ def test_through_cuda_attend(gpu, poison_outputs):
     )
     q = torch.randn(step.num_tokens, 8, 128, device=DEV).half()
     spec = spec_for(128)
-    assert cuda.route(step, spec)[1] == [0, 2]
+    assert cuda_plan.route(step, cross=False).decode_ids == (0, 2)
     out, lse = cuda.attend(q, kv, step, spec)
     gpu.check_attention(out, lse, q, kv, step, spec)
 

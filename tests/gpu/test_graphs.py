@@ -39,7 +39,7 @@ def test_graph_replay_equals_eager(pe, kv_heads):
     g = torch.Generator(device=dev).manual_seed(0)
     layers = _layers(cfg, 2, dev, g)
     caches = [
-        PagedKVCache(config=cfg, head_layout=layers[0].layout, num_layers=2, num_blocks=64, block_size=16,
+        PagedKVCache(config=cfg, head_layout=layers[0].head_layout, num_layers=2, num_blocks=64, block_size=16,
                      max_seqs=4, max_blocks_per_seq=16, device=dev)
         for _ in range(2)
     ]  # fmt: skip
@@ -82,7 +82,9 @@ def test_queued_replays_equal_eager():
     layers = _layers(cfg, 6, dev, g)  # enough GPU work per step that the host runs ahead of it
     batch, steps = 8, 60
     caches = [
-        KVCache(config=cfg, head_layout=layers[0].layout, num_layers=6, max_batch=batch, max_seq_len=160, device=dev)
+        KVCache(
+            config=cfg, head_layout=layers[0].head_layout, num_layers=6, max_batch=batch, max_seq_len=160, device=dev
+        )
         for _ in range(2)
     ]
 

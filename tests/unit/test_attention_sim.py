@@ -40,7 +40,7 @@ def build(c: AttentionConfig, w: dict, comm, *, paged=False, max_seq_len=40, max
     if paged:
         cache = PagedKVCache(
             config=c,
-            head_layout=layer.layout,
+            head_layout=layer.head_layout,
             num_layers=1,
             num_blocks=64,
             block_size=4,
@@ -51,7 +51,7 @@ def build(c: AttentionConfig, w: dict, comm, *, paged=False, max_seq_len=40, max
     else:
         cache = KVCache(
             config=c,
-            head_layout=layer.layout,
+            head_layout=layer.head_layout,
             num_layers=1,
             max_batch=max_batch,
             max_seq_len=max_seq_len,

@@ -8,32 +8,33 @@ import pytest
 import torch
 
 from tp_runtime.backends import compile as kc  # CuPy is imported lazily: these run without it
-from tp_runtime.backends import cuda, cuda_decode
-from tp_runtime.backends.base import AttentionSpec
+from tp_runtime.backends import cuda, cuda_context, cuda_decode, cuda_plan, cuda_prepare
 from tp_runtime.backends.cuda_common import check_activation
 from tp_runtime.batch.step import Step
-from tp_runtime.config import AttentionMaskType
 
 
 def test_route_sends_generation_tokens_to_decode():
     step = Step(new_lens=[5, 1, 1, 3], past_lens=[0, 7, 0, 2])  # context, generation, 1-token prompt, chunk
-    spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1.0)
-    assert cuda.route(step, spec) == ([0, 2, 3], [1])
-    assert cuda.route(step, spec, decode_available=False) == ([0, 1, 2, 3], [])
-    cross = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1.0, cross=True)
-    assert cuda.route(step, cross) == ([0, 3], [1, 2])  # cross: every one-token query decodes
+    plan = cuda_plan.route(step, cross=False)
+    assert (plan.context_ids, plan.decode_ids) == ((0, 2, 3), (1,))
+    assert plan.n_keys == (5, 8, 1, 5) and plan.n_keys_dev.tolist() == [5, 8, 1, 5] and plan.max_keys == 8
+    assert cuda_plan.route(step, cross=False) is plan  # planned once per step, reused by every layer
+    cross = Step(new_lens=[5, 1, 1, 3], past_lens=[0, 7, 0, 2], encoder_lens=[4, 6, 2, 9])
+    plan = cuda_plan.route(cross, cross=True)
+    assert (plan.context_ids, plan.decode_ids) == ((0, 3), (1, 2))  # cross: every one-token query decodes
+    assert plan.n_keys == (4, 6, 2, 9) and plan.n_keys_dev.tolist() == [4, 6, 2, 9]
 
 
 def test_prepare_head_groups():
     """Prefill: one block takes all of a token's heads; decode: a token's heads spread over blocks of
     at least one channel pair per thread; the groups always cover every head."""
     sms = 132
-    assert cuda.prepare_heads_per_block(16384, 336, 128, sms) == 336
-    assert cuda.prepare_heads_per_block(1, 336, 128, sms) == 4  # 256 threads / 64 pairs per head
-    assert cuda.prepare_heads_per_block(1, 3, 128, sms) == 3
+    assert cuda_prepare.heads_per_block(16384, 336, 128, sms) == 336
+    assert cuda_prepare.heads_per_block(1, 336, 128, sms) == 4  # 256 threads / 64 pairs per head
+    assert cuda_prepare.heads_per_block(1, 3, 128, sms) == 3
     for tokens in (1, 2, 7, 64, 100, 256, 1056, 5000):
         for heads, d in ((336, 128), (96, 128), (66, 64), (9, 96), (3, 256)):
-            hpb = cuda.prepare_heads_per_block(tokens, heads, d, sms)
+            hpb = cuda_prepare.heads_per_block(tokens, heads, d, sms)
             groups = -(-heads // hpb)
             assert 1 <= hpb <= heads and (groups - 1) * hpb < heads
             assert hpb >= min(heads, 256 // (d // 2))  # a block has about one pair per thread, or all heads
@@ -42,17 +43,17 @@ def test_prepare_head_groups():
 
 def test_split_heuristic():
     resident = 132 * 4
-    assert cuda_decode.choose_splits(resident, 32768, resident) == 1  # the GPU is already full
-    assert cuda_decode.choose_splits(8, 300, resident) == 1  # too few keys to split
-    s = cuda_decode.choose_splits(8, 32768, resident)
-    assert 1 < s <= min(resident // 8, 32768 // cuda_decode.MIN_KEYS_PER_SPLIT, cuda_decode.MAX_SPLITS)
+    assert cuda_plan.choose_splits(resident, 32768, resident) == 1  # the GPU is already full
+    assert cuda_plan.choose_splits(8, 300, resident) == 1  # too few keys to split
+    s = cuda_plan.choose_splits(8, 32768, resident)
+    assert 1 < s <= min(resident // 8, 32768 // cuda_plan.MIN_KEYS_PER_SPLIT, cuda_plan.MAX_SPLITS)
     assert [cuda_decode.heads_per_block(g) for g in (1, 2, 3, 4, 8, 32)] == [1, 2, 4, 4, 8, 8]
 
 
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("causal,max_new", [(True, 512), (True, 16384), (False, 512)])
 def test_context_tiles_are_in_the_compile_table(head_size, causal, max_new):
-    tiles = cuda.context_tiles(head_size, causal=causal, max_new_len=max_new)
+    tiles = cuda_context.tile_shape(head_size, causal=causal, max_new_len=max_new)
     params = dict(dtype=torch.float16, head_size=head_size, mask="causal", bias="none", layout="paged", cache="int8")
     kc._resolve("context", {**params, **tiles})  # raises NotImplementedError if the table lacks it
 
@@ -60,8 +61,8 @@ def test_context_tiles_are_in_the_compile_table(head_size, causal, max_new):
 def test_unsupported_variants_list_what_is_supported():
     with pytest.raises(NotImplementedError, match="supported head_size values"):
         kc._resolve("decode", dict(dtype="float16", cache="auto", layout="paged", head_size=72, heads=4))
-    with pytest.raises(NotImplementedError, match="head sizes"):
-        cuda.context_tiles(72)
+    with pytest.raises(NotImplementedError, match="head_size=72"):
+        cuda_context.tile_shape(72)
     with pytest.raises(NotImplementedError, match="supported families"):
         kc.get_kernel("triton_attention")
 
@@ -84,7 +85,7 @@ def test_activation_checks_name_the_fix():
     ],
 )
 def test_layer_variants_are_in_the_compile_table(kw):
-    """What precompile_layers asks for: every variant the layer can launch, each one the table supports."""
+    """What precompile asks for: every variant the layer can launch, each one the table supports."""
     from tp_runtime.config import AttentionConfig
     from tp_runtime.distributed.comm import NoComm
     from tp_runtime.layers.attention import Attention, BertAttention
@@ -94,7 +95,7 @@ def test_layer_variants_are_in_the_compile_table(kw):
     if not cfg.cross_attention and not cfg.position_embedding.is_rope and not cfg.kv_cache_dtype.is_quantized:
         layers.append(BertAttention(AttentionConfig(**{**cfg.__dict__, "mask_type": "padding"}), comm=NoComm()))
     for layer in layers:
-        variants = cuda.layer_variants(layer)
+        variants = cuda.variants(layer.desc)
         families = {f for f, _ in variants}
         assert "prepare" in families and "context" in families
         assert ("decode" in families) == (not isinstance(layer, BertAttention))

@@ -74,7 +74,9 @@ def _replay(o, hf_calls, reorders, comm):
     layer = Attention(o.config, comm=comm)
     layer.load_weights(**o.weights)
     w, total = BEAMS, PROMPT + NEW_TOKENS
-    cache = KVCache(config=o.config, head_layout=layer.layout, num_layers=1, max_batch=BATCH * w, max_seq_len=total)
+    cache = KVCache(
+        config=o.config, head_layout=layer.head_layout, num_layers=1, max_batch=BATCH * w, max_seq_len=total
+    )
     ind = torch.zeros(BATCH, w, total, dtype=torch.int32)  # context: beam 0's slot for every beam
     prompt = hf_calls[0].hidden  # [B·W, P, hidden]: the W rows of a batch entry are equal
     step = Step(new_lens=[PROMPT] * BATCH, slots=[b * w for b in range(BATCH)], beam_width=w, cache_indirection=ind)

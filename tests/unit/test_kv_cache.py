@@ -106,7 +106,8 @@ def test_quantized_storage_bit_exact(kind, dequant_scale, layout):
         table = torch.full((1, nb + 1), -1, dtype=torch.int32)
         table[0, :nb] = torch.randperm(nb + 2)[:nb].to(torch.int32)
         kv = LayerKV(CacheLayout.paged, data, kind, dequant_scale, table)
-    q, k, v = reference.prepare(qkv, None, step, head_layout=lay, head_size=d, rope=None, kv=kv)
+    reference.prepare(qkv, None, step, head_layout=lay, head_size=d, rope=None, kv=kv)
+    k, v = vals[:, : kv_heads * d].reshape(t, kv_heads, d), vals[:, kv_heads * d :].reshape(t, kv_heads, d)
     if layout == "paged":
         stored = torch.cat([data[b] for b in table[0, :nb].tolist()], dim=2)[:, :, :t]
     for which, x in ((0, k), (1, v)):
@@ -145,10 +146,12 @@ def test_quantized_cache_through_layer_and_attend(kind):
     step = Step(new_lens=[6, 3], slots=[1, 0])
     out = layer(x, step, cache)
     out_ref = layer_ref(x, step, cache_ref)
-    # stored == emulation of the layer's own K/V (K after RoPE)
-    q, k, v = reference.prepare(
+    q = reference.prepare(
         layer.qkv(x, with_bias=False), layer.qkv.bias, step, head_layout=lay, head_size=8, rope=layer.rope, kv=None
     )
+    # stored == emulation of the layer's own K/V (K after RoPE), [T, KV, D], which the fp32 cache holds exactly
+    rows = list(zip(step.slots, step.new_lens, strict=True))
+    k, v = (torch.cat([cache_ref.data[0, s, which, :, :n].transpose(0, 1) for s, n in rows]) for which in (0, 1))
     for i, slot in enumerate(step.slots):
         r = step.token_range(i)
         for which, src in ((0, k), (1, v)):
@@ -442,7 +445,7 @@ def test_paged_equals_contiguous_random_block_tables_backend(seed, kind):
     spec = AttentionSpec(mask=CAUSAL, softmax_scale=0.3, alibi_slopes=torch.rand(heads))
     outs = []
     for kv in (paged, contig):
-        q, _, _ = reference.prepare(qkv, None, step, head_layout=lay, head_size=d, rope=None, kv=kv)
+        q = reference.prepare(qkv, None, step, head_layout=lay, head_size=d, rope=None, kv=kv)
         outs.append(reference.attend(q, kv, step, spec))
     assert not outs[0][0].isnan().any()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -18,8 +18,8 @@ from tp_runtime.layers.attention import Attention
 
 
 def test_backend_choice():
-    assert get_backend(None, "cpu", torch.float16) is reference
-    assert get_backend("reference", "cpu") is reference
+    assert get_backend(None, "cpu", torch.float16) is reference.BACKEND
+    assert get_backend("reference", "cpu") is reference.BACKEND
     with pytest.raises(ValueError, match="backend='cuda' needs a CUDA device"):
         get_backend("cuda", "cpu")
     with pytest.raises(ValueError, match="expected one of"):
@@ -81,7 +81,7 @@ def test_mismatched_config_fails_on_every_rank_of_a_simulated_group():
 
 def test_nan_guard():
     cfg, layer = _layer(NoComm(), check_finite=True)
-    cache = KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=1, max_seq_len=8)
+    cache = KVCache(config=cfg, head_layout=layer.head_layout, num_layers=1, max_batch=1, max_seq_len=8)
     x = torch.randn(3, 32)
     layer(x, Step(new_lens=[3]), cache)  # finite: fine
     x[1, 5] = float("nan")

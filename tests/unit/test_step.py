@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,14 +191,15 @@ def test_padding_to_packed_left_and_right(seed):
         padding_to_packed(mask[0])
 
 
-def test_lengths_block_is_one_view_of_the_decode_lengths():
-    """A decode step's past | positions | total_len are one [3, B] block (a CUDA graph updates the
-    lengths with one copy); writing through it changes what the kernels read."""
+def test_decode_lengths_load_with_one_copy():
+    """A decode step's past, positions and total_len are refreshed from one host buffer filled from
+    each sequence's past (how a CUDA graph replays a step); the kernels then read the new lengths."""
     step = Step(new_lens=[1, 1, 1], past_lens=[4, 9, 2], slots=[2, 0, 5])
-    block = step.lengths_block
-    assert block.tolist() == [[4, 9, 2], [4, 9, 2], [5, 10, 3]]
-    block.copy_(torch.tensor([[7, 1, 3], [7, 1, 3], [8, 2, 4]], dtype=torch.int32))
+    buf = torch.empty(3, 3, dtype=torch.int32)  # as Step.decode_lengths_buffer, unpinned on the CPU
+    Step.fill_decode_lengths(buf.numpy(), np.array([7, 1, 3]))
+    step.load_decode_lengths(buf)
     assert step.past.tolist() == [7, 1, 3] and step.positions.tolist() == [7, 1, 3]
     assert step.total_len.tolist() == [8, 2, 4] and step.slot.tolist() == [2, 0, 5]
-    with pytest.raises(ValueError, match="lengths_block"):
-        _ = Step(new_lens=[2, 1], past_lens=[0, 3]).lengths_block
+    assert step.cu_seqlens.tolist() == [0, 1, 2, 3] and step.token_seq.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="load_decode_lengths"):
+        Step(new_lens=[2, 1], past_lens=[0, 3]).load_decode_lengths(buf)

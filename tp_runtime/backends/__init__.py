@@ -12,33 +12,29 @@ import importlib
 
 import torch
 
-from . import reference
+from .capabilities import HALF_DTYPES
+from .reference import BACKEND as REFERENCE
 
 NAMES = ("reference", "cuda")
 
-
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_cuda_backends: dict = {}
 
 
 def get_backend(name: str | None, device: torch.device | str, dtype: torch.dtype = torch.float16):
+    """The backend object for layers of ``dtype`` on ``device`` (see ``base.py`` for its operations)."""
     device = torch.device(device)
     if name is None:
-        name = "cuda" if device.type == "cuda" and dtype in CUDA_DTYPES else "reference"
+        name = "cuda" if device.type == "cuda" and dtype in HALF_DTYPES else "reference"
     if name not in NAMES:
         raise ValueError(f"backend: expected one of {NAMES} or None, got {name!r}")
     if name == "reference":
-        return reference
+        return REFERENCE
     if device.type != "cuda":
         raise ValueError(f"backend='cuda' needs a CUDA device, got device={device}")
-    if dtype not in CUDA_DTYPES:
+    if dtype not in HALF_DTYPES:
         raise ValueError(f"backend='cuda' runs fp16/bf16 layers, got dtype={dtype}: use backend='reference' for fp32")
-    return importlib.import_module(".cuda", __name__)
-
-
-def precompile(layers, local_comm=None) -> None:
-    """Compile ahead of the first step what the layers will launch (the CUDA backend's kernels;
-    nothing for the reference backend). Under mpirun pass ``World.local_comm``: one rank per node
-    compiles, the others then load the binaries from the disk cache. Collective over it."""
-    cuda_layers = [layer for layer in layers if layer.backend.name == "cuda"]
-    if cuda_layers:
-        importlib.import_module(".cuda", __name__).precompile_layers(cuda_layers, local_comm)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _cuda_backends:
+        cuda = importlib.import_module(".cuda", __name__)  # CuPy is needed only from here on
+        _cuda_backends[index] = cuda.CudaBackend(torch.device("cuda", index))
+    return _cuda_backends[index]

@@ -19,8 +19,8 @@ Under ``mpirun``: call ``precompile(variants, local_comm)`` with the node-local 
 shared-memory split). Node-local rank 0 compiles everything (in parallel worker processes),
 then the node barriers, then every rank loads the binaries from the disk cache.
 
-Public API (stable; the decode family and the CUDA backend use it):
-  ``FAMILIES``, ``Family``, ``get_kernel(family, **params)``, ``kernel_options(hopper=False)``,
+Public API (the launchers and launch/check_kernels use it):
+  ``FAMILIES``, ``Family``, ``get_kernel(family, **params)``, ``kernel_options()``,
   ``precompile(families_and_params, local_comm=None, workers=None)``, ``KernelCompileError``.
 """
 
@@ -30,12 +30,13 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 os.environ.setdefault("CUPY_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache"))
 
 from ..resources import kernels_dir  # noqa: E402
+from .capabilities import CAPABILITIES  # noqa: E402
 
 
 class KernelCompileError(RuntimeError):
@@ -51,18 +52,22 @@ class Family:
     ``{python value: C++ token}``; the python values are what callers pass to ``get_kernel``
     (torch dtypes and enums are accepted and normalised to their names/values). ``rule``
     optionally rejects combinations the per-parameter lists cannot express: it returns a
-    message (unsupported) or None (fine). ``hopper_only`` families use sm_90a instructions.
+    message (unsupported) or None (fine).
     """
 
     source: str
     template: str
     params: Mapping[str, Mapping[object, str]]
     rule: Callable[[dict], str | None] | None = None
-    hopper_only: bool = False
-    doc: str = field(default="", compare=False)
 
 
 _HALF_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+def _head_sizes(family: str) -> dict[int, str]:
+    """The head sizes ``capabilities`` says the family serves, as template arguments."""
+    return {d: str(d) for d in CAPABILITIES[family].head_sizes}
+
 
 # Cache storage: what the K/V of the cache are stored as; int8/fp8 are dequantized on load.
 _CACHE_TYPES = {"auto": "tp::CacheAuto", "int8": "tp::CacheInt8", "fp8": "tp::CacheFp8"}
@@ -96,7 +101,6 @@ FAMILIES: dict[str, Family] = {
             # pairing of rotated channels: none, GPT-J (2i, 2i+1), NeoX (i, i + rot/2)
             "rope": {"none": "tp::RopeNone", "gptj": "tp::RopeGptj", "neox": "tp::RopeNeox"},
         },
-        doc="bias + RoPE + K/V cache write (+quantize) + Q out",
     ),
     # FlashAttention-2-style context (prefill) attention (kernels/context_attention.cu).
     "context": Family(
@@ -106,10 +110,8 @@ FAMILIES: dict[str, Family] = {
         params={
             # mma.sync m16n8k16 takes fp16 or bf16 operands (fp32 accumulate in both)
             "dtype": _HALF_TYPES,
-            # fragment counts and shared-memory tiles are sized by D at compile time; these are
-            # the head sizes of the models we serve (GPT-2/BERT 64, Falcon/GPT-J-ish 80/96,
-            # Llama 128, Gemma-style 256)
-            "head_size": {64: "64", 80: "80", 96: "96", 128: "128", 256: "256"},
+            # fragment counts and shared-memory tiles are sized by D at compile time
+            "head_size": _head_sizes("context"),
             # causal skips tiles above the diagonal; bidirectional adds ChatGLM's -10000 column;
             # padding: every key of the sequence (encoders, cross attention)
             "mask": {
@@ -135,7 +137,6 @@ FAMILIES: dict[str, Family] = {
             "block_n": {32: "32", 64: "64", 128: "128"},
         },
         rule=lambda p: _context_tile_rule(p),
-        doc="FlashAttention-2-style prefill over packed variable-length sequences with cached past",
     ),
     # Generation-phase attention (kernels/decode_attention.cu): one query token per sequence,
     # flash-decoding with key splits merged by log-sum-exp in the same launch.
@@ -150,12 +151,11 @@ FAMILIES: dict[str, Family] = {
             # K/V addressing: contiguous rows, or a block table (its row slice kept in shared memory)
             "layout": {"contiguous": "tp::LayoutContiguous", "paged": "tp::LayoutPaged"},
             # the registers holding q and the output accumulators are sized by D
-            "head_size": {64: "64", 80: "80", 96: "96", 128: "128", 256: "256"},
+            "head_size": _head_sizes("decode"),
             # query heads one block serves from one KV head (GQA packing: K/V read once for all):
             # the group rounded up to a power of two, at most 8 (larger groups use several chunks)
             "heads": {1: "1", 2: "2", 4: "4", 8: "8"},
         },
-        doc="flash-decoding: one query token per sequence against its cached keys",
     ),
     # Per-tensor FP8 quantization of a projection's input (kernels/fp8_quant.cu): max |x|, then
     # x / scale rounded to e4m3. Elementwise and memory-bound: only the input type is compile-time.
@@ -163,13 +163,11 @@ FAMILIES: dict[str, Family] = {
         source="fp8_quant.cu",
         template="tp::fp8_amax_kernel<{dtype}>",
         params={"dtype": _HALF_TYPES},
-        doc="max |x| of an fp16/bf16 tensor (NaN propagates), for a dynamic FP8 scale",
     ),
     "fp8_quantize": Family(
         source="fp8_quant.cu",
         template="tp::fp8_quantize_kernel<{dtype}>",
         params={"dtype": _HALF_TYPES},
-        doc="e4m3(clip(x / scale, +-448)) with a static or amax-derived per-tensor scale",
     ),
 }
 
@@ -218,13 +216,6 @@ def _describe(fam: Family) -> str:
     return "; ".join(f"{k} in {list(v)}" for k, v in fam.params.items())
 
 
-def supported(family: str) -> dict[str, list]:
-    """Allowed values of each parameter of ``family`` (for error messages, tests and docs)."""
-    if family not in FAMILIES:
-        raise NotImplementedError(f"kernel family {family!r}: supported families: {sorted(FAMILIES)}")
-    return {k: list(v) for k, v in FAMILIES[family].params.items()}
-
-
 def _arch() -> str:
     import cupy
 
@@ -232,17 +223,10 @@ def _arch() -> str:
     return cc
 
 
-def kernel_options(hopper: bool = False) -> tuple[str, ...]:
-    """NVRTC options for the current device: ``-arch=sm_<cc>`` (``sm_90a`` only for ``hopper``
-    families), C++17, the kernels folder on the include path. CuPy adds ``-ftz=true``."""
-    cc = _arch()
-    if hopper:
-        if cc != "90":
-            raise NotImplementedError(f"this kernel uses Hopper-only instructions (sm_90a); the device is sm_{cc}")
-        arch = "-arch=sm_90a"
-    else:
-        arch = f"-arch=sm_{cc}"
-    return (arch, "-std=c++17", f"-I{kernels_dir()}", "-DTP_NVRTC=1")
+def kernel_options() -> tuple[str, ...]:
+    """NVRTC options for the current device: ``-arch=sm_<cc>``, C++17, the kernels folder on the
+    include path. CuPy adds ``-ftz=true``."""
+    return (f"-arch=sm_{_arch()}", "-std=c++17", f"-I{kernels_dir()}", "-DTP_NVRTC=1")
 
 
 def _source(fam: Family) -> str:
@@ -289,7 +273,7 @@ def _compile(family: str, fam: Family, params: dict, expr: str):
     import cupy
     from cupy.cuda.compiler import CompileException
 
-    options = kernel_options(fam.hopper_only)
+    options = kernel_options()
     code = _source(fam)
     try:
         module = cupy.RawModule(code=code, options=options, name_expressions=[expr])

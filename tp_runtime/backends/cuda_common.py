@@ -1,4 +1,4 @@
-"""What the CUDA launchers (``cuda.py``: prepare and context; ``cuda_decode.py``: decode) share:
+"""What the CUDA launchers (``cuda_prepare``, ``cuda_context``, ``cuda_decode``, ``cuda_fp8``) share:
 CuPy access, raw pointers and typed scalars, launching on torch's current stream, the checks of
 activations and caches, and the dense bias table both attention kernels read.
 """
@@ -6,15 +6,15 @@ activations and caches, and the dense bias table both attention kernels read.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from ..batch.kv_cache import CacheLayout, LayerKV
 from ..batch.step import Step
-from ..position import relative_bucket
 from .base import AttentionSpec
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from .capabilities import HALF_DTYPES
+from .cuda_plan import relative_buckets
 
 
 def cupy_module():
@@ -33,6 +33,13 @@ i32 = lambda v: cupy_module().int32(int(v))  # noqa: E731
 i64 = lambda v: cupy_module().int64(int(v))  # noqa: E731
 f32 = lambda v: cupy_module().float32(float(v))  # noqa: E731
 f64 = lambda v: cupy_module().float64(float(v))  # noqa: E731
+
+
+def new(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every output buffer of the launchers comes from here (the GPU tests replace it with a
+    NaN-filled allocator, so an element a kernel fails to write shows up)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
 
 _smem_set: set = set()
 
@@ -87,8 +94,21 @@ def check_activation(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: the CUDA backend needs CUDA tensors, got device {t.device}")
 
 
-def cache_geometry(kv: LayerKV, kv_heads: int, head_size: int, dtype: torch.dtype):
-    """(cache_len, log2_cache_len, block_table, bt_stride) after checking the cache's shape."""
+@dataclass(frozen=True)
+class CacheGeometry:
+    """How the kernels address one layer's cache (checked against the layer's head layout)."""
+
+    length: int  # contiguous: S_max; paged: P, the tokens per block
+    log2_length: int  # paged: log2(P) (the kernels shift, not divide); contiguous: 0
+    block_table: torch.Tensor | None  # paged: [max_seqs, max_blocks] int32
+    table_stride: int  # paged: the block table's row stride; contiguous: 0
+
+
+NO_CACHE = CacheGeometry(0, 0, None, 0)
+
+
+def cache_geometry(kv: LayerKV, kv_heads: int, head_size: int, dtype: torch.dtype) -> CacheGeometry:
+    """The cache's geometry, after checking its shape, dtype and block table."""
     data = kv.data
     if data.dim() != 5 or data.shape[1] != 2 or data.shape[2] != kv_heads or data.shape[4] != head_size:
         raise ValueError(
@@ -97,20 +117,41 @@ def cache_geometry(kv: LayerKV, kv_heads: int, head_size: int, dtype: torch.dtyp
         )
     if not data.is_contiguous():
         raise ValueError("kv.data: the CUDA backend needs a contiguous cache tensor")
-    expected = kv.kind.storage_dtype(dtype)
+    expected = kv.cache_dtype.storage_dtype(dtype)
     if data.dtype != expected:
         raise ValueError(
-            f"kv.data: a {kv.kind.value} cache for {dtype} activations stores {expected}, got {data.dtype}"
+            f"kv.data: a {kv.cache_dtype.value} cache for {dtype} activations stores {expected}, got {data.dtype}"
         )
     length = data.shape[3]
-    if kv.layout is CacheLayout.paged:
+    if kv.cache_layout is CacheLayout.paged:
         table = kv.block_table
         if table is None or table.dtype != torch.int32 or table.dim() != 2 or not table.is_contiguous():
             raise ValueError("kv.block_table: a paged cache needs a contiguous int32 [max_seqs, max_blocks] table")
         if length & (length - 1):
             raise ValueError(f"kv: paged block size must be a power of two, got {length}")
-        return length, length.bit_length() - 1, table, table.shape[1]
-    return length, 0, None, 0
+        return CacheGeometry(length, length.bit_length() - 1, table, table.shape[1])
+    return CacheGeometry(length, 0, None, 0)
+
+
+def check_reach(kv: LayerKV, geometry: CacheGeometry, max_keys: int, max_slot: int) -> None:
+    """A contiguous cache must hold every position and slot a launch touches (a paged one holds
+    whatever its block table names; unallocated blocks are skipped by the kernels)."""
+    if kv.cache_layout is not CacheLayout.contiguous:
+        return
+    if max_keys > geometry.length:
+        raise ValueError(f"kv: a sequence reaches {max_keys} positions, the cache holds {geometry.length}")
+    if max_slot >= kv.data.shape[0]:
+        raise ValueError(f"kv: slot {max_slot} is outside the cache's {kv.data.shape[0]} rows")
+
+
+def checked_alibi(spec: AttentionSpec, heads: int, device: torch.device) -> torch.Tensor | None:
+    """The effective ALiBi slopes as the kernels read them: ``[H_r]`` fp32 on the device, or None."""
+    if spec.alibi_slopes is None:
+        return None
+    alibi = spec.alibi_slopes.to(device=device, dtype=torch.float32).contiguous()
+    if alibi.numel() != heads:
+        raise ValueError(f"alibi_slopes: expected {heads} slopes (heads on this rank), got {alibi.numel()}")
+    return alibi
 
 
 def bias_table(spec: AttentionSpec, step: Step, ids: list[int], n_keys: tuple[int, ...]):
@@ -125,15 +166,8 @@ def bias_table(spec: AttentionSpec, step: Step, ids: list[int], n_keys: tuple[in
             )
         rb = rb.to(device=step.device, dtype=torch.float32).contiguous()
         return rb, rb.shape[1] * rb.shape[2], rb.shape[2], 1, 0
-    # implicit T5 buckets: expand the [H_r, num_buckets] table to one value per distance k − q,
-    # using the reference's bucket function itself
-    bidir = spec.bidirectional_buckets
-
-    def build():
-        rel = torch.arange(-(q_max - 1), k_max, dtype=torch.long)
-        b = relative_bucket(rel, bidirectional=bidir, num_buckets=spec.num_buckets, max_distance=spec.max_distance)
-        return b.to(step.device)
-
-    buckets = step.memo(("cuda.rel_buckets", q_max, k_max, bidir, spec.num_buckets, spec.max_distance), build)
+    # implicit T5 buckets: the [H_r, num_buckets] table expanded to one value per distance k − q,
+    # through the reference's bucket function (the bucket index per distance is planned once per step)
+    buckets = relative_buckets(step, q_max, k_max, spec.bidirectional_buckets, spec.num_buckets, spec.max_distance)
     dense = spec.relative_table.to(device=step.device, dtype=torch.float32)[:, buckets].contiguous()
     return dense, dense.shape[1], -1, 1, q_max - 1

@@ -5,12 +5,13 @@
 sequence ``i`` sees keys ``0 .. past_i`` (self attention: its new token was written by
 ``prepare``) or ``0 .. encoder_len_i − 1`` (cross). It writes ``out [T, H_r, D]`` (q's dtype) and
 ``lse [T, H_r]`` (fp32, natural log, ``-inf`` with no keys) at those sequences' token rows only.
-``cuda.attend`` calls it; see ``backends/base.py`` for the semantics it shares with ``reference``.
+``cuda.attend`` calls it with the step plan's decode sequences; see ``backends/base.py`` for the
+semantics it shares with ``reference``.
 
 One thread block per (head chunk, key split, KV head, sequence) serves the query heads of its KV
-head together, so K/V are read once. ``splits`` (None: ``choose_splits``) cuts each sequence's keys
-into that many chunks; the kernel merges the chunks by log-sum-exp in the same launch, so any
-split count gives the single-split result up to rounding.
+head together, so K/V are read once. ``splits`` (None: ``cuda_plan.choose_splits``) cuts each
+sequence's keys into that many chunks; the kernel merges the chunks by log-sum-exp in the same
+launch, so any split count gives the single-split result up to rounding.
 """
 
 from __future__ import annotations
@@ -21,17 +22,28 @@ import torch
 
 from ..batch.kv_cache import CacheLayout, LayerKV
 from ..batch.step import Step
-from .base import AttentionSpec, key_lengths
+from .base import AttentionSpec
+from .capabilities import check
 from .compile import get_kernel
-from .cuda_common import bias_table, cache_geometry, check_activation, f32, i32, i64, launch, ptr
+from .cuda_common import (
+    bias_table,
+    cache_geometry,
+    check_activation,
+    check_reach,
+    checked_alibi,
+    f32,
+    i32,
+    i64,
+    launch,
+    ptr,
+)
+from .cuda_context import score_bias_kind
+from .cuda_plan import MAX_SPLITS, decode_work, route
 
 THREADS = 128  # decode::kThreads
 PIPE_BYTES = 48 * 1024  # decode::kPipeBytes: the K/V pipeline's shared memory (the kernel traps on less)
 TABLE_CAP = 1024  # paged: block-table entries of a split kept in shared memory (else read from global)
 MAX_HEADS_PER_BLOCK = 8
-MIN_KEYS_PER_SPLIT = 256  # fewer keys per split: more blocks than work (NOTES_decode.md has a split sweep)
-MAX_SPLITS = 512  # the merge keeps heads x splits weights in the pipeline's shared memory
-HEAD_SIZES = (64, 80, 96, 128, 256)
 
 
 def heads_per_block(group: int) -> int:
@@ -40,22 +52,12 @@ def heads_per_block(group: int) -> int:
     return min(MAX_HEADS_PER_BLOCK, 1 << (group - 1).bit_length())
 
 
-def choose_splits(blocks: int, max_keys: int, resident: int) -> int:
-    """Key splits per sequence: 1 when ``blocks`` (sequences x KV heads x head chunks) already fill
-    the ``resident`` block slots of the GPU (SMs x blocks per SM), else as many as one wave holds
-    (rounded down: a few blocks spilling into a second wave would cost a whole block's time),
-    keeping at least ``MIN_KEYS_PER_SPLIT`` keys per split."""
-    if blocks >= resident or max_keys < 2 * MIN_KEYS_PER_SPLIT:
-        return 1
-    return max(1, min(resident // blocks, max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
-
-
 def variant(dtype: torch.dtype, kv: LayerKV, head_size: int, group: int) -> dict:
     """Template parameters of the decode kernel (compile.FAMILIES["decode"])."""
     return {
         "dtype": dtype,
-        "cache": kv.kind.value,
-        "layout": kv.layout.value,
+        "cache": kv.cache_dtype.value,
+        "layout": kv.cache_layout.value,
         "head_size": head_size,
         "heads": heads_per_block(group),
     }
@@ -91,34 +93,26 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _seq_ids(step: Step, seq_ids) -> tuple[torch.Tensor, tuple[int, ...] | None]:
-    """(device int32 ids, host ids or None when given as a device tensor)."""
-    if isinstance(seq_ids, torch.Tensor):
-        same_device = seq_ids.device.type == step.device.type and step.device.index in (None, seq_ids.device.index)
-        if seq_ids.dtype != torch.int32 or seq_ids.dim() != 1 or not same_device:
-            raise ValueError(
-                f"seq_ids: expected a 1-D int32 tensor on {step.device}, got {seq_ids.dtype} "
-                f"{tuple(seq_ids.shape)} on {seq_ids.device}"
-            )
-        return seq_ids.contiguous(), None
+def _check_ids(step: Step, seq_ids) -> tuple[int, ...]:
     ids = tuple(int(i) for i in seq_ids)
     bad = [i for i in ids if not 0 <= i < step.num_seqs]
     if bad:
         raise ValueError(f"seq_ids: {bad} are not sequences of this step (it has {step.num_seqs})")
-    dev = step.memo(("cuda_decode.seq_ids", ids), lambda: torch.tensor(ids, dtype=torch.int32).to(step.device))
-    return dev, ids
+    bad = [i for i in ids if step.new_lens[i] != 1]
+    if bad:
+        raise ValueError(f"seq_ids: sequences {bad} have more than one new token; decode serves one-token queries")
+    return ids
 
 
 def _params(q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev, spec_ops, shape, scales, cross):
     """The decode kernel's parameters, in the order of ``tp::decode_attention_kernel``."""
-    _, log2_page, block_table, bt_stride = geometry
     alibi, table = spec_ops
     tab, tab_h, tab_q, tab_k, tab_off = table if table is not None else (None, 0, 0, 0, 0)
     ind = step.cache_indirection if step.beam_width > 1 else None
     h_r, group, head_chunks, splits = shape
     qk_scale, v_scale = scales
     data = kv.data
-    table_cap = TABLE_CAP if kv.layout is CacheLayout.paged else 0
+    table_cap = TABLE_CAP if kv.cache_layout is CacheLayout.paged else 0
     # fmt: off
     return (
         ptr(q), ptr(out), ptr(lse),              # q, out [T, H_r, D]; lse [T, H_r] fp32
@@ -126,8 +120,8 @@ def _params(q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev
         ptr(counters),                             # [n, KV_r, head_chunks] int32, zero
         ptr(data),                                 # the layer's cache
         i64(data.stride(0)), i64(data.stride(1)), i64(data.stride(2)),  # slot|block, K->V, KV head
-        ptr(block_table), i32(bt_stride),         # paged: block table, its row stride
-        i32(log2_page), i32(table_cap),           # paged: log2(P); table entries in shared memory
+        ptr(geometry.block_table), i32(geometry.table_stride),  # paged: block table, row stride
+        i32(geometry.log2_length), i32(table_cap),  # paged: log2(P); table entries in shared memory
         ptr(seq_dev),                              # [n] int32 sequences to serve
         ptr(step.cu_seqlens), ptr(step.past), ptr(step.slot),  # per sequence: token row, q_pos, slot
         ptr(step.encoder if cross else None),      # cross: encoder lengths (keys); null: self
@@ -153,15 +147,14 @@ def decode(
 ) -> None:
     """Attention of one-token queries (rows ``step.cu_seqlens[seq_ids]``) over their cached keys.
 
-    ``q [T, H_r, D]`` fp16/bf16; ``seq_ids``: sequence indices (a list, or an int32 device tensor);
-    ``out``/``lse`` are written at those rows only; ``splits`` forces the key split count.
+    ``q [T, H_r, D]`` fp16/bf16; ``seq_ids``: sequence indices; ``out``/``lse`` are written at those
+    rows only; ``splits`` forces the key split count.
     """
     check_activation(q, "q")
     if q.dim() != 3 or not q.is_contiguous():
         raise ValueError(f"q: expected a contiguous [tokens, heads, head_size] tensor, got {tuple(q.shape)}")
     t, h_r, d = q.shape
-    if d not in HEAD_SIZES:
-        raise NotImplementedError(f"head_size={d}: the decode kernel supports {HEAD_SIZES}; use backend='reference'")
+    check("decode", head_size=d)
     if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
     if lse.shape != (t, h_r) or lse.dtype != torch.float32 or not lse.is_contiguous():
@@ -170,55 +163,36 @@ def decode(
     if h_r % kv_r:
         raise ValueError(f"q: {h_r} query heads are not a multiple of the cache's {kv_r} KV heads")
     geometry = cache_geometry(kv, kv_r, d, q.dtype)
-    seq_dev, ids = _seq_ids(step, seq_ids)
-    n = seq_dev.numel()
+    ids = _check_ids(step, seq_ids)
+    n = len(ids)
     if n == 0:
         return
     if n > 65535:
         raise NotImplementedError(f"{n} sequences in one decode launch: more than a grid's z (65535)")
-    all_keys = key_lengths(step, spec)
-    served = range(step.num_seqs) if ids is None else ids
-    if ids is not None:
-        bad = [i for i in ids if step.new_lens[i] != 1]
-        if bad:
-            raise ValueError(f"seq_ids: sequences {bad} have more than one new token; decode serves one-token queries")
-    max_keys = max(all_keys[i] for i in served)
-    if kv.layout is CacheLayout.contiguous and max_keys > geometry[0]:
-        raise ValueError(f"kv: a sequence reads {max_keys} cached positions, the cache holds {geometry[0]}")
-
     if splits is not None and not 1 <= int(splits) <= MAX_SPLITS:
         raise ValueError(f"splits: expected 1..{MAX_SPLITS} or None, got {splits}")
     group = h_r // kv_r
     hpb = heads_per_block(group)
     head_chunks = -(-group // hpb)
     kernel = get_kernel("decode", **variant(q.dtype, kv, d, group))
-    smem = PIPE_BYTES + (4 * TABLE_CAP if kv.layout is CacheLayout.paged else 0)
-    blocks = n * kv_r * head_chunks
-    if splits is None:
-        splits = choose_splits(blocks, max_keys, _resident_blocks(kernel, q.device, smem))
-    splits = int(splits)
+    smem = PIPE_BYTES + (4 * TABLE_CAP if kv.cache_layout is CacheLayout.paged else 0)
+    resident = _resident_blocks(kernel, q.device, smem)
+    work = decode_work(step, ids, spec.cross, n * kv_r * head_chunks, resident, None if splits is None else int(splits))
+    plan = route(step, spec.cross)
+    check_reach(kv, geometry, work.max_keys, plan.max_slot)
 
-    alibi = None
-    if spec.alibi_slopes is not None:
-        alibi = spec.alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
-        if alibi.numel() != h_r:
-            raise ValueError(f"alibi_slopes: expected {h_r} slopes (heads on this rank), got {alibi.numel()}")
-    table = None
-    if spec.relative_table is not None or spec.relative_bias is not None:
-        if spec.relative_table is not None and spec.relative_bias is not None:
-            raise NotImplementedError("relative_table and relative_bias together; give one")
-        table = bias_table(spec, step, list(served), all_keys)
-
-    if splits > 1:
-        part_o = torch.empty((n, h_r, splits, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((n, h_r, splits), dtype=torch.float32, device=q.device)
+    alibi = checked_alibi(spec, h_r, q.device)
+    table = bias_table(spec, step, ids, plan.n_keys) if score_bias_kind(spec) == "table" else None
+    if work.splits > 1:
+        part_o = torch.empty((n, h_r, work.splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((n, h_r, work.splits), dtype=torch.float32, device=q.device)
         counters = _split_counters(q.device, n * kv_r * head_chunks)
     else:
         part_o = part_lse = counters = None
-    dq = kv.dequant_scale if kv.kind.is_quantized else 1.0
+    dq = kv.dequant_scale if kv.cache_dtype.is_quantized else 1.0
     scales = (spec.softmax_scale * dq * math.log2(math.e), dq)
     args = _params(
-        q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev, (alibi, table),
-        (h_r, group, head_chunks, splits), scales, spec.cross,
+        q, out, lse, part_o, part_lse, counters, kv, geometry, step, work.ids_dev, (alibi, table),
+        (h_r, group, head_chunks, work.splits), scales, spec.cross,
     )  # fmt: skip
-    launch(kernel, (head_chunks * splits, kv_r, n), (THREADS, 1, 1), args, q.device, shared_mem=smem)
+    launch(kernel, (head_chunks * work.splits, kv_r, n), (THREADS, 1, 1), args, q.device, shared_mem=smem)

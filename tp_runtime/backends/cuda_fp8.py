@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .capabilities import HALF_DTYPES
 from .compile import get_kernel
 from .cuda_common import i32, i64, launch, ptr, sm_count
 
@@ -17,18 +18,13 @@ _THREADS = 256  # kQuantThreads in the kernel
 _BLOCKS_PER_SM = 8
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Inputs the kernels take: fp16/bf16 CUDA tensors (fp32 layers keep the torch ops)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-
-
-def quantize(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (fp16/bf16, CUDA, any shape) -> (``x_q`` float8_e4m3fn of ``x``'s shape, ``scale`` fp32 [1]).
 
     ``static_scale``: a positive fp32 [1] tensor on ``x``'s device (calibrated), or None for the
     dynamic scale ``amax · fp32(1/448)`` (1 when ``x`` is all zeros).
     """
-    if not supports(x):
+    if not x.is_cuda or x.dtype not in HALF_DTYPES:
         raise TypeError(f"x: expected a float16 or bfloat16 CUDA tensor, got {x.dtype} on {x.device}")
     x = x.contiguous()
     dev, n = x.device, x.numel()
@@ -43,6 +39,24 @@ def quantize(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple
     args = (ptr(x), i64(n), aligned, ptr(static_scale), ptr(amax), ptr(out), ptr(scale))
     launch(get_kernel("fp8_quantize", dtype=x.dtype), (blocks,), (_THREADS,), args, dev)
     return out, scale
+
+
+def fp8_matmul(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    per_channel: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``reference.fp8_matmul`` on the FP8 matrix units: ``xq [M, K]``, ``weight [N, K]`` e4m3."""
+    if not per_channel:
+        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
+    # Row-wise scaling wants one scale per row of A and per column of B, and returns bf16.
+    s_a = x_scale.expand(xq.shape[0], 1).contiguous()
+    y = torch._scaled_mm(xq, weight.t(), scale_a=s_a, scale_b=weight_scale.reshape(1, -1), out_dtype=torch.bfloat16)
+    return y.to(out_dtype)
 
 
 def variants(dtype: torch.dtype) -> list[tuple[str, dict]]:

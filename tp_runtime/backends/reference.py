@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ..batch.kv_cache import LayerKV, dequantize, quantize
+from ..batch.kv_cache import LayerKV
 from ..batch.step import Step
 from ..config import AttentionMaskType
 from ..position import RopeSpec, apply_rope, relative_bucket
+from ..quant import dequantize_kv, quantize_e4m3, quantize_kv, scale_from_amax
 from ..sharding import HeadLayout
-from .base import AttentionSpec, key_lengths
-
-name = "reference"
+from .base import AttentionDesc, AttentionSpec, key_lengths
 
 BIDIRECTIONAL_MASK_VALUE = -10000.0  # ChatGLM-6B's additive mask on the last context column
 
@@ -29,7 +28,7 @@ def prepare(
     head_size: int,
     rope: RopeSpec | None,
     kv: LayerKV | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     h_r, kv_r, d = head_layout.num_heads_per_rank, head_layout.num_kv_heads_per_rank, head_size
     x = qkv.float() + (bias.float() if bias is not None else 0.0)
     x = x.to(qkv.dtype)
@@ -41,14 +40,14 @@ def prepare(
         q, k = apply_rope(q, cos, sin, rope), apply_rope(k, cos, sin, rope)
     if kv is not None:
         write_kv(kv, k, v, step.slot[step.token_seq.long()], step.positions)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    return q.contiguous()
 
 
 def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
     """Store ``k, v [T, KV_r, D]`` of tokens at ``(slots, positions)`` ``[T]``."""
     rows, offs = kv.locate(slots, positions)
-    if kv.kind.is_quantized:
-        k, v = quantize(k, kv.quant_scale, kv.kind), quantize(v, kv.quant_scale, kv.kind)
+    if kv.cache_dtype.is_quantized:
+        k, v = quantize_kv(k, kv.quant_scale, kv.cache_dtype), quantize_kv(v, kv.quant_scale, kv.cache_dtype)
     kv.data[rows, 0, :, offs, :] = k.to(kv.data.dtype)
     kv.data[rows, 1, :, offs, :] = v.to(kv.data.dtype)
 
@@ -69,8 +68,8 @@ def read_kv(kv: LayerKV, step: Step, i: int, length: int) -> tuple[torch.Tensor,
         beams = step.cache_indirection[b, j, :length].long().to(dev)
         slots = torch.where(pos < past, b * w + beams, slots)
     rows, offs = kv.locate(slots, pos)
-    k = dequantize(kv.data[rows, 0, :, offs, :], kv.dequant_scale)
-    v = dequantize(kv.data[rows, 1, :, offs, :], kv.dequant_scale)
+    k = dequantize_kv(kv.data[rows, 0, :, offs, :], kv.dequant_scale)
+    v = dequantize_kv(kv.data[rows, 1, :, offs, :], kv.dequant_scale)
     return k, v
 
 
@@ -126,3 +125,53 @@ def attend(
         out[rows.start : rows.stop] = torch.einsum("hqk,khd->qhd", p, v)
         lse[rows.start : rows.stop] = row_lse.transpose(0, 1)
     return out.to(q.dtype), lse
+
+
+# ---- FP8 projections -------------------------------------------------------------------------
+def fp8_quantize(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> (``e4m3(x / scale)``, ``scale`` fp32 [1]); ``static_scale`` None: the dynamic
+    scale of ``x``'s amax (``quant.scale_from_amax``)."""
+    scale = scale_from_amax(x.abs().amax()).reshape(1) if static_scale is None else static_scale
+    return quantize_e4m3(x, scale), scale
+
+
+def fp8_matmul(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    per_channel: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(xq · x_scale) · (weight · weight_scale)ᵀ`` with fp32 accumulation: ``xq [M, K]``,
+    ``weight [N, K]`` e4m3, ``weight_scale`` [1] or (``per_channel``) [N]; the exact emulation of an
+    FP8 GEMM."""
+    del per_channel  # the broadcast below serves both
+    w = weight.float() * weight_scale[:, None]
+    return ((xq.float() * x_scale) @ w.t()).to(out_dtype)
+
+
+class ReferenceBackend:
+    """The reference backend: the operations above, whatever the layer (see ``base.py``)."""
+
+    name = "reference"
+    prepare = staticmethod(prepare)
+    attend = staticmethod(attend)
+    fp8_quantize = staticmethod(fp8_quantize)
+    fp8_matmul = staticmethod(fp8_matmul)
+
+    def check(self, desc: AttentionDesc) -> None:
+        """Serves every layer a config can describe."""
+
+    def check_fp8_weight(self, out_features: int, in_features: int) -> None:
+        """The emulated FP8 GEMM takes any shape."""
+
+    def variants(self, desc: AttentionDesc) -> list[tuple[str, dict]]:
+        return []  # nothing to compile
+
+    def precompile(self, descs, local_comm=None) -> None:
+        """Nothing to compile."""
+
+
+BACKEND = ReferenceBackend()

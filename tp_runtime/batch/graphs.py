@@ -70,7 +70,7 @@ class DecodeGraph:
         # refill it before the previous replay has copied it out: ``_copied`` is recorded by the
         # graph right after that copy (an external event node), so the wait is at most the time
         # for the previous replay to start, and nothing in the steady state.
-        self._lengths = torch.empty(3, n, dtype=torch.int32).pin_memory()
+        self._lengths = Step.decode_lengths_buffer(n)
         self._rows = self._lengths.numpy()
         self._copied = torch.cuda.Event(external=True)
         self._capacity: np.ndarray | None = None
@@ -104,21 +104,15 @@ class DecodeGraph:
         if (total > self._capacity).any():
             self.cache.check_step(self.step, tuple(total.tolist()))
         self._copied.synchronize()
-        self._fill(past)
+        Step.fill_decode_lengths(self._rows, past)
         if x.data_ptr() != self.x.data_ptr():  # callers may write the input into ``graph.x`` directly
             self.x.copy_(x)
         self.graph.replay()
         return self.out
 
-    def _fill(self, past: np.ndarray) -> None:
-        """past | positions | total_len, laid out as ``Step.lengths_block``."""
-        self._rows[0] = past
-        self._rows[1] = past  # the new token sits at position past
-        self._rows[2] = past + 1
-
     def _capture(self, past: list[int]) -> torch.Tensor:
         self.step = Step(new_lens=[1] * len(self.slots), past_lens=past, slots=self.slots, device=self.device)
-        self._fill(np.asarray(past, dtype=np.int64))
+        Step.fill_decode_lengths(self._rows, np.asarray(past, dtype=np.int64))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the default stream (cuBLAS/NCCL set up lazily)
@@ -129,7 +123,7 @@ class DecodeGraph:
         # thread_local: other threads (the NCCL watchdog polls its events) may keep using CUDA while
         # this one captures; the default mode would fail their calls and invalidate the capture.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.step.lengths_block.copy_(self._lengths, non_blocking=True)
+            self.step.load_decode_lengths(self._lengths)
             self._copied.record()
             out = self.forward(self.x, self.step)
         # Kept only once captured: after a failed capture the next call captures again instead of

@@ -25,8 +25,6 @@ from ..devices import as_device
 from ..sharding import HeadLayout
 from .step import Step
 
-FP8_MAX = 448.0  # largest finite float8 e4m3fn value
-
 
 class CacheLayout(str, Enum):
     contiguous = "contiguous"
@@ -37,28 +35,13 @@ class CacheCapacityError(ValueError):
     """A step needs more cache than there is; raised before anything is written."""
 
 
-def quantize(x: torch.Tensor, quant_scale: float, kind: KVCacheDType) -> torch.Tensor:
-    """Activations -> cache storage (fp32 math)."""
-    y = x.float() * quant_scale
-    if kind is KVCacheDType.int8:
-        return y.round().clamp(-128, 127).to(torch.int8)
-    if kind is KVCacheDType.fp8:
-        return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    raise ValueError(f"quantize: kind must be int8 or fp8, got {kind}")
-
-
-def dequantize(q: torch.Tensor, dequant_scale: float) -> torch.Tensor:
-    """Cache storage -> fp32."""
-    return q.float() * dequant_scale
-
-
 @dataclass(frozen=True)
 class LayerKV:
     """One layer's view of a cache: what the backends read and write."""
 
-    layout: CacheLayout
+    cache_layout: CacheLayout
     data: torch.Tensor  # contiguous [B, 2, KV_r, S_max, D] | paged [N, 2, KV_r, P, D]
-    kind: KVCacheDType
+    cache_dtype: KVCacheDType
     dequant_scale: float  # 1.0 when not quantized
     block_table: torch.Tensor | None = None  # paged: [max_seqs, max_blocks_per_seq] int32
 
@@ -77,7 +60,7 @@ class LayerKV:
     def locate(self, slots: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(row, offset)`` of tokens ``positions`` of sequences ``slots`` (same shape) in ``data``."""
         slots, positions = slots.long(), positions.long()
-        if self.layout is CacheLayout.contiguous:
+        if self.cache_layout is CacheLayout.contiguous:
             return slots, positions
         p = self.block_size
         return self.block_table.long()[slots, positions // p], positions % p
@@ -92,24 +75,26 @@ class _CacheBase:
 
     def check_step_once(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         lengths = step.total_lens if lengths is None else lengths
-        key = ("kv_cache.capacity", id(self), self.version, lengths)
-        step.memo(key, lambda: self.check_step(step, lengths) or True)
+        state = (id(self), self.version, lengths)
+        if state not in step.capacity_checked:
+            self.check_step(step, lengths)
+            step.capacity_checked.add(state)
 
     def __init__(self, config: AttentionConfig, layout: HeadLayout, num_layers: int, scales, device):
         self.config, self.head_layout, self.num_layers = config, layout, num_layers
-        self.kind = config.kv_cache_dtype
-        self.storage_dtype = self.kind.storage_dtype(config.dtype)
+        self.cache_dtype = config.kv_cache_dtype
+        self.storage_dtype = self.cache_dtype.storage_dtype(config.dtype)
         self.device = as_device(device)
         self.dequant_scales = self._scales(scales, num_layers)
 
     def _scales(self, scales, num_layers: int) -> tuple[float, ...]:
-        if not self.kind.is_quantized:
+        if not self.cache_dtype.is_quantized:
             if scales is not None:
-                raise ValueError(f"scales: only for int8/fp8 caches, kv_cache_dtype is {self.kind.value}")
+                raise ValueError(f"scales: only for int8/fp8 caches, kv_cache_dtype is {self.cache_dtype.value}")
             return (1.0,) * num_layers
         if scales is None:
             raise ValueError(
-                f"scales: a {self.kind.value} cache needs per-layer dequant scales (amax / qmax), got None"
+                f"scales: a {self.cache_dtype.value} cache needs per-layer dequant scales (amax / qmax), got None"
             )
         values = [float(scales)] * num_layers if isinstance(scales, (int, float)) else [float(s) for s in scales]
         if len(values) != num_layers:
@@ -126,7 +111,7 @@ class _CacheBase:
 class KVCache(_CacheBase):
     """Contiguous per-rank cache for all layers: ``[num_layers, B, 2, KV_r, S_max, D]``."""
 
-    layout = CacheLayout.contiguous
+    cache_layout = CacheLayout.contiguous
 
     def __init__(
         self,
@@ -147,7 +132,7 @@ class KVCache(_CacheBase):
         )
 
     def layer(self, i: int) -> LayerKV:
-        return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i])
+        return LayerKV(self.cache_layout, self.data[i], self.cache_dtype, self.dequant_scales[i])
 
     version = 0  # capacity never changes
 
@@ -236,7 +221,7 @@ class BlockAllocator:
 class PagedKVCache(_CacheBase):
     """Paged per-rank cache: per layer a pool ``[num_blocks, 2, KV_r, P, D]``, one shared block table."""
 
-    layout = CacheLayout.paged
+    cache_layout = CacheLayout.paged
 
     def __init__(
         self,
@@ -262,7 +247,7 @@ class PagedKVCache(_CacheBase):
         )
 
     def layer(self, i: int) -> LayerKV:
-        return LayerKV(self.layout, self.data[i], self.kind, self.dequant_scales[i], self.allocator.table)
+        return LayerKV(self.cache_layout, self.data[i], self.cache_dtype, self.dequant_scales[i], self.allocator.table)
 
     @property
     def version(self) -> int:

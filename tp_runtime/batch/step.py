@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..devices import as_device
@@ -33,12 +34,20 @@ def _ints(name: str, values, minimum: int) -> tuple[int, ...]:
 class Step:
     """Host-side lengths plus the device tensors every backend reads (built in ``__post_init__``).
 
-    Device tensors (on ``device``):
-      ``cu_seqlens [B+1]`` int32: token offsets of each sequence in the packed batch.
-      ``past [B]``, ``slot [B]`` int32; ``encoder [B]`` int32 or None.
-      ``positions [T]`` int32: absolute position of each token (past length + offset).
-      ``total_len [T]`` int32: its sequence's length after this step (dynamic NTK scaling).
-      ``token_seq [T]`` int32: index of each token's sequence.
+    Device tensors (on ``device``), int32, all views of one buffer moved there in one copy:
+      ``cu_seqlens [B+1]``: token offsets of each sequence in the packed batch.
+      ``slot [B]``: each sequence's cache slot; ``past [B]``: its cached length before the step;
+      ``seq_total [B]``: its length after the step (the keys of self attention).
+      ``token_seq [T]``: index of each token's sequence; ``positions [T]``: absolute position of each
+      token (past length + offset); ``total_len [T]``: its sequence's length after this step
+      (dynamic NTK scaling).
+      ``encoder [B]``: cross attention's keys per sequence, or None.
+    A decode step (one new token per sequence) keeps ``past``, ``positions`` and ``total_len``
+    adjacent, so that a replayed CUDA graph updates them with one copy (``load_decode_lengths``).
+
+    ``plans`` holds what a backend derives from the step once and every layer reuses (its typed
+    plan, keyed by the layer description it serves); ``capacity_checked`` the cache states already
+    checked for this step. Neither takes part in equality.
     """
 
     new_lens: tuple[int, ...]
@@ -49,7 +58,17 @@ class Step:
     cache_indirection: torch.Tensor | None = None  # [B_batch, beam_width, S_max] int32 beam ids
     device: torch.device | str = "cpu"
     total_lens: tuple[int, ...] = field(init=False, default=(), compare=False)  # past + new, per sequence
-    _t: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    cu_seqlens: torch.Tensor = field(init=False, repr=False, compare=False)
+    slot: torch.Tensor = field(init=False, repr=False, compare=False)
+    seq_total: torch.Tensor = field(init=False, repr=False, compare=False)
+    token_seq: torch.Tensor = field(init=False, repr=False, compare=False)
+    past: torch.Tensor = field(init=False, repr=False, compare=False)
+    positions: torch.Tensor = field(init=False, repr=False, compare=False)
+    total_len: torch.Tensor = field(init=False, repr=False, compare=False)
+    encoder: torch.Tensor | None = field(init=False, repr=False, compare=False)
+    plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    capacity_checked: set = field(default_factory=set, init=False, repr=False, compare=False)
+    _decode_lengths: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
@@ -113,11 +132,11 @@ class Step:
         cu[1:] = torch.cumsum(new, 0)
         token_seq = torch.repeat_interleave(torch.arange(len(new), dtype=i32), new.long())
         offset = torch.arange(int(cu[-1]), dtype=i32) - cu[token_seq.long()]
-        # past, positions and total_len adjacent, in this order: for a decode step (one token per
-        # sequence) they form one [3, B] block that a CUDA graph updates with one copy (lengths_block).
+        # past, positions and total_len adjacent, in this order (the decode-lengths block)
         parts = {
             "cu_seqlens": cu,
             "slot": torch.tensor(self.slots, dtype=i32),
+            "seq_total": past + new,
             "token_seq": token_seq,
             "past": past,
             "positions": past[token_seq.long()] + offset,
@@ -126,56 +145,49 @@ class Step:
         if self.encoder_lens is not None:
             parts["encoder"] = torch.tensor(self.encoder_lens, dtype=i32)
         flat = torch.cat(list(parts.values())).to(self.device)
-        views = flat.split([p.numel() for p in parts.values()])
-        self._t.update(zip(parts, views, strict=True))
-        if all(n == 1 for n in self.new_lens):
-            b, start = len(new), len(cu) + 2 * len(new)  # after cu_seqlens, slot and token_seq
-            self._t["lengths_block"] = flat[start : start + 3 * b].view(3, b)
-        self._t.setdefault("encoder", None)
+        views = dict(zip(parts, flat.split([p.numel() for p in parts.values()]), strict=True))
+        views.setdefault("encoder", None)
+        for name, view in views.items():
+            object.__setattr__(self, name, view)
+        if self.is_decode:
+            b = len(new)
+            start = views["past"].storage_offset() - flat.storage_offset()
+            object.__setattr__(self, "_decode_lengths", flat[start : start + 3 * b].view(3, b))
         object.__setattr__(self, "total_lens", tuple(int(v) for v in (past + new).tolist()))
 
-    # ---- device tensors -------------------------------------------------------------------
+    # ---- decode steps replayed by a CUDA graph (batch/graphs.py) ----------------------------------
     @property
-    def cu_seqlens(self) -> torch.Tensor:
-        return self._t["cu_seqlens"]
+    def is_decode(self) -> bool:
+        """One new token per sequence (each one in the generation phase when its past is non-empty)."""
+        return all(n == 1 for n in self.new_lens)
 
-    @property
-    def past(self) -> torch.Tensor:
-        return self._t["past"]
+    @staticmethod
+    def decode_lengths_buffer(num_seqs: int) -> torch.Tensor:
+        """A pinned host buffer for ``fill_decode_lengths`` / ``load_decode_lengths``."""
+        return torch.empty(3, num_seqs, dtype=torch.int32).pin_memory()
 
-    @property
-    def slot(self) -> torch.Tensor:
-        return self._t["slot"]
+    @staticmethod
+    def fill_decode_lengths(buffer: np.ndarray, past: np.ndarray) -> None:
+        """Write a decode step's lengths, given each sequence's past, into ``buffer`` (a numpy view of
+        ``decode_lengths_buffer``): its past, its new token's position (= past), its total (past + 1)."""
+        buffer[0] = past
+        buffer[1] = past
+        buffer[2] = past + 1
 
-    @property
-    def positions(self) -> torch.Tensor:
-        return self._t["positions"]
+    def load_decode_lengths(self, buffer: torch.Tensor) -> None:
+        """Copy ``buffer`` (filled by ``fill_decode_lengths``) into this decode step's device lengths,
+        on the current stream, without waiting: one copy updates ``past``, ``positions``, ``total_len``."""
+        if self._decode_lengths is None:
+            raise ValueError("Step.load_decode_lengths: only for steps of one new token per sequence")
+        self._decode_lengths.copy_(buffer, non_blocking=True)
 
-    @property
-    def total_len(self) -> torch.Tensor:
-        return self._t["total_len"]
-
-    @property
-    def lengths_block(self) -> torch.Tensor:
-        """Decode steps only: ``[3, B]`` int32 device view of ``past``, ``positions`` and
-        ``total_len`` (one buffer), so a replayed CUDA graph's lengths are updated by one copy."""
-        if "lengths_block" not in self._t:
-            raise ValueError("Step.lengths_block: only for steps of one new token per sequence")
-        return self._t["lengths_block"]
-
-    @property
-    def token_seq(self) -> torch.Tensor:
-        return self._t["token_seq"]
-
-    @property
-    def encoder(self) -> torch.Tensor | None:
-        return self._t["encoder"]
-
-    def memo(self, key: str, build):
-        """Per-step metadata a backend derives once and every layer reuses (e.g. the CUDA tile map)."""
-        if key not in self._t:
-            self._t[key] = build()
-        return self._t[key]
+    def plan(self, key, build):
+        """The plan a backend derives from this step for ``key`` (a frozen description), built by
+        ``build()`` on the first call and shared by every later layer of the step."""
+        found = self.plans.get(key)
+        if found is None:
+            found = self.plans[key] = build()
+        return found
 
     # ---- host-side views ------------------------------------------------------------------
     @property

@@ -11,10 +11,17 @@ from __future__ import annotations
 import torch
 
 from ..backends import get_backend
-from ..backends.base import AttentionSpec
-from ..batch.kv_cache import KVCache, PagedKVCache
+from ..backends.base import AttentionDesc, AttentionSpec, ScoreBias
+from ..batch.kv_cache import CacheLayout, KVCache, LayerKV, PagedKVCache
 from ..batch.step import Step, padding_to_packed
-from ..config import AttentionConfig, AttentionMaskType, Fp8ActivationScaling, PositionEmbeddingType, QuantMode
+from ..config import (
+    AttentionConfig,
+    AttentionMaskType,
+    Fp8ActivationScaling,
+    KVCacheDType,
+    PositionEmbeddingType,
+    QuantMode,
+)
 from ..devices import as_device
 from ..distributed.comm import Communicator
 from ..distributed.consistency import check_same, fingerprint_tensors, fingerprint_text
@@ -38,34 +45,63 @@ def _check_tensor(name: str, t: torch.Tensor, *, dtype: torch.dtype, device: tor
 class _AttentionBase(torch.nn.Module):
     """Shared construction: sharded projections, per-rank position-embedding state."""
 
-    def __init__(self, config: AttentionConfig, *, comm: Communicator, backend: str | None, device):
+    def __init__(self, config: AttentionConfig, *, comm: Communicator, backend: str | None, device, keeps_cache: bool):
         super().__init__()
         self.config, self.comm = config, comm
         self.device = as_device(device)
-        self.layout = head_layout(config.num_heads, config.num_kv_heads, comm.size, comm.rank)
+        self.head_layout = head_layout(config.num_heads, config.num_kv_heads, comm.size, comm.rank)
         self.backend = get_backend(backend, self.device, config.dtype)
         d, dt = config.head_size, config.dtype
         kw = dict(comm=comm, dtype=dt, device=self.device)
         column, row = ColumnLinear, RowLinear
-        if config.quant_mode is QuantMode.fp8_qdq:
+        fp8 = config.quant_mode is QuantMode.fp8_qdq
+        if fp8:
             column, row = FP8ColumnLinear, FP8RowLinear
-            kw.update(weight_scaling=config.fp8_weight_scaling, activation_scaling=config.fp8_activation_scaling)
+            kw.update(
+                weight_scaling=config.fp8_weight_scaling,
+                activation_scaling=config.fp8_activation_scaling,
+                backend=self.backend,
+            )
         self.qkv = column(
-            config.hidden_size, config.qkv_size, bias=config.qkv_bias, rows=qkv_rows(self.layout, d), **kw
+            config.hidden_size, config.qkv_size, bias=config.qkv_bias, rows=qkv_rows(self.head_layout, d), **kw
         )
         self.dense = row(config.num_heads * d, config.hidden_size, bias=config.dense_bias, **kw)
         self.rope = RopeSpec.from_config(config)
         pe = config.position_embedding
         slopes = None
         if pe.is_alibi:
-            slopes = slice_heads(alibi_slopes(config.num_heads), self.layout)
+            slopes = slice_heads(alibi_slopes(config.num_heads), self.head_layout)
             if pe is PositionEmbeddingType.alibi_with_scale:
                 slopes = slopes * config.softmax_scale  # (QKᵀ + bias)·scale == QKᵀ·scale + bias·scale
         self.register_buffer("alibi_slopes", None if slopes is None else slopes.to(self.device), persistent=False)
         self.relative_table = None
         if pe is PositionEmbeddingType.relative and config.relative_table:
-            table = torch.zeros(self.layout.num_heads_per_rank, config.relative_num_buckets, device=self.device)
+            table = torch.zeros(self.head_layout.num_heads_per_rank, config.relative_num_buckets, device=self.device)
             self.relative_table = torch.nn.Parameter(table, requires_grad=False)
+        self.desc = self._describe(keeps_cache=keeps_cache, fp8=fp8)
+        self.backend.check(self.desc)
+
+    def _describe(self, *, keeps_cache: bool, fp8: bool) -> AttentionDesc:
+        """What this layer asks of its backend (fixed here, at construction)."""
+        c, pe = self.config, self.config.position_embedding
+        if pe.is_alibi:
+            bias = ScoreBias.alibi
+        elif pe is PositionEmbeddingType.relative:
+            bias = ScoreBias.relative_table if c.relative_table else ScoreBias.relative_explicit
+        else:
+            bias = ScoreBias.none
+        return AttentionDesc(
+            head_layout=self.head_layout,
+            head_size=c.head_size,
+            dtype=c.dtype,
+            mask=c.mask_type,
+            rope=self.rope,
+            bias=bias,
+            cache_dtype=c.kv_cache_dtype,
+            cross=c.cross_attention,
+            keeps_cache=keeps_cache,
+            fp8_projections=fp8,
+        )
 
     @torch.no_grad()
     def load_weights(
@@ -125,7 +161,7 @@ class _AttentionBase(torch.nn.Module):
             self.qkv.set_input_scale(qkv_input_scale)
             self.dense.set_input_scale(dense_input_scale)
         if relative_table is not None:
-            self.relative_table.copy_(slice_heads(relative_table, self.layout))
+            self.relative_table.copy_(slice_heads(relative_table, self.head_layout))
 
     def _spec(self, step: Step, *, cross: bool, position_bias: torch.Tensor | None) -> AttentionSpec:
         c = self.config
@@ -135,7 +171,7 @@ class _AttentionBase(torch.nn.Module):
                     "position_bias: only for position_embedding=relative with relative_table=False, "
                     f"got position_embedding={c.position_embedding.value}, relative_table={c.relative_table}"
                 )
-            h_r = self.layout.num_heads_per_rank
+            h_r = self.head_layout.num_heads_per_rank
             need_q = max(step.total_lens)
             need_k = max(step.encoder_lens) if cross else need_q
             if (
@@ -229,11 +265,11 @@ class Attention(_AttentionBase):
         backend: str | None = None,
         device=None,
     ):
-        super().__init__(config, comm=comm, backend=backend, device=device)
         if config.mask_type is AttentionMaskType.padding and not config.cross_attention:
             raise ValueError(
                 "AttentionConfig.mask_type='padding': use BertAttention for encoder (padding-mask) attention"
             )
+        super().__init__(config, comm=comm, backend=backend, device=device, keeps_cache=True)
         self.layer_idx = layer_idx
 
     def forward(
@@ -254,16 +290,16 @@ class Attention(_AttentionBase):
         qkv = self.qkv(x, with_bias=False)
         spec = self._spec(step, cross=self.config.cross_attention, position_bias=position_bias)
         kv = self._layer_kv(kv_cache, step, encoder_output)
-        common = dict(head_layout=self.layout, head_size=self.config.head_size)
+        common = dict(head_layout=self.head_layout, head_size=self.config.head_size)
         if self.config.cross_attention:
             if encoder_output is not None:
                 enc_step = step.encoder_step()
                 self.backend.prepare(
                     self.qkv(encoder_output, with_bias=False), self.qkv.bias, enc_step, rope=None, kv=kv, **common
                 )
-            q, _, _ = self.backend.prepare(qkv, self.qkv.bias, step, rope=None, kv=None, **common)
+            q = self.backend.prepare(qkv, self.qkv.bias, step, rope=None, kv=None, **common)
         else:
-            q, _, _ = self.backend.prepare(qkv, self.qkv.bias, step, rope=self.rope, kv=kv, **common)
+            q = self.backend.prepare(qkv, self.qkv.bias, step, rope=self.rope, kv=kv, **common)
         ctx, _ = self.backend.attend(q, kv, step, spec, decode_splits=decode_splits)
         return self._finish(ctx, hidden_states.shape, idx)
 
@@ -276,13 +312,13 @@ class Attention(_AttentionBase):
             or kv_cache.storage_dtype != c.kv_cache_dtype.storage_dtype(c.dtype)
         ):
             raise ValueError(
-                f"kv_cache: built for kv_cache_dtype={kv_cache.kind.value}, storage {kv_cache.storage_dtype}; "
+                f"kv_cache: built for kv_cache_dtype={kv_cache.cache_dtype.value}, storage {kv_cache.storage_dtype}; "
                 f"the layer needs {c.kv_cache_dtype.value}"
             )
-        if kv_cache.head_layout != self.layout or kv_cache.config.head_size != c.head_size:
+        if kv_cache.head_layout != self.head_layout or kv_cache.config.head_size != c.head_size:
             raise ValueError(
                 f"kv_cache: built for {kv_cache.head_layout}, head_size {kv_cache.config.head_size}; "
-                f"the layer has {self.layout}, head_size {c.head_size}"
+                f"the layer has {self.head_layout}, head_size {c.head_size}"
             )
         if not 0 <= self.layer_idx < kv_cache.num_layers:
             raise ValueError(f"layer_idx: {self.layer_idx} is outside the cache's {kv_cache.num_layers} layers")
@@ -305,7 +341,11 @@ class Attention(_AttentionBase):
 
 class BertAttention(_AttentionBase):
     """Encoder self-attention: packed ``[T, hidden]`` or padded ``[B, S, hidden]`` input with
-    ``input_lengths``, padding mask (or bidirectional), optional relative attention, no cache."""
+    ``input_lengths``, padding mask (or bidirectional), optional relative attention, no cache.
+
+    The step's K/V go through a contiguous buffer ``[B, 2, KV_r, S, D]`` that the layer keeps and
+    grows when a larger batch comes (never zero-filled: the kernels read only the positions the
+    step wrote)."""
 
     def __init__(self, config: AttentionConfig, *, comm: Communicator, backend: str | None = None, device=None):
         if config.mask_type is AttentionMaskType.causal:
@@ -314,7 +354,19 @@ class BertAttention(_AttentionBase):
             )
         if config.position_embedding.is_rope or config.cross_attention or config.kv_cache_dtype.is_quantized:
             raise ValueError("BertAttention: no RoPE, cross attention or quantized KV cache (it keeps no cache)")
-        super().__init__(config, comm=comm, backend=backend, device=device)
+        super().__init__(config, comm=comm, backend=backend, device=device, keeps_cache=False)
+        self._kv_buffer: torch.Tensor | None = None
+
+    def _step_kv(self, num_seqs: int, max_len: int) -> LayerKV:
+        """A contiguous ``[B, 2, KV_r, S, D]`` view for this step's K/V, in the kept buffer."""
+        kv_r, d = self.head_layout.num_kv_heads_per_rank, self.config.head_size
+        buf = self._kv_buffer
+        if buf is None or buf.numel() < num_seqs * 2 * kv_r * max_len * d:
+            buf = self._kv_buffer = torch.empty(
+                num_seqs * 2 * kv_r * max_len * d, dtype=self.config.dtype, device=self.device
+            )
+        data = buf[: num_seqs * 2 * kv_r * max_len * d].view(num_seqs, 2, kv_r, max_len, d)
+        return LayerKV(CacheLayout.contiguous, data, KVCacheDType.auto, 1.0)
 
     def forward(
         self, hidden_states: torch.Tensor, input_lengths, *, position_bias: torch.Tensor | None = None
@@ -322,23 +374,26 @@ class BertAttention(_AttentionBase):
         lengths = input_lengths.tolist() if isinstance(input_lengths, torch.Tensor) else list(input_lengths)
         step = Step(new_lens=lengths, device=self.device)
         x, idx = self._pack(hidden_states, step, None)
-        scratch = KVCache(
-            config=self.config,
-            head_layout=self.layout,
-            num_layers=1,
-            max_batch=step.num_seqs,
-            max_seq_len=max(lengths),
-            device=self.device,
-        )
-        kv = scratch.layer(0)
-        q, _, _ = self.backend.prepare(
+        kv = self._step_kv(step.num_seqs, max(step.new_lens))
+        q = self.backend.prepare(
             self.qkv(x, with_bias=False),
             self.qkv.bias,
             step,
-            head_layout=self.layout,
+            head_layout=self.head_layout,
             head_size=self.config.head_size,
             rope=None,
             kv=kv,
         )
         ctx, _ = self.backend.attend(q, kv, step, self._spec(step, cross=False, position_bias=position_bias))
         return self._finish(ctx, hidden_states.shape, idx)
+
+
+def precompile(layers, local_comm=None) -> None:
+    """Compile ahead of the first step every kernel variant the layers can launch (the CUDA backend's;
+    nothing for the reference backend). Under mpirun pass ``World.local_comm``: one rank per node
+    compiles, the others then load the binaries from the disk cache. Collective over it."""
+    by_backend: dict = {}
+    for layer in layers:
+        by_backend.setdefault(id(layer.backend), (layer.backend, []))[1].append(layer.desc)
+    for backend, descs in by_backend.values():
+        backend.precompile(descs, local_comm)

@@ -3,9 +3,10 @@
 Weights are stored as float8 e4m3 with a per-tensor (or per-output-channel) fp32 scale;
 activations are quantized on the fly with a per-tensor scale, static (from calibration) or
 dynamic (current amax). ``x ≈ x_q · s`` with ``x_q = e4m3(clip(x / s, ±448))`` and
-``s = amax · fp32(1/448)``. The GEMM runs in FP8 with fp32 accumulation through
-``torch._scaled_mm`` where the GPU has FP8 matrix units (sm_89+); elsewhere the same math is
-emulated exactly (dequantize, then an fp32 GEMM), so the semantics are testable on the CPU.
+``s = amax · fp32(1/448)`` (``quant.py``). The activation quantizer and the GEMM are backend
+operations: on the CUDA backend a fused quantizer kernel and ``torch._scaled_mm`` (FP8 matrix units,
+fp32 accumulation), on the reference backend the same math in torch, emulated exactly (dequantize,
+then an fp32 GEMM), so the semantics are testable on the CPU.
 
 Scales that must agree across ranks do: a per-tensor weight scale comes from the full
 (unsharded) weight, a per-channel one from the full row; ColumnLinear's dynamic input scale
@@ -19,25 +20,10 @@ import math
 
 import torch
 
-from ..backends import cuda_fp8
+from ..backends import get_backend
 from ..config import Fp8ActivationScaling, Fp8WeightScaling
+from ..quant import quantize_e4m3, scale_from_amax
 from .linear import ColumnLinear, RowLinear
-
-E4M3_MAX = 448.0
-
-
-def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 scale mapping ``amax`` onto the largest e4m3 value (1 for an all-zero tensor).
-
-    Defined as ``amax · fp32(1/448)``, not ``amax / 448``: torch divides by a scalar as a multiply
-    by its reciprocal on CUDA but divides on the CPU (one ulp apart at times); the product is the
-    same on every device, and in the quantizer kernel."""
-    amax = amax.float()
-    return torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
-
-
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def check_scale(name: str, scale) -> torch.Tensor:
@@ -48,15 +34,10 @@ def check_scale(name: str, scale) -> torch.Tensor:
     return torch.tensor([float(value)], dtype=torch.float32)
 
 
-def fp8_gemm_supported(device: torch.device) -> bool:
-    """FP8 matrix units: CUDA compute capability 8.9 or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 class _Fp8Mixin:
     """Storage and GEMM of an FP8 layer; the sharding comes from the Column/Row base class."""
 
-    def _init_fp8(self, weight_scaling, activation_scaling) -> None:
+    def _init_fp8(self, weight_scaling, activation_scaling, backend) -> None:
         self.weight_scaling = Fp8WeightScaling(weight_scaling)
         self.activation_scaling = Fp8ActivationScaling(activation_scaling)
         n, k = self.weight.shape
@@ -65,9 +46,9 @@ class _Fp8Mixin:
         n_scales = n if self.weight_scaling is Fp8WeightScaling.per_channel else 1
         self.register_buffer("weight_scale", torch.ones(n_scales, dtype=torch.float32, device=dev))
         self.register_buffer("input_scale", None)
-        self.use_fp8_gemm = fp8_gemm_supported(dev)
-        if self.use_fp8_gemm and (n % 16 or k % 16):
-            raise ValueError(f"FP8 GEMM: local weight shape {(n, k)} must have both sides divisible by 16")
+        # an Attention layer passes its own backend; a projection built alone picks the device's default
+        self.backend = get_backend(None, dev, self.dtype) if backend is None else backend
+        self.backend.check_fp8_weight(n, k)
 
     def set_input_scale(self, scale) -> None:
         """Static activation scale (from calibration); required when activation_scaling is static."""
@@ -87,62 +68,40 @@ class _Fp8Mixin:
             scale = scale_from_amax(self.full_row_amax(full, local))
         scale = scale.to(self.weight.device)
         self.weight_scale.copy_(scale)
-        self.weight.copy_(quantize_fp8(local.to(self.weight.device), scale[:, None]))
+        self.weight.copy_(quantize_e4m3(local.to(self.weight.device), scale[:, None]))
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """[..., in_local] -> [..., out_local], the bias (if any) added in the layer's dtype."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
+        s_x = None
         if self.activation_scaling is Fp8ActivationScaling.static:
             if self.input_scale is None:
                 raise ValueError(
                     "input_scale: a static-scaled FP8 layer needs set_input_scale() (or load_weights input_scale=)"
                 )
             s_x = self.input_scale
-        else:
-            s_x = None
-        if self.use_fp8_gemm:
-            if cuda_fp8.supports(x2):  # the same numbers as the torch ops below, in two fused passes
-                xq, s_x = cuda_fp8.quantize(x2, s_x)
-            else:
-                xq, s_x = self._quantize(x2, s_x)
-            y = self._scaled_mm(xq, s_x)
-        else:
-            xq, s_x = self._quantize(x2, s_x)
-            w = self.weight.float() * self.weight_scale[:, None]
-            y = (xq.float() * s_x) @ w.t()
-        y = y.to(self.dtype)
+        xq, s_x = self.backend.fp8_quantize(x2, s_x)
+        per_channel = self.weight_scaling is Fp8WeightScaling.per_channel
+        y = self.backend.fp8_matmul(
+            xq, s_x, self.weight, self.weight_scale, per_channel=per_channel, out_dtype=self.dtype
+        )
         return (y if bias is None else y + bias).reshape(*lead, -1)
-
-    @staticmethod
-    def _quantize(x2: torch.Tensor, s_x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The specification of the activation quantizer (``s_x`` None: dynamic, from amax)."""
-        if s_x is None:
-            s_x = scale_from_amax(x2.abs().amax()).reshape(1)
-        return quantize_fp8(x2, s_x), s_x
-
-    def _scaled_mm(self, xq: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scaling is Fp8WeightScaling.per_tensor:
-            return torch._scaled_mm(xq, self.weight.t(), scale_a=s_x, scale_b=self.weight_scale, out_dtype=self.dtype)
-        # Row-wise scaling wants one scale per row of A and per column of B, output in bf16.
-        s_a = s_x.expand(xq.shape[0], 1).contiguous()
-        s_b = self.weight_scale.reshape(1, -1)
-        return torch._scaled_mm(xq, self.weight.t(), scale_a=s_a, scale_b=s_b, out_dtype=torch.bfloat16)
 
 
 class FP8ColumnLinear(_Fp8Mixin, ColumnLinear):
-    def __init__(self, *args, weight_scaling="per_tensor", activation_scaling="dynamic", **kwargs):
+    def __init__(self, *args, weight_scaling="per_tensor", activation_scaling="dynamic", backend=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_fp8(weight_scaling, activation_scaling)
+        self._init_fp8(weight_scaling, activation_scaling, backend)
 
     def full_row_amax(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         return local.abs().amax(dim=1)  # a column shard holds whole rows
 
 
 class FP8RowLinear(_Fp8Mixin, RowLinear):
-    def __init__(self, *args, weight_scaling="per_tensor", activation_scaling="dynamic", **kwargs):
+    def __init__(self, *args, weight_scaling="per_tensor", activation_scaling="dynamic", backend=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_fp8(weight_scaling, activation_scaling)
+        self._init_fp8(weight_scaling, activation_scaling, backend)
 
     def full_row_amax(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         return full.abs().amax(dim=1)  # over the whole row, so every rank uses the same scale

@@ -54,7 +54,7 @@ def paged(layer, num_blocks):
     """A small paged cache for ``layer``: blocks of 4 tokens, 2 sequences of at most 16."""
     return PagedKVCache(
         config=layer.config,
-        head_layout=layer.layout,
+        head_layout=layer.head_layout,
         num_layers=1,
         num_blocks=num_blocks,
         block_size=4,

@@ -24,7 +24,7 @@ def main() -> None:
         dense_bias=torch.randn(1024, device=dev, generator=g).to(dt) / 4,
     )
     caches = [
-        KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=2, max_seq_len=64, device=dev)
+        KVCache(config=cfg, head_layout=layer.head_layout, num_layers=1, max_batch=2, max_seq_len=64, device=dev)
         for _ in range(2)
     ]
     prompts = [9, 30]

@@ -1,0 +1,168 @@
+"""The CUDA backend's plan of a step: what its launchers derive from a step once, for every layer.
+
+FlashInfer's plan-once / run-per-layer shape. Every piece here depends on the step and on a few
+launch-wide choices (cross attention or not, the tile height, the decode grid), never on a layer's
+weights, so the first layer of a step builds it and every later layer finds it in ``step.plans``
+under a frozen key that names exactly what it depends on:
+
+  ``Route``             which kernel serves which sequence; the keys each sequence reads
+  ``context_tiles``     the context kernel's work list of query tiles
+  ``DecodeWork``        the decode kernel's sequence list on the device and its key-split count
+  ``rope_inv_freq``     per-sequence RoPE inverse frequencies (dynamic NTK: a base per sequence)
+  ``relative_buckets``  the T5 bucket of each distance k − q
+
+Capacity is checked once per step by the caches themselves (``KVCache.check_step_once``); a launch
+only compares the plan's ``max_keys`` with its cache's length, which keeps a contiguous cache from
+being read or written out of bounds when a launcher is called directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch.step import Step
+from ..position import RopeSpec, relative_bucket
+
+MIN_KEYS_PER_SPLIT = 256  # fewer keys per split: more blocks than work (kernels/NOTES_decode.md, split sweep)
+MAX_SPLITS = 512  # the decode kernel's merge keeps heads x splits weights in its pipeline's shared memory
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which kernel serves which sequence of the step."""
+
+    context_ids: tuple[int, ...]  # prefill, chunks on a cached past, one-token prompts
+    decode_ids: tuple[int, ...]  # generation phase (cross attention: every one-token query)
+    n_keys: tuple[int, ...]  # keys per sequence: past + new (self) or the encoder length (cross)
+    n_keys_dev: torch.Tensor  # [B] int32, the same on the device
+    max_keys: int  # over every sequence
+    max_slot: int  # the highest cache slot the step touches
+
+
+@dataclass(frozen=True)
+class _RouteKey:
+    cross: bool
+
+
+def route(step: Step, cross: bool) -> Route:
+    """Generation-phase sequences go to the decode kernel; every other one to the context kernel,
+    which is exact for one-token queries too."""
+
+    def build() -> Route:
+        context, decode = [], []
+        for i in range(step.num_seqs):
+            one_token = step.new_lens[i] == 1
+            (decode if (cross and one_token) or step.is_generation(i) else context).append(i)
+        n_keys = step.require_encoder_lens("cross attention") if cross else step.total_lens
+        n_keys_dev = step.encoder if cross else step.seq_total
+        return Route(tuple(context), tuple(decode), n_keys, n_keys_dev, max(n_keys), max(step.slots))
+
+    return step.plan(_RouteKey(cross), build)
+
+
+@dataclass(frozen=True)
+class _TilesKey:
+    ids: tuple[int, ...]
+    block_m: int
+    causal: bool
+    cross: bool
+
+
+def context_tiles(step: Step, ids: tuple[int, ...], block_m: int, causal: bool, cross: bool) -> torch.Tensor:
+    """``[num_tiles, 2]`` int32 (sequence, first query row) of ``block_m`` query rows each, longest
+    work first (a causal tile's keys end at its last row), so the longest tiles start in the first wave."""
+
+    def build() -> torch.Tensor:
+        n_keys = route(step, cross).n_keys
+        tiles = []
+        for i in ids:
+            new, past = step.new_lens[i], step.past_lens[i]
+            for m0 in range(0, new, block_m):
+                keys = min(n_keys[i], past + min(m0 + block_m, new)) if causal else n_keys[i]
+                tiles.append((keys, i, m0))
+        tiles.sort(key=lambda x: -x[0])  # stable: equal work keeps sequence order
+        return torch.tensor([[i, m0] for _, i, m0 in tiles], dtype=torch.int32).reshape(-1, 2).to(step.device)
+
+    return step.plan(_TilesKey(ids, block_m, causal, cross), build)
+
+
+def choose_splits(blocks: int, max_keys: int, resident: int) -> int:
+    """Key splits per sequence: 1 when ``blocks`` (sequences x KV heads x head chunks) already fill
+    the ``resident`` block slots of the GPU (SMs x blocks per SM), else as many as one wave holds
+    (rounded down: a few blocks spilling into a second wave would cost a whole block's time),
+    keeping at least ``MIN_KEYS_PER_SPLIT`` keys per split."""
+    if blocks >= resident or max_keys < 2 * MIN_KEYS_PER_SPLIT:
+        return 1
+    return max(1, min(resident // blocks, max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    """What the decode kernel serves in this step, and how."""
+
+    ids_dev: torch.Tensor  # [n] int32 sequences served
+    max_keys: int  # the most keys one of them reads
+    splits: int  # key splits per sequence (merged in the same launch)
+
+
+@dataclass(frozen=True)
+class _DecodeKey:
+    ids: tuple[int, ...]
+    cross: bool
+    blocks_per_split: int  # sequences x KV heads x head chunks
+    resident: int  # blocks of this decode variant resident on the GPU at once
+    forced_splits: int | None
+
+
+def decode_work(
+    step: Step, ids: tuple[int, ...], cross: bool, blocks_per_split: int, resident: int, forced_splits: int | None
+) -> DecodeWork:
+    def build() -> DecodeWork:
+        n_keys = route(step, cross).n_keys
+        max_keys = max(n_keys[i] for i in ids)
+        splits = forced_splits if forced_splits is not None else choose_splits(blocks_per_split, max_keys, resident)
+        ids_dev = torch.tensor(ids, dtype=torch.int32).to(step.device)
+        return DecodeWork(ids_dev, max_keys, splits)
+
+    return step.plan(_DecodeKey(ids, cross, blocks_per_split, resident, forced_splits), build)
+
+
+@dataclass(frozen=True)
+class _RopeKey:
+    rope: RopeSpec
+
+
+def rope_inv_freq(step: Step, rope: RopeSpec) -> torch.Tensor:
+    """``[B, rot/2]`` fp64 inverse frequencies per sequence: the reference's own table
+    (``RopeSpec.inv_freq``), with each sequence's length after the step (dynamic NTK)."""
+
+    def build() -> torch.Tensor:
+        lengths = torch.tensor(step.total_lens, dtype=torch.float64, device=step.device)
+        return rope.inv_freq(lengths).contiguous()
+
+    return step.plan(_RopeKey(rope), build)
+
+
+@dataclass(frozen=True)
+class _BucketsKey:
+    q_max: int
+    k_max: int
+    bidirectional: bool
+    num_buckets: int
+    max_distance: int
+
+
+def relative_buckets(
+    step: Step, q_max: int, k_max: int, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """``[q_max + k_max − 1]`` int64: the T5 bucket of each distance ``k − q`` from ``−(q_max − 1)`` to
+    ``k_max − 1`` (the reference's bucket function itself)."""
+
+    def build() -> torch.Tensor:
+        rel = torch.arange(-(q_max - 1), k_max, dtype=torch.long)
+        b = relative_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+        return b.to(step.device)
+
+    return step.plan(_BucketsKey(q_max, k_max, bidirectional, num_buckets, max_distance), build)
