@@ -101,17 +101,6 @@ def qkv_rows(layout: HeadLayout, head_size: int) -> torch.Tensor:
     return torch.cat([q, k, v])
 
 
-def slice_qkv(full: torch.Tensor, layout: HeadLayout, head_size: int) -> torch.Tensor:
-    """Fused QKV weight ``[(H + 2KV)·D, hidden]`` (or bias ``[(H + 2KV)·D]``) -> this rank's rows."""
-    expected = (layout.num_heads + 2 * layout.num_kv_heads) * head_size
-    if full.shape[0] != expected:
-        raise ValueError(
-            f"fused QKV tensor: expected {expected} rows ((num_heads + 2*num_kv_heads) * head_size), "
-            f"got shape {tuple(full.shape)}"
-        )
-    return full.index_select(0, qkv_rows(layout, head_size).to(full.device))
-
-
 def slice_heads(full: torch.Tensor, layout: HeadLayout, dim: int = 0) -> torch.Tensor:
     """Per-query-head tensor (ALiBi slopes, relative tables) -> this rank's heads along ``dim``."""
     if full.shape[dim] != layout.num_heads:
