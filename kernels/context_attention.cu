@@ -1,7 +1,7 @@
 // Context (prefill) attention, FlashAttention-2 style, over a packed variable-length batch.
 //
 // One thread block per (head, query tile of BM rows of one sequence); the tile -> (sequence,
-// first row) map is built once per step on the host (tp_runtime/backends/cuda.py) and sorted by
+// first row) map is built once per step on the host (tp_runtime/backends/cuda_plan.py) and sorted by
 // descending work so the longest tiles start first. Each warp owns 16 query rows. K/V tiles of BN
 // keys are streamed from the KV cache (contiguous or paged, fp16/bf16 or int8/fp8) through shared
 // memory, double buffered with cp.async; fragments come from ldmatrix (.trans for V), products
@@ -49,7 +49,7 @@ struct BiasTable {  // table[h·sh + q·sq + k·sk + off] (explicit T5 table, or
 };
 
 // Tile shapes are template parameters (kWarps, kMT, BN), chosen per head size by ONE table in
-// Python (CONTEXT_TILES in tp_runtime/backends/cuda.py, checked by compile.FAMILIES):
+// Python (TILES in tp_runtime/backends/cuda_context.py, checked by compile.FAMILIES):
 //   kWarps warps per block, each owning kMT m-tiles of 16 query rows (BM = 16·kWarps·kMT rows);
 //   BN keys per K/V tile. With kMT = 2 every K/V fragment read from shared memory feeds two
 //   MMAs (half the shared-memory traffic per flop); Q fragments stay in registers only when
@@ -134,7 +134,7 @@ __device__ __forceinline__ void convert16(const uint4& raw, uint4 (&dst)[2]) {
 
 }  // namespace ctx
 
-// Params layout (built by tp_runtime/backends/cuda.py:_context_args, same order):
+// Params layout (built by tp_runtime/backends/cuda_context.py:_args, same order):
 //   q [T, H, D] (token stride q_stride), out [T, H, D] (token stride out_stride), lse [T, H] fp32
 //   kv          the layer's cache data; addressing per Layout (block table, stride, length, log2)
 //   tiles       [num_tiles, 2] int32 (sequence, first query row of the tile)

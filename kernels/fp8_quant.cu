@@ -1,5 +1,5 @@
 // Per-tensor FP8 (e4m3fn) quantization of the activations entering an FP8 projection
-// (tp_runtime/fp8.py, tp_runtime/backends/cuda_fp8.py). Two passes over x, instead of the six or
+// (tp_runtime/layers/fp8.py, tp_runtime/backends/cuda_fp8.py). Two passes over x, instead of the six or
 // seven elementwise torch kernels the same arithmetic takes (abs, amax, float, divide, clamp,
 // convert, each a full read and write):
 //
@@ -10,7 +10,7 @@
 //   fp8_quantize_kernel  scale = the static scale if given, else (amax > 0 ? amax * fp32(1/448) : 1);
 //                        xq = e4m3(clip(x / scale, -448, 448)), NaN kept; block 0 stores scale.
 //
-// The same arithmetic as tp_runtime.fp8.scale_from_amax / quantize_fp8 (fp32, correctly rounded
+// The same arithmetic as tp_runtime.quant.scale_from_amax / quantize_e4m3 (fp32, correctly rounded
 // division, round-to-nearest-even conversion), so the two agree bit for bit.
 //
 // Elements are visited 8 at a time (16-byte loads of fp16/bf16) when x is 16-byte aligned, then

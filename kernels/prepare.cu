@@ -35,10 +35,10 @@ __device__ __forceinline__ float round_to(float x) {
   return to_float<T>(from_float<T>(x));
 }
 
-// Params layout (built by tp_runtime/backends/cuda.py:_prepare_args, same order):
+// Params layout (built by tp_runtime/backends/cuda_prepare.py:_args, same order):
 //   qkv        [T, (H + 2KV)·D]  activations (row stride qkv_stride elements)
 //   bias       [(H + 2KV)·D] or null
-//   q_out      [T, H, D];  k_out, v_out [T, KV, D] (contiguous)
+//   q_out      [T, H, D];  k_out, v_out [T, KV, D] (contiguous), or null: not written
 //   cache      layer's cache data (contiguous or paged pool), storage per Cache
 //   addr       block table / heads / length / head size (see kv_access.cuh)
 //   positions  [T] int32 absolute positions; token_seq [T] int32; slots [B] int32

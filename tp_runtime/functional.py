@@ -1,4 +1,4 @@
-"""The seed's free helpers (SEMANTICS.md, "Helpers"), in plain torch.
+"""TensorRT-LLM's free attention helpers, in plain torch.
 
 ``generate_alibi_slopes``   this rank's ALiBi slopes ``[1, H_r, 1, 1]`` fp32.
 ``generate_alibi_biases``   ``slopes · arange(key_length)`` ``[1, H_r, 1, K]``, broadcast over batch and query.

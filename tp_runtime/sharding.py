@@ -2,7 +2,7 @@
 
 This module is the only place that does head/rank arithmetic. Everything else (the QKV
 and dense weights, ALiBi slopes, relative-attention tables, KV caches) asks it.
-Rule (see SEMANTICS.md, "KV heads, GQA/MQA"):
+Rule (GQA/MQA included):
   - ``num_heads % tp_size == 0``; rank ``r`` owns query heads ``[r*H/tp, (r+1)*H/tp)``.
   - ``KV >= tp``: ``KV % tp == 0``; rank ``r`` owns KV heads ``[r*KV/tp, (r+1)*KV/tp)``.
   - ``KV < tp``: ``tp % KV == 0``; rank ``r`` holds the single KV head ``r // (tp/KV)``

@@ -1,5 +1,5 @@
 """GPU test support: one parallel precompile of every kernel variant the collected tests name, and
-helpers (fixture ``gpu``) to build poisoned caches and apply DESIGN.md's accuracy rule.
+helpers (fixture ``gpu``) to build poisoned caches and apply the kernel accuracy rule.
 
 Skipping: tests/conftest.py marks every test here ``gpu`` and skips it where torch or CuPy cannot
 use CUDA (the CPU CI machine); the test modules also ``importorskip`` CuPy.

@@ -1,4 +1,4 @@
-"""The CUDA context (prefill) kernel against the reference backend, by DESIGN.md's accuracy rule.
+"""The CUDA context (prefill) kernel against the reference backend, by the kernel accuracy rule.
 
 Every case draws fresh random inputs, poisons unused cache entries and the outputs, and covers a
 grid of dtypes, head sizes, GQA/MQA, masks, position biases, cache layouts and cache dtypes, odd

@@ -1,6 +1,6 @@
 """The decode kernel (kernels/decode_attention.cu via backends/cuda_decode.py) against the reference.
 
-Oracle: the reference backend in fp32 on the same (rounded, quantized) cache, with DESIGN.md's
+Oracle: the reference backend in fp32 on the same (rounded, quantized) cache, with the kernel
 accuracy rule (tests/gpu/conftest.py ``check_attention``: error at most twice torch's own error in
 the activation dtype plus one unit at the largest output). Metamorphic checks: paged equals
 contiguous bit for bit, every forced split count equals the single-split result up to rounding.

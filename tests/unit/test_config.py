@@ -177,7 +177,7 @@ def test_config_is_frozen():
 
 
 def _rule(h, kv, tp):
-    """SEMANTICS.md 'KV heads, GQA/MQA', written out: None if valid, else the fields the error names."""
+    """The GQA/MQA head rules (tp_runtime/sharding.py), written out: None if valid, else the fields the error names."""
     if h % tp:
         return ("num_heads=", "tp_size=")
     if h % kv:

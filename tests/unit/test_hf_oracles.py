@@ -54,7 +54,7 @@ def test_hf_case_tp8(name):
 
 
 def test_case_names_cover_the_oracle_list():
-    """The families SEMANTICS.md names, each with fp32 decode and a half-precision run."""
+    """The model families the runtime serves, each with fp32 decode and a half-precision run."""
     names = set(W.CASES)
     for fam in (
         "bloom12",

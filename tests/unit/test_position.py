@@ -1,5 +1,5 @@
 """position.py: RoPE (GPT-J pairs, NeoX halves, partial, linear and dynamic NTK scaling), T5 buckets,
-ALiBi slopes. Oracles: complex-number rotation in float64 written here, the SEMANTICS.md formulas
+ALiBi slopes. Oracles: complex-number rotation in float64 written here, the formulas in tp_runtime/position.py's docstrings
 computed independently, and HF transformers' own functions (GPT-NeoX, Llama, GPT-J, T5, BLOOM)."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def oracle_rope(x, positions, bases, *, style, rot, divide=1.0):
 
 
 def ntk_base(base, factor, n, m, rot):
-    """SEMANTICS.md dynamic NTK: base' = base · ((f·n/M) − (f − 1))^(rot/(rot − 2)) when n > M."""
+    """Dynamic NTK: base' = base · ((f·n/M) − (f − 1))^(rot/(rot − 2)) when n > M."""
     if n <= m:
         return base
     return base * ((factor * n / m) - (factor - 1)) ** (rot / (rot - 2))

@@ -1,4 +1,4 @@
-"""tp_runtime.sharding against SEMANTICS.md's head-split rules, checked from their consequences.
+"""tp_runtime.sharding against the head-split rules of its docstring, checked from their consequences.
 
 Oracles: which heads a rank owns is rebuilt from the rule's words (contiguous equal query
 ranges; KV heads split or replicated on consecutive ranks), and the QKV slice is checked by
@@ -20,7 +20,7 @@ HEADS = range(1, 33)
 
 
 def violated_rules(H: int, KV: int, tp: int) -> list[dict[str, int]]:
-    """SEMANTICS.md's rules that (H, KV, tp) breaks, each as the numbers an error must name."""
+    """The rules that (H, KV, tp) breaks, each as the numbers an error must name."""
     rules = []
     if H % tp:
         rules.append({"num_heads": H, "tp_size": tp})

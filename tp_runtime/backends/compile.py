@@ -129,7 +129,7 @@ FAMILIES: dict[str, Family] = {
             "layout": {"contiguous": "tp::LayoutContiguous", "paged": "tp::LayoutPaged"},
             # K/V storage; int8/fp8 are dequantized while filling the shared-memory tile
             "cache": _CACHE_TYPES,
-            # tile shape, picked per head size by cuda.CONTEXT_TILES (measured, see
+            # tile shape, picked per head size by cuda_context.TILES (measured, see
             # kernels/NOTES_context.md): warps per block; m-tiles of 16 query rows per warp (2: each
             # K/V fragment feeds two MMAs, half the shared-memory traffic); keys per K/V tile
             "warps": {4: "4", 8: "8"},

@@ -2,7 +2,7 @@
 
 A decode step of a tensor-parallel layer stack is a few dozen small launches (GEMMs, prepare,
 decode attention, NCCL all-reduce) whose Python and launch overhead exceeds the GPU time at
-small batches (BENCHMARKS.md: the GPU idles most of such a step). ``DecodeGraph`` captures the
+small batches (the GPU idles most of such a step). ``DecodeGraph`` captures the
 whole step once and replays it, with the step metadata in fixed device buffers updated in place.
 
 What stays fixed between replays, and is checked: the sequences (cache slots, one new token
@@ -80,7 +80,7 @@ class DecodeGraph:
         self.out: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, past_lens: Sequence[int] | np.ndarray) -> torch.Tensor:
-        # Everything here runs while the GPU waits (BENCHMARKS.md: the idle share of a step), so
+        # Everything here runs while the GPU waits (the idle share of a step), so
         # the lengths go through numpy whatever the batch, never a Python loop over sequences.
         n = len(self.slots)
         past = np.asarray(past_lens, dtype=np.int64)

@@ -4,11 +4,10 @@
 its output is this rank's slice. ``RowLinear`` keeps the matching input columns: a local
 GEMM gives a partial sum, which is all-reduced over the group; the bias is added once, by
 rank 0's GEMM (cuBLAS's bias epilogue; the FP8 layers add it after their scaled GEMM), so the
-reduced sum carries it exactly once. Adding it after the reduce instead costs every rank one
-more kernel per layer and step (3–7 µs of a 0.2–0.3 ms tp 2 decode step on an H200, and ~15 µs
-of host time in eager steps); the two differ only in where one rounding falls. Both allocate
-only their shard and load it from the full weight.
-Subclasses (``fp8.py``) change how the shard is stored and multiplied, not how it is chosen.
+reduced sum carries it exactly once. Adding it after the reduce instead would cost every rank one
+more kernel launch per layer and step; the two differ only in where one rounding falls. Both
+allocate only their shard and load it from the full weight.
+Subclasses (``layers/fp8.py``) change how the shard is stored and multiplied, not how it is chosen.
 """
 
 from __future__ import annotations
