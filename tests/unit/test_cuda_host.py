@@ -18,6 +18,7 @@ def test_route_sends_generation_tokens_to_decode():
     plan = cuda_plan.route(step, cross=False)
     assert (plan.context_ids, plan.decode_ids) == ((0, 2, 3), (1,))
     assert plan.n_keys == (5, 8, 1, 5) and plan.n_keys_dev.tolist() == [5, 8, 1, 5] and plan.max_keys == 8
+    assert plan.max_slot == 3 and plan.context_max_new == 5
     assert cuda_plan.route(step, cross=False) is plan  # planned once per step, reused by every layer
     cross = Step(new_lens=[5, 1, 1, 3], past_lens=[0, 7, 0, 2], encoder_lens=[4, 6, 2, 9])
     plan = cuda_plan.route(cross, cross=True)

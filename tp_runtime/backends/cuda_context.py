@@ -104,7 +104,9 @@ def context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...
     plan = route(step, spec.cross)
     check_reach(kv, geometry, plan.max_keys, plan.max_slot)
     mask = "padding" if spec.cross else spec.mask.value
-    params = variant(q.dtype, d, mask, score_bias_kind(spec), kv, max(step.new_lens[i] for i in ids))
+    # the step's routed context sequences: their longest length is planned; any other set is measured
+    longest = plan.context_max_new if ids == plan.context_ids else max(step.new_lens[i] for i in ids)
+    params = variant(q.dtype, d, mask, score_bias_kind(spec), kv, longest)
     kernel = get_kernel("context", **params)
     block_m = 16 * params["warps"] * params["m_tiles"]
     tiles = context_tiles(step, ids, block_m, mask == "causal", spec.cross)

@@ -163,7 +163,8 @@ def decode(
     if h_r % kv_r:
         raise ValueError(f"q: {h_r} query heads are not a multiple of the cache's {kv_r} KV heads")
     geometry = cache_geometry(kv, kv_r, d, q.dtype)
-    ids = _check_ids(step, seq_ids)
+    plan = route(step, spec.cross)
+    ids = seq_ids if seq_ids is plan.decode_ids else _check_ids(step, seq_ids)  # the plan's are valid
     n = len(ids)
     if n == 0:
         return
@@ -178,7 +179,6 @@ def decode(
     smem = PIPE_BYTES + (4 * TABLE_CAP if kv.cache_layout is CacheLayout.paged else 0)
     resident = _resident_blocks(kernel, q.device, smem)
     work = decode_work(step, ids, spec.cross, n * kv_r * head_chunks, resident, None if splits is None else int(splits))
-    plan = route(step, spec.cross)
     check_reach(kv, geometry, work.max_keys, plan.max_slot)
 
     alibi = checked_alibi(spec, h_r, q.device)

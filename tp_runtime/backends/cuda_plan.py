@@ -39,6 +39,7 @@ class Route:
     n_keys_dev: torch.Tensor  # [B] int32, the same on the device
     max_keys: int  # over every sequence
     max_slot: int  # the highest cache slot the step touches
+    context_max_new: int  # the longest new length among context_ids (0 when there are none)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def route(step: Step, cross: bool) -> Route:
             (decode if (cross and one_token) or step.is_generation(i) else context).append(i)
         n_keys = step.require_encoder_lens("cross attention") if cross else step.total_lens
         n_keys_dev = step.encoder if cross else step.seq_total
-        return Route(tuple(context), tuple(decode), n_keys, n_keys_dev, max(n_keys), max(step.slots))
+        longest = max((step.new_lens[i] for i in context), default=0)
+        return Route(tuple(context), tuple(decode), n_keys, n_keys_dev, max(n_keys), max(step.slots), longest)
 
     return step.plan(_RouteKey(cross), build)
 
