@@ -184,9 +184,9 @@ struct Traits {
   static constexpr bool kQuant = !IsAuto<Cache>::value;
   // Tensor cores up to D 128 for grouped heads: each warp takes 8 or 16 keys of a tile; S = Q·Kᵀ
   // (heads as M) and Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync. An int8/fp8 tile is first converted (exactly)
-  // to T in a staging tile. One head per KV head (MHA) keeps the CUDA-core path, which measured
-  // faster there (H200: fp16 at the bandwidth; int8 1.58x the tokens/s of fp16 against 0.88x through
-  // the staging tile); so does D 256 (too few keys per warp).
+  // to T in a staging tile. One head per KV head (MHA) keeps the CUDA-core path, which is faster
+  // there (fp16 reaches the bandwidth; int8 loses its gain through the staging tile; the figures are
+  // in NOTES_decode.md); so does D 256 (too few keys per warp).
   static constexpr bool kMma = D <= 128 && HPB >= 2;
   static constexpr int kTRowBytes = D * 2;  // a row of T (what ldmatrix reads)
   // T tiles: rows of 16-byte chunks XOR-swizzled by (key & 7), so ldmatrix's 8 rows hit 8

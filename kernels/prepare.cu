@@ -1,12 +1,13 @@
-// Fused prepare: QKV bias + RoPE + K/V cache write (quantizing for int8/fp8) + Q/K/V out.
+// Fused prepare: QKV bias + RoPE + K/V cache write (quantizing for int8/fp8) + Q out (K/V out too
+// when given pointers for them; the runtime passes null: the cache holds them).
 //
 // One pass over qkv [T, (H + 2·KV)·D]: block (token, g) takes heads [g·hpb, (g+1)·hpb) of the
 // token; each thread handles channel PAIRS of those heads (the two channels a rotation mixes; plain
 // adjacent pairs elsewhere), so the rotation needs no communication; the token's cos/sin are
 // computed once per block (shared memory) for all its heads. Memory-bound: qkv read once; q/k/v
 // written once, K/V also into the cache. The launcher picks hpb (heads_per_block): all heads
-// when the tokens alone fill the GPU (prefill), fewer at decode, where one block per token left
-// the SMs idle while it walked 336 heads (BLOOM: 46 µs for one token).
+// when the tokens alone fill the GPU (prefill), fewer at decode, where one block per token would
+// leave most SMs idle while it walks every head of a wide model.
 //
 // Numerics follow tp_runtime.backends.reference.prepare exactly:
 //   x = T(qkv + bias)                       (fp32 add, rounded to the activation type T)
