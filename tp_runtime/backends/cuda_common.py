@@ -154,8 +154,26 @@ def checked_alibi(spec: AttentionSpec, heads: int, device: torch.device) -> torc
     return alibi
 
 
-def bias_table(spec: AttentionSpec, step: Step, ids: list[int], n_keys: tuple[int, ...]):
-    """(table, sh, sq, sk, off): the BiasTable operand, so bias(h, q, k) = table[h·sh + q·sq + k·sk + off]."""
+@dataclass(frozen=True)
+class BiasTable:
+    """The kernels' table operand: ``bias(h, q, k) = table[h·head_stride + q·q_stride + k·k_stride + offset]``."""
+
+    table: torch.Tensor | None  # fp32 on the device; None: no table bias
+    head_stride: int = 0
+    q_stride: int = 0
+    k_stride: int = 0
+    offset: int = 0
+
+    def args(self) -> tuple:
+        """The five kernel parameters, in the kernels' order."""
+        return (ptr(self.table), i64(self.head_stride), i64(self.q_stride), i64(self.k_stride), i64(self.offset))
+
+
+NO_BIAS_TABLE = BiasTable(None)
+
+
+def bias_table(spec: AttentionSpec, step: Step, ids, n_keys: tuple[int, ...]) -> BiasTable:
+    """The relative-attention bias of sequences ``ids`` as the kernels read it."""
     q_max = max(step.total_lens[i] for i in ids)  # query positions < q_max
     k_max = max(max(n_keys[i] for i in ids), 1)
     if spec.relative_bias is not None:
@@ -165,9 +183,9 @@ def bias_table(spec: AttentionSpec, step: Step, ids: list[int], n_keys: tuple[in
                 f"relative_bias: expected [H_r, >= {q_max} query positions, >= {k_max} keys], got {tuple(rb.shape)}"
             )
         rb = rb.to(device=step.device, dtype=torch.float32).contiguous()
-        return rb, rb.shape[1] * rb.shape[2], rb.shape[2], 1, 0
+        return BiasTable(rb, rb.shape[1] * rb.shape[2], rb.shape[2], 1, 0)
     # implicit T5 buckets: the [H_r, num_buckets] table expanded to one value per distance k − q,
     # through the reference's bucket function (the bucket index per distance is planned once per step)
     buckets = relative_buckets(step, q_max, k_max, spec.bidirectional_buckets, spec.num_buckets, spec.max_distance)
     dense = spec.relative_table.to(device=step.device, dtype=torch.float32)[:, buckets].contiguous()
-    return dense, dense.shape[1], -1, 1, q_max - 1
+    return BiasTable(dense, dense.shape[1], -1, 1, q_max - 1)

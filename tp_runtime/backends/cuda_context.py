@@ -17,7 +17,7 @@ from ..batch.step import Step
 from .base import AttentionSpec
 from .capabilities import HEAD_SIZES, check
 from .compile import get_kernel
-from .cuda_common import bias_table, cache_geometry, check_reach, checked_alibi, f32, i32, i64, launch, ptr
+from .cuda_common import NO_BIAS_TABLE, bias_table, cache_geometry, check_reach, checked_alibi, f32, i32, launch, ptr
 from .cuda_plan import context_tiles, route
 
 # Tile shapes: (warps per block, m-tiles of 16 query rows per warp, keys per K/V tile); a block covers
@@ -69,7 +69,6 @@ def variant(dtype: torch.dtype, head_size: int, mask: str, bias: str, kv: LayerK
 
 def _args(q, out, lse, kv, geometry, tiles, step, n_keys_dev, h_r, scale_log2, v_scale, alibi, table):
     """The context kernel's parameters, in the order of ``tp::context_attention_kernel``."""
-    tab, tab_h, tab_q, tab_k, tab_off = table if table is not None else (None, 0, 0, 0, 0)
     # fmt: off
     return (
         ptr(q), i32(q.stride(0)),                 # q [T, H, D], token stride
@@ -82,7 +81,7 @@ def _args(q, out, lse, kv, geometry, tiles, step, n_keys_dev, h_r, scale_log2, v
         i32(h_r), i32(kv.num_kv_heads),
         f32(scale_log2), f32(v_scale),            # softmax_scale·log2(e)·k_dequant; v_dequant
         ptr(alibi),                                # [H] fp32 slopes or null
-        ptr(tab), i64(tab_h), i64(tab_q), i64(tab_k), i64(tab_off),  # BiasTable operand
+        *table.args(),                             # relative bias table (BiasTable)
     )
     # fmt: on
 
@@ -113,7 +112,7 @@ def context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...
     if tiles.shape[0] > 65535:
         raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
     alibi = checked_alibi(spec, h_r, q.device)
-    table = bias_table(spec, step, ids, plan.n_keys) if params["bias"] == "table" else None
+    table = bias_table(spec, step, ids, plan.n_keys) if params["bias"] == "table" else NO_BIAS_TABLE
     dq = kv.dequant_scale if kv.cache_dtype.is_quantized else 1.0
     scale_log2 = spec.softmax_scale * math.log2(math.e) * dq
     args = _args(q, out, lse, kv, geometry, tiles, step, plan.n_keys_dev, h_r, scale_log2, dq, alibi, table)

@@ -26,6 +26,7 @@ from .base import AttentionSpec
 from .capabilities import check
 from .compile import get_kernel
 from .cuda_common import (
+    NO_BIAS_TABLE,
     bias_table,
     cache_geometry,
     check_activation,
@@ -107,7 +108,6 @@ def _check_ids(step: Step, seq_ids) -> tuple[int, ...]:
 def _params(q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev, spec_ops, shape, scales, cross):
     """The decode kernel's parameters, in the order of ``tp::decode_attention_kernel``."""
     alibi, table = spec_ops
-    tab, tab_h, tab_q, tab_k, tab_off = table if table is not None else (None, 0, 0, 0, 0)
     ind = step.cache_indirection if step.beam_width > 1 else None
     h_r, group, head_chunks, splits = shape
     qk_scale, v_scale = scales
@@ -128,7 +128,7 @@ def _params(q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev
         ptr(ind), i32(step.beam_width),           # beams: [B/W, W, S_ind] int32 cache indirection
         i32(0 if ind is None else ind.shape[2]),
         ptr(alibi),                                # [H_r] fp32 effective ALiBi slopes, or null
-        ptr(tab), i64(tab_h), i64(tab_q), i64(tab_k), i64(tab_off),  # relative bias table
+        *table.args(),                             # relative bias table (BiasTable)
         i32(h_r), i32(group), i32(head_chunks), i32(splits),
         f32(qk_scale), f32(v_scale),              # softmax_scale·dequant·log2(e); dequant
     )
@@ -182,7 +182,7 @@ def decode(
     check_reach(kv, geometry, work.max_keys, plan.max_slot)
 
     alibi = checked_alibi(spec, h_r, q.device)
-    table = bias_table(spec, step, ids, plan.n_keys) if score_bias_kind(spec) == "table" else None
+    table = bias_table(spec, step, ids, plan.n_keys) if score_bias_kind(spec) == "table" else NO_BIAS_TABLE
     if work.splits > 1:
         part_o = torch.empty((n, h_r, work.splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((n, h_r, work.splits), dtype=torch.float32, device=q.device)
