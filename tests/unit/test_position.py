@@ -1,5 +1,5 @@
 """position.py: RoPE (GPT-J pairs, NeoX halves, partial, linear and dynamic NTK scaling), T5 buckets,
-ALiBi slopes. Oracles: complex-number rotation in float64 written here, the formulas in tp_runtime/position.py's docstrings
+ALiBi slopes. Oracles: complex-number rotation in float64 written here, position.py's docstring formulas
 computed independently, and HF transformers' own functions (GPT-NeoX, Llama, GPT-J, T5, BLOOM)."""
 
 from __future__ import annotations
