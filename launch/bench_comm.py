@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed
+from benchlib import init_torch_distributed, median_ms
 
 import tp_runtime
-from tp_runtime.distributed.world import World, init_torch_distributed
+from tp_runtime import World
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KiB, MiB = 1 << 10, 1 << 20
@@ -45,33 +44,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def median_seconds(op: Callable[[torch.Tensor], object], buffers: list[torch.Tensor], world: World, args) -> float:
-    """Median time of ``op(buffer)`` over ``args.repeats`` calls, all ranks starting together."""
-    n = world.tp_size
-    for i in range(args.warmup):
-        op(buffers[i % len(buffers)])
-        buffers[i % len(buffers)].mul_(1 / n)
-    world.tp_comm.barrier()
-    cuda = world.device.type == "cuda"
-    times = []
-    events = []
-    for i in range(args.repeats):
-        buf = buffers[i % len(buffers)]
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            op(buf)
-            end.record()
-            events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            op(buf)
-            times.append(time.perf_counter() - t0)
-        buf.mul_(1 / n)  # an average of the ranks' values: stays finite, never zero
-    if cuda:
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-    return statistics.median(times)
+def all_reduce_seconds(op: Callable[[torch.Tensor], object], buffers: list[torch.Tensor], world: World, args) -> float:
+    """Median time of ``op(buffer)`` over ``args.repeats`` calls, all ranks starting together; the
+    calls queue back to back, rotating among ``buffers``."""
+
+    def rescale(i: int) -> None:  # an average of the ranks' values: stays finite, never zero
+        buffers[i].mul_(1 / world.tp_size)
+
+    calls = [functools.partial(op, buf) for buf in buffers]
+    ms = median_ms(
+        calls,
+        args.repeats,
+        device=world.device,
+        warmup=args.warmup,
+        after=rescale,  # outside the timed region
+        ready=world.tp_comm.barrier,
+        sync_each=False,
+    )
+    return ms / 1e3
 
 
 def check_sum(op: Callable[[torch.Tensor], object], buf: torch.Tensor, world: World, who: str) -> None:
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                     row[f"{name}_us"] = row[f"{name}_busbw_GBps"] = None
                     continue
                 check_sum(op, buffers[0].clone(), world, name)
-                seconds = median_seconds(op, buffers, world, args)
+                seconds = all_reduce_seconds(op, buffers, world, args)
                 row[f"{name}_us"] = seconds * 1e6
                 row[f"{name}_busbw_GBps"] = 2 * (n - 1) / n * nbytes / seconds / 1e9
             row["torch_over_ours"] = row["torch_us"] / row["ours_us"] if theirs is not None else None

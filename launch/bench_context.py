@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+from benchlib import median_ms
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_context.json"
 N_SETS = 3  # input sets to rotate among
@@ -51,23 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _time(calls, repeats: int, inner: int) -> float:
-    """Median milliseconds per call (events around ``inner`` calls, rotating through ``calls``)."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(inner):
-            calls[i % len(calls)]()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
-
-
 def _sdpa_call(backend, q, k, v, causal):
     from torch.nn.attention import sdpa_kernel
 
@@ -79,7 +62,7 @@ def _sdpa_call(backend, q, k, v, causal):
 
 
 def _one(dtype, d, s, causal, args) -> dict:
-    from tp_runtime.backends import cuda
+    from tp_runtime.backends import cuda, cuda_context
     from tp_runtime.backends.base import AttentionSpec
     from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.batch.step import Step
@@ -107,26 +90,26 @@ def _one(dtype, d, s, causal, args) -> dict:
         "flops": flops,
     }
     ours = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in sets]
-    ms = _time(ours, args.repeats, args.inner)
-    chosen = cuda.context_tiles(d, causal=causal, max_new_len=s)
+    ms = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+    chosen = cuda_context.tile_shape(d, causal=causal, max_new_len=s)
     row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]
     row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
-    default, wide = cuda.CONTEXT_TILES[d], cuda.CONTEXT_TILES_WIDE.pop(d, None)
+    default, wide = cuda_context.TILES[d], cuda_context.TILES_WIDE.pop(d, None)
     try:
         for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
             cfg = tuple(int(x) for x in text.split(","))
             if list(cfg) == row["tiles"]:
                 continue
-            cuda.CONTEXT_TILES[d] = cfg
+            cuda_context.TILES[d] = cfg
             try:
-                ms_t = _time(ours, args.repeats, args.inner)
+                ms_t = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
                 row[f"tiles_{text}_tflops"] = flops / ms_t / 1e9
             except NotImplementedError:  # the tile shape does not fit this head size
                 pass
     finally:
-        cuda.CONTEXT_TILES[d] = default
+        cuda_context.TILES[d] = default
         if wide is not None:
-            cuda.CONTEXT_TILES_WIDE[d] = wide
+            cuda_context.TILES_WIDE[d] = wide
     if not args.no_baselines:
         from torch.nn.attention import SDPBackend
 
@@ -136,7 +119,7 @@ def _one(dtype, d, s, causal, args) -> dict:
                 qq = q.view(b, s, h, d).transpose(1, 2)  # [B, H, S, D], same bytes as ours
                 calls.append(_sdpa_call(backend, qq, kv.data[:, 0], kv.data[:, 1], causal))
             try:
-                ms_b = _time(calls, args.repeats, args.inner)
+                ms_b = median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))
                 row[f"{label}_ms"], row[f"{label}_tflops"] = ms_b, flops / ms_b / 1e9
                 row[f"ratio_vs_{label}"] = row["ours_tflops"] / row[f"{label}_tflops"]
             except RuntimeError as e:  # backend unavailable for this shape/dtype
@@ -171,9 +154,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def bench_prepare(args) -> dict:
     """The fused prepare kernel (bias, NeoX RoPE, paged fp16 cache write) on ``args.tokens`` tokens,
-    H 32, KV 8, D 128: bytes moved (qkv read; q, k, v and the cache rows written) per second,
+    H 32, KV 8, D 128: bytes moved (qkv read; q and the cache rows written) per second,
     against a device-to-device copy of the same number of bytes (read + write) in the same run."""
-    from tp_runtime.backends import cuda
+    from tp_runtime.backends import cuda_prepare
     from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.batch.step import Step
     from tp_runtime.config import KVCacheDType, PositionEmbeddingType, RotaryScalingType
@@ -191,12 +174,14 @@ def bench_prepare(args) -> dict:
                  KVCacheDType.auto, 1.0, table)  # fmt: skip
     qkvs = [torch.randn(t, (h + 2 * kvh) * d, device=dev, dtype=dt) for _ in range(N_SETS)]
     bias = torch.randn((h + 2 * kvh) * d, device=dev, dtype=dt)
-    calls = [lambda x=x: cuda.prepare(x, bias, step, head_layout=hl, head_size=d, rope=rope, kv=kv) for x in qkvs]
-    ms = _time(calls, args.repeats, args.inner)
-    moved = t * (h + 2 * kvh) * d * 2 * 2 + t * 2 * kvh * d * 2  # read qkv, write q/k/v, write cache K/V
+    calls = [
+        lambda x=x: cuda_prepare.prepare(x, bias, step, head_layout=hl, head_size=d, rope=rope, kv=kv) for x in qkvs
+    ]
+    ms = median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))
+    moved = t * (h + 2 * kvh) * d * 2 + t * h * d * 2 + t * 2 * kvh * d * 2  # read qkv, write q, write cache K/V
     src = torch.empty(moved // 4, dtype=torch.float16, device=dev)
     dst = torch.empty_like(src)
-    ms_copy = _time([lambda: dst.copy_(src)], args.repeats, args.inner)  # moves 2·(moved/2) bytes
+    ms_copy = median_ms(lambda: dst.copy_(src), args.repeats, inner=args.inner, warmup=1)  # moves 2·(moved/2) bytes
     row = {"kernel": "prepare", "tokens": t, "heads": h, "kv_heads": kvh, "head_size": d, "bytes": moved,
            "ms": ms, "gb_per_s": moved / ms / 1e6, "copy_gb_per_s": moved / ms_copy / 1e6}  # fmt: skip
     print(f"# prepare: {ms * 1e3:.1f} us, {row['gb_per_s']:.0f} GB/s (device copy {row['copy_gb_per_s']:.0f} GB/s)")
@@ -206,14 +191,14 @@ def bench_prepare(args) -> dict:
 def _precompile(args) -> None:
     """Compile every kernel variant the run times, in parallel, before any timing."""
     from tp_runtime.backends import compile as kc
-    from tp_runtime.backends import cuda
+    from tp_runtime.backends.cuda_context import tile_shape
 
     wanted = []
     for dt in args.dtypes:
         for d in args.head_sizes:
             extra = [tuple(int(x) for x in t.split(",")) for t in args.tiles or []]
             for c in args.causal:
-                chosen = [cuda.context_tiles(d, causal=c == "causal", max_new_len=s) for s in args.seqlens]
+                chosen = [tile_shape(d, causal=c == "causal", max_new_len=s) for s in args.seqlens]
                 shapes = [(t["warps"], t["m_tiles"], t["block_n"]) for t in chosen] + extra
                 for w, mt, bn in dict.fromkeys(shapes):
                     v = {

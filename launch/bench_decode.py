@@ -23,14 +23,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from benchlib import replay_seconds
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tp_runtime.backends import cuda_decode
+from tp_runtime.backends import cuda_decode, cuda_plan
 from tp_runtime.backends.base import AttentionSpec
 from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
 from tp_runtime.batch.step import Step
@@ -54,47 +54,6 @@ def parse_args(argv=None):
 
 
 # ---- timing ----------------------------------------------------------------------------------
-_stream = None  # one side stream for warm-up and capture (the decode launcher keys workspaces by stream)
-
-
-def time_calls(calls, seconds: float, est_s: float, graphs: bool = True) -> tuple[float, bool]:
-    """Median seconds of one call; ``calls`` is one callable per input buffer. CUDA graphs when
-    ``graphs`` and capture works (second value True), else eager calls."""
-    global _stream
-    if _stream is None:
-        _stream = torch.cuda.Stream()
-    stream = _stream
-    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
-    with torch.cuda.stream(stream):
-        for c in calls:  # warm-up on the capture stream (compiles, allocates workspaces)
-            c()
-            c()
-    stream.synchronize()
-    runners, graphed = [], graphs
-    try:
-        for c in calls if graphs else ():
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=stream):
-                c()
-            runners.append(g.replay)
-    except Exception:  # a backend that cannot be captured: time it eagerly
-        torch.cuda.synchronize()
-        graphed = False
-    if not graphed:
-        runners = list(calls)
-    reps = int(min(400, max(20, seconds / max(est_s, 1e-6))))
-    for r in runners * 2:
-        r()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    torch.cuda.synchronize()
-    for i, (a, b) in enumerate(events):
-        a.record()
-        runners[i % len(runners)]()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in events) / 1e3, graphed
-
-
 def sdpa_calls(backend, q4, ks, vs, mode: str) -> list:
     """One SDPA call per input buffer, restricted to ``backend``."""
 
@@ -119,7 +78,7 @@ def copy_bandwidth(seconds: float) -> float:
         x.clone()
         torch.cuda.synchronize()
     # eager: a captured clone becomes a memcpy node, which ran at ~2.8 TB/s on an H200 (a DMA copy?)
-    t, _ = time_calls([lambda: x.clone()], seconds, 1e-3, graphs=False)
+    t, _ = replay_seconds([lambda: x.clone()], seconds, 1e-3, graphs=False)
     return 2 * x.numel() * x.element_size() / t
 
 
@@ -170,12 +129,12 @@ def measure(case: dict, args, baselines: bool) -> dict:
         return lambda: cuda_decode.decode(qs[i], caches[i], step, ids, spec, outs[i], lses[i], force)
 
     est = kv_bytes / 3e12
-    t, graphed = time_calls([ours(i) for i in range(sets)], args.seconds, est)
+    t, graphed = replay_seconds([ours(i) for i in range(sets)], args.seconds, est)
     row.update(ours_us=t * 1e6, ours_tbs=kv_bytes / t / 1e12, graph=graphed, tokens_per_s=b / t)
     kernel = cuda_decode.get_kernel("decode", **cuda_decode.variant(torch.float16, caches[0], D, h // kv_heads))
     smem = cuda_decode.PIPE_BYTES + (4 * cuda_decode.TABLE_CAP if layout == "paged" else 0)
     hc = -(-(h // kv_heads) // cuda_decode.heads_per_block(h // kv_heads))
-    row["splits"] = force or cuda_decode.choose_splits(
+    row["splits"] = force or cuda_plan.choose_splits(
         b * kv_heads * hc, length, cuda_decode._resident_blocks(kernel, torch.device("cuda"), smem)
     )
     torch.cuda.synchronize()
@@ -208,7 +167,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
             if first is None:
                 row[f"{name}_error"] = "unsupported"
                 continue
-            t, graphed = time_calls(sdpa_calls(backend, q4, k_in, v_in, mode), args.seconds, est)
+            t, graphed = replay_seconds(sdpa_calls(backend, q4, k_in, v_in, mode), args.seconds, est)
             row.update({f"{name}_us": t * 1e6, f"{name}_tbs": kv_bytes / t / 1e12, f"{name}_graph": graphed})
             row[f"vs_{name}"] = t * 1e6 / row["ours_us"]  # > 1: ours faster
             row[f"{name}_heads"] = mode

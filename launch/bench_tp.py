@@ -24,22 +24,14 @@ import glob
 import json
 import math
 import os
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from benchlib import gpu_busy_ms, init_torch_distributed, median_ms
 
 import tp_runtime
-from tp_runtime.backends import precompile
-from tp_runtime.batch.graphs import DecodeGraph
-from tp_runtime.batch.kv_cache import KVCache, PagedKVCache
-from tp_runtime.batch.step import Step
-from tp_runtime.config import AttentionConfig, QuantMode
-from tp_runtime.distributed.world import init_torch_distributed
-from tp_runtime.layers.attention import Attention
-from tp_runtime.position import RopeSpec, apply_rope
+from tp_runtime import Attention, AttentionConfig, DecodeGraph, KVCache, PagedKVCache, QuantMode, Step, precompile
 
 
 @dataclass(frozen=True)
@@ -84,22 +76,30 @@ class BaselineLayer:
     """The same sharded layer in plain torch: what a user would write with torch.distributed."""
 
     def __init__(self, cfg: AttentionConfig, ours: Attention, dist_group):
-        self.cfg, self.layout, self.group = cfg, ours.layout, dist_group
+        self.cfg, self.layout, self.group = cfg, ours.head_layout, dist_group
         self.w_qkv, self.b_qkv = ours.qkv.weight, ours.qkv.bias
         self.w_dense, self.b_dense = ours.dense.weight, ours.dense.bias
-        self.rope = RopeSpec.from_config(cfg)
+        self.rot = cfg.rotary_dim  # every RoPE model here is NeoX-style (rotated halves), base rotary_base
         self.slopes = ours.alibi_slopes
+
+    def rope(self, x, pos):
+        """NeoX rotary embedding of ``x [N, heads, D]`` at positions ``pos [N]`` (fp32 math), as users write it."""
+        rot, half = self.rot, self.rot // 2
+        inv_freq = 1.0 / self.cfg.rotary_base ** (torch.arange(0, rot, 2, device=x.device, dtype=torch.float32) / rot)
+        angle = pos.float()[:, None] * inv_freq[None]  # [N, rot/2]
+        cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+        a, b = x[..., :half].float(), x[..., half:rot].float()
+        return torch.cat((a * cos - b * sin, b * cos + a * sin, x[..., rot:].float()), dim=-1).to(x.dtype)
 
     def __call__(self, x, k_cache, v_cache, past: int, new: int, batch: int):
         """x [B·new, hidden]; caches [B, KV_r, L_max, D]; every sequence has the same lengths."""
         h, kv, d = self.layout.num_heads_per_rank, self.layout.num_kv_heads_per_rank, self.cfg.head_size
         qkv = F.linear(x, self.w_qkv, self.b_qkv).view(batch, new, h + 2 * kv, d)
         q, k, v = qkv[:, :, :h], qkv[:, :, h : h + kv], qkv[:, :, h + kv :]
-        if self.rope is not None:
+        if self.rot:
             pos = torch.arange(past, past + new, device=x.device).repeat(batch)
-            cos, sin = self.rope.cos_sin(pos, torch.full_like(pos, past + new))
-            q = apply_rope(q.reshape(-1, h, d), cos, sin, self.rope).view(batch, new, h, d)
-            k = apply_rope(k.reshape(-1, kv, d), cos, sin, self.rope).view(batch, new, kv, d)
+            q = self.rope(q.reshape(-1, h, d), pos).view(batch, new, h, d)
+            k = self.rope(k.reshape(-1, kv, d), pos).view(batch, new, kv, d)
         k_cache[:, :, past : past + new] = k.transpose(1, 2)
         v_cache[:, :, past : past + new] = v.transpose(1, 2)
         keys, vals = k_cache[:, :, : past + new], v_cache[:, :, : past + new]
@@ -123,42 +123,6 @@ class BaselineLayer:
         if self.group is not None:
             torch.distributed.all_reduce(y, group=self.group)
         return y + self.b_dense if self.b_dense is not None else y
-
-
-def time_steps(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn()`` with CUDA events (a host clock on the CPU), after warm-up."""
-    for _ in range(3):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def gpu_busy_ms(fn, n: int = 20) -> float:
-    """GPU time of one step with the host out of the way: queue ``n`` steps behind a sleep kernel."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e8))  # ~100 ms at ~2 GHz: long enough for the host to queue every step
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / n
 
 
 def build(model: Model, world, dtype, quant=QuantMode.none, max_batch=8, max_len=2048):
@@ -197,7 +161,7 @@ def bench_case(
     new = length if phase == "prefill" else 1
     past = 0 if phase == "prefill" else length - 1
     cfg, layer = build(model, world, dtype, quant)
-    lay = layer.layout
+    lay = layer.head_layout
     if paged:
         block = 64
         per_seq = -(-length // block)
@@ -230,11 +194,11 @@ def bench_case(
         quant=quant.value,
         dtype=str(dtype).removeprefix("torch."),
     )
-    row["ours_ms"] = time_steps(ours, repeats, dev)
+    row["ours_ms"] = median_ms(ours, repeats, device=dev)
     if phase == "prefill":  # the two projection GEMMs alone (FP8: with the activation quantizer)
         ctx = torch.randn(batch * new, len(layer.dense.cols), device=dev, dtype=dtype)
         proj = lambda: (layer.qkv.matmul(xs[0]), layer.dense.matmul(ctx))  # noqa: E731
-        row["proj_ms"] = time_steps(proj, repeats, dev)
+        row["proj_ms"] = median_ms(proj, repeats, device=dev)
     if phase == "decode" and not paged and quant is QuantMode.none and dev.type == "cuda":
         busy = gpu_busy_ms(ours)
         row["gpu_busy_ms"] = busy
@@ -251,14 +215,14 @@ def bench_case(
             )
             pasts = [past] * batch
             graphed = lambda: dg(xs[next(it) % 4], pasts)  # noqa: E731
-            row["graph_ms"] = time_steps(graphed, repeats, dev)
+            row["graph_ms"] = median_ms(graphed, repeats, device=dev)
             row["graph_idle_pct"] = max(0.0, 100 * (1 - gpu_busy_ms(graphed) / row["graph_ms"]))
     if quant is QuantMode.none and not paged:
         base = BaselineLayer(cfg, layer, group)
         kc = torch.randn(batch, lay.num_kv_heads_per_rank, length, cfg.head_size, device=dev, dtype=dtype)
         vc = torch.randn_like(kc)
         base_fn = lambda: base(xs[next(it) % 4], kc, vc, past, new, batch)  # noqa: E731
-        row["baseline_ms"] = time_steps(base_fn, repeats, dev)
+        row["baseline_ms"] = median_ms(base_fn, repeats, device=dev)
         row["ratio"] = row["baseline_ms"] / row["ours_ms"]
     row["tokens_per_s"] = batch * new / row["ours_ms"] * 1e3
     if dev.type == "cuda":
@@ -270,9 +234,11 @@ def smoke(world, group) -> None:
     """CI: one tiny prefill and decode step of ours and of the baseline on the CPU, checked equal."""
     model = Model("tiny", 64, 4, 2, "rope_gpt_neox")
     cfg, layer = build(model, world, torch.float32)
-    cache = KVCache(config=cfg, head_layout=layer.layout, num_layers=1, max_batch=2, max_seq_len=8, device=world.device)
+    cache = KVCache(
+        config=cfg, head_layout=layer.head_layout, num_layers=1, max_batch=2, max_seq_len=8, device=world.device
+    )
     base = BaselineLayer(cfg, layer, group)
-    kc = torch.zeros(2, layer.layout.num_kv_heads_per_rank, 8, cfg.head_size)
+    kc = torch.zeros(2, layer.head_layout.num_kv_heads_per_rank, 8, cfg.head_size)
     vc = torch.zeros_like(kc)
     x = torch.randn(2 * 5, 64)
     ours = layer(x, Step(new_lens=[5, 5]), cache)

@@ -20,18 +20,24 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+import benchlib
 import torch
 
 import tp_runtime
-from tp_runtime import ColumnLinear, NoComm, RowLinear, World
-from tp_runtime.backends import precompile
-from tp_runtime.batch.kv_cache import KVCache, PagedKVCache
-from tp_runtime.batch.step import Step
-from tp_runtime.config import AttentionConfig
-from tp_runtime.layers.attention import Attention
+from tp_runtime import (
+    Attention,
+    AttentionConfig,
+    ColumnLinear,
+    KVCache,
+    NoComm,
+    PagedKVCache,
+    RowLinear,
+    Step,
+    World,
+    precompile,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -62,21 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="then print launch/bench_tp.py's table for this machine (whole layer vs a torch.distributed layer)",
     )
     return parser.parse_args(argv)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn``, all of its GPU work included."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def check(world: World, name: str, got: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> None:
@@ -124,7 +115,7 @@ def run_linear_pair(world: World, args: argparse.Namespace, dtype: torch.dtype) 
         plain=linear(linear(t["x"], t["w1"], t["b1"]), t["w2"], t["b2"]),
         exact=linear(linear(exact["x"], exact["w1"], exact["b1"]), exact["w2"], exact["b2"]),
     )
-    seconds = median_seconds(step, dev, args.repeats)
+    seconds = benchlib.host_ms(step, args.repeats, device=dev, warmup=3, include_gpu=True) / 1e3  # wall time
     world.log.info(
         f"linear pair: [{args.tokens}, {hidden}] -> [{args.tokens}, {inner}] -> [{args.tokens}, {hidden}] "
         f"{str(dtype).removeprefix('torch.')}: median {seconds * 1e3:.3f} ms over {args.repeats} runs"
@@ -172,7 +163,7 @@ def run_attention_stack(world: World, args: argparse.Namespace, dtype: torch.dty
     max_seqs, block = 6, 16
     cache = PagedKVCache(
         config=cfg,
-        head_layout=ours[0].layout,
+        head_layout=ours[0].head_layout,
         num_layers=args.layers,
         num_blocks=48,
         block_size=block,
@@ -183,7 +174,7 @@ def run_attention_stack(world: World, args: argparse.Namespace, dtype: torch.dty
     )
     ref_cache = KVCache(
         config=ref_cfg,
-        head_layout=oracle[0].layout,
+        head_layout=oracle[0].head_layout,
         num_layers=args.layers,
         max_batch=max_seqs,
         max_seq_len=8 * block,

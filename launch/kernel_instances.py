@@ -6,7 +6,7 @@ Compiling a kernel source alone checks only what does not depend on its template
 errors in a particular variant show up only when it is instantiated. This unit is the family's
 source (from ``compile.FAMILIES``) plus the address of every variant of a covering set: each
 value of each parameter at least once, on top of the variant the CUDA backend picks by default
-(tile shapes from ``cuda.context_tiles``), skipping combinations the table's own rule rejects.
+(tile shapes from ``cuda_context.tile_shape``), skipping combinations the table's own rule rejects.
 ``launch/check_kernels`` compiles it for sm_80 and sm_90, so CI catches such errors without a GPU.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tp_runtime.backends import compile as kc  # noqa: E402
-from tp_runtime.backends.cuda import context_tiles  # noqa: E402
+from tp_runtime.backends.cuda_context import tile_shape  # noqa: E402
 from tp_runtime.resources import kernels_dir  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def _defaults(family: str, params: dict) -> dict:
     base = {name: next(iter(allowed)) for name, allowed in params.items()}
     base.update({k: v for k, v in {"head_size": 128, "heads": 4}.items() if k in params})
     if family == "context":
-        base.update(context_tiles(base["head_size"]))
+        base.update(tile_shape(base["head_size"]))
     return base
 
 
@@ -40,7 +40,7 @@ def covering_set(family: str) -> list[str]:
         for value in allowed:
             p = dict(base, **{name: value})
             if family == "context" and name == "head_size":
-                p.update(context_tiles(value))  # each head size with the tiles the backend picks for it
+                p.update(tile_shape(value))  # each head size with the tiles the backend picks for it
             try:
                 _, _, expr = kc._resolve(family, p)
             except NotImplementedError:

@@ -13,36 +13,20 @@ operation (torch.profiler, summed over the profiled steps and divided by their n
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tp_runtime
-from tp_runtime.batch.graphs import DecodeGraph
-from tp_runtime.batch.kv_cache import KVCache
-from tp_runtime.batch.step import Step
-from tp_runtime.distributed.world import init_torch_distributed
+from tp_runtime import DecodeGraph, KVCache, Step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tp import DECODE, MODELS, BaselineLayer, build, gpu_busy_ms, graph_splits, time_steps  # noqa: E402
+from bench_tp import DECODE, MODELS, BaselineLayer, build, graph_splits  # noqa: E402
+from benchlib import gpu_busy_ms, host_ms, init_torch_distributed, median_ms  # noqa: E402
 
 PROFILED_STEPS = 5
-
-
-def host_us(fn, repeats: int = 20) -> float:
-    """Median microseconds the host spends inside ``fn()`` (the GPU synchronized between calls)."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def op_tables(fn, top: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -71,7 +55,7 @@ def op_tables(fn, top: int) -> tuple[list[tuple[str, float]], list[tuple[str, fl
 def profile_case(model, world, group, batch: int, length: int, top: int) -> None:
     dev, dtype = world.device, torch.float16
     cfg, layer = build(model, world, dtype)
-    lay = layer.layout
+    lay = layer.head_layout
     cache = KVCache(config=cfg, head_layout=lay, num_layers=1, max_batch=batch, max_seq_len=length, device=dev)
     cache.data.normal_()
     past = length - 1
@@ -93,9 +77,9 @@ def profile_case(model, world, group, batch: int, length: int, top: int) -> None
         "baseline": lambda: base(xs[next(it) % 4], kc, vc, past, 1, batch),
     }
     for name, fn in variants.items():
-        ms = time_steps(fn, 20, dev)
+        ms = median_ms(fn, 20, device=dev)
         busy = gpu_busy_ms(fn)
-        host = host_us(fn)
+        host = host_ms(fn, 20, device=dev) * 1e3  # µs the host spends inside the call
         kernels, host_ops = op_tables(fn, top)
         if world.rank == 0:
             print(

@@ -19,11 +19,7 @@ import time
 import torch
 
 import tp_runtime
-from tp_runtime.backends import precompile
-from tp_runtime.batch.kv_cache import CacheCapacityError, KVCache, PagedKVCache
-from tp_runtime.batch.step import Step
-from tp_runtime.config import AttentionConfig
-from tp_runtime.layers.attention import Attention
+from tp_runtime import Attention, AttentionConfig, CacheCapacityError, KVCache, PagedKVCache, Step, precompile
 
 
 def parse_args(argv=None):
@@ -74,7 +70,7 @@ def main(argv=None) -> dict:
     max_seqs, block, blocks_per_seq = 16, 16, 16
     cache = PagedKVCache(
         config=cfg,
-        head_layout=layer.layout,
+        head_layout=layer.head_layout,
         num_layers=1,
         num_blocks=96,
         block_size=block,
@@ -136,7 +132,12 @@ def main(argv=None) -> dict:
             slot = slots[-1]
             tokens = torch.stack(live[slot]["tokens"]).to(dev, dtype)
             fresh = KVCache(
-                config=cfg, head_layout=layer.layout, num_layers=1, max_batch=1, max_seq_len=len(tokens), device=dev
+                config=cfg,
+                head_layout=layer.head_layout,
+                num_layers=1,
+                max_batch=1,
+                max_seq_len=len(tokens),
+                device=dev,
             )
             ref = oracle(tokens, Step(new_lens=[len(tokens)], device=dev), fresh)[-1]
             err = (out[-1].float() - ref.float()).abs().max().item()

@@ -136,42 +136,6 @@ def _self_test(comm, tp_comm: Communicator, device: torch.device) -> None:
     raise_if_any(comm, error, "tp_runtime.init: the start-up all-reduce checksum")
 
 
-def init_torch_distributed(world: World):
-    """Start torch.distributed over the same ranks, for baselines; returns this rank's TP group.
-
-    NCCL on CUDA, gloo on the CPU. Rank 0 picks a free port and shares its address over MPI
-    (127.0.0.1 when the whole job is on one node, else its host name or $MASTER_ADDR).
-    Collective: every rank calls it once, after init().
-    """
-    import socket
-
-    import torch.distributed as dist
-
-    address = None
-    if world.rank == 0:
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        host = "127.0.0.1" if world.local_size == world.size else os.environ.get("MASTER_ADDR", socket.gethostname())
-        address = (host, port)
-    from mpi4py import MPI
-
-    host, port = MPI.COMM_WORLD.bcast(address, root=0)
-    cuda = world.device.type == "cuda"
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://{host}:{port}",
-        rank=world.rank,
-        world_size=world.size,
-        device_id=world.device if cuda else None,
-    )
-    if world.tp_size == world.size:
-        return dist.group.WORLD
-    # new_group is collective over the whole world: every rank creates every TP group.
-    groups = [dist.new_group(list(range(k * world.tp_size, (k + 1) * world.tp_size))) for k in range(world.dp_size)]
-    return groups[world.dp_rank]
-
-
 def _device_request(device: str | None) -> str:
     request = device if device is not None else os.environ.get(DEVICE_ENV, "auto")
     if request not in _DEVICE_REQUESTS:

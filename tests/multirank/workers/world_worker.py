@@ -4,13 +4,17 @@ usage: world_worker.py [TP_SIZE]     (default: the whole world)
 """
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
 
 import tp_runtime
-from tp_runtime.distributed.world import cuda_unusable_reason, init_torch_distributed
+from tp_runtime.distributed.world import cuda_unusable_reason
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "launch"))
+from benchlib import init_torch_distributed  # noqa: E402
 
 
 def main() -> None:
