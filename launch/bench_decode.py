@@ -83,23 +83,23 @@ def copy_bandwidth(seconds: float) -> float:
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-def make_cache(b, kv_heads, length, kind: str, layout: str, block: int) -> LayerKV:
+def make_cache(b, kv_heads, length, cache_dtype: str, layout: str, block: int) -> LayerKV:
     """A filled cache for ``b`` sequences of ``length`` tokens (random values; paged: shuffled blocks)."""
-    storage = {"auto": torch.float16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[kind]
+    storage = {"auto": torch.float16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cache_dtype]
     if layout == "contiguous":
         shape = (b, 2, kv_heads, length, D)
     else:
         per_seq = -(-length // block)
         shape = (b * per_seq + 1, 2, kv_heads, block, D)
-    if kind == "int8":
+    if cache_dtype == "int8":
         data = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
     else:
         data = torch.randn(shape, dtype=torch.float16, device="cuda").to(storage)
-    dequant = {"auto": 1.0, "int8": 1.0 / 40, "fp8": 1.0 / 3}[kind]
+    dequant = {"auto": 1.0, "int8": 1.0 / 40, "fp8": 1.0 / 3}[cache_dtype]
     if layout == "contiguous":
-        return LayerKV(CacheLayout.contiguous, data, KVCacheDType(kind), dequant)
+        return LayerKV(CacheLayout.contiguous, data, KVCacheDType(cache_dtype), dequant)
     table = torch.randperm(shape[0], device="cuda")[: b * per_seq].to(torch.int32).reshape(b, per_seq)
-    return LayerKV(CacheLayout.paged, data, KVCacheDType(kind), dequant, table.contiguous())
+    return LayerKV(CacheLayout.paged, data, KVCacheDType(cache_dtype), dequant, table.contiguous())
 
 
 def n_sets(set_bytes: int) -> int:
@@ -109,8 +109,14 @@ def n_sets(set_bytes: int) -> int:
 def measure(case: dict, args, baselines: bool) -> dict:
     """Time ours (and the SDPA baselines) on one configuration; returns the row."""
     h, kv_heads = HEADS[case["heads"]]
-    b, length, kind, layout, block = case["batch"], case["context"], case["kv"], case["layout"], case.get("block", 0)
-    elem = 2 if kind == "auto" else 1
+    b, length, cache_dtype, layout, block = (
+        case["batch"],
+        case["context"],
+        case["kv"],
+        case["layout"],
+        case.get("block", 0),
+    )
+    elem = 2 if cache_dtype == "auto" else 1
     kv_bytes = 2 * b * kv_heads * length * D * elem
     row = dict(case, kv_bytes=kv_bytes)
     sets = n_sets(kv_bytes)
@@ -118,7 +124,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(D))
     ids = list(range(b))
 
-    caches = [make_cache(b, kv_heads, length, kind, layout, block) for _ in range(sets)]
+    caches = [make_cache(b, kv_heads, length, cache_dtype, layout, block) for _ in range(sets)]
     qs = [torch.randn(b, h, D, device="cuda", dtype=torch.float16) for _ in range(sets)]
     outs = [torch.empty_like(q) for q in qs]
     lses = [torch.empty(b, h, device="cuda") for _ in range(sets)]
@@ -144,7 +150,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
     row["host_us"] = (time.perf_counter() - t0) / 50 * 1e6  # launcher wall time per call (queue not full)
     torch.cuda.synchronize()
 
-    if baselines and kind == "auto" and layout == "contiguous":
+    if baselines and cache_dtype == "auto" and layout == "contiguous":
         del caches
         ks = [torch.randn(b, kv_heads, length, D, device="cuda", dtype=torch.float16) for _ in range(sets)]
         vs = [torch.randn(b, kv_heads, length, D, device="cuda", dtype=torch.float16) for _ in range(sets)]
@@ -202,8 +208,10 @@ def cases(quick: bool) -> list[dict]:
                 )
     for heads in HEADS:
         for b, length in ((16, 8192), (4, 32768)):
-            for kind in ("int8", "fp8"):
-                out.append(dict(group="quant", heads=heads, batch=b, context=length, kv=kind, layout="contiguous"))
+            for cache_dtype in ("int8", "fp8"):
+                out.append(
+                    dict(group="quant", heads=heads, batch=b, context=length, kv=cache_dtype, layout="contiguous")
+                )
     for heads in HEADS:  # one long sequence: time against the split count (the heuristic's data)
         for force in (4, 8, 16, 32, 64):
             out.append(

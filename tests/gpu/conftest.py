@@ -71,7 +71,7 @@ def poisoned(shape, storage: torch.dtype, device) -> torch.Tensor:
 def make_kv(
     *,
     layout: str,
-    kind: str,
+    cache_dtype: str,
     dtype: torch.dtype,
     kv_heads: int,
     head_size: int,
@@ -89,19 +89,19 @@ def make_kv(
     from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.config import KVCacheDType
 
-    kv_kind = KVCacheDType(kind)
-    storage = kv_kind.storage_dtype(dtype)
+    kv_dtype = KVCacheDType(cache_dtype)
+    storage = kv_dtype.storage_dtype(dtype)
     dequant = 1.0
-    if kv_kind is KVCacheDType.int8:
+    if kv_dtype is KVCacheDType.int8:
         dequant = scale / 127.0
-    elif kv_kind is KVCacheDType.fp8:
+    elif kv_dtype is KVCacheDType.fp8:
         dequant = scale / 448.0
     n_rows = max(slots) + 2
     capacity = tuple(max(c, n) for c, n in zip(capacity or lengths, lengths, strict=True))
     if layout == "contiguous":
         s_max = max(max(capacity), 1) + 5
         data = poisoned((n_rows, 2, kv_heads, s_max, head_size), storage, device)
-        kv = LayerKV(CacheLayout.contiguous, data, kv_kind, dequant)
+        kv = LayerKV(CacheLayout.contiguous, data, kv_dtype, dequant)
     else:
         need = [-(-n // block_size) for n in capacity]
         n_blocks = sum(need) + 3
@@ -112,7 +112,7 @@ def make_kv(
             table[slot, :k] = torch.tensor(perm[at : at + k], dtype=torch.int32)
             at += k
         data = poisoned((n_blocks, 2, kv_heads, block_size, head_size), storage, device)
-        kv = LayerKV(CacheLayout.paged, data, kv_kind, dequant, table.to(device))
+        kv = LayerKV(CacheLayout.paged, data, kv_dtype, dequant, table.to(device))
     total = sum(lengths)
     if total:
         k = (torch.randn(total, kv_heads, head_size, device=device) * scale / 3).to(dtype)

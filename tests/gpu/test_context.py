@@ -120,7 +120,7 @@ def test_context_kernel(case, gpu, poison_outputs):
     lengths = step.encoder_lens if spec.cross else step.total_lens
     kv = gpu.make_kv(
         layout=layout,
-        kind=cache,
+        cache_dtype=cache,
         dtype=dtype,
         kv_heads=kv_h,
         head_size=d,
@@ -146,7 +146,7 @@ def test_tile_shapes(i, gpu, poison_outputs, monkeypatch):
     step = Step(new_lens=[300, 1, 77, 520], past_lens=[0, 40, 600, 3], slots=(3, 0, 1, 2), device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(d))
     kv = gpu.make_kv(
-        layout="paged", kind="auto", dtype=dtype, kv_heads=2, head_size=d, slots=step.slots,
+        layout="paged", cache_dtype="auto", dtype=dtype, kv_heads=2, head_size=d, slots=step.slots,
         lengths=step.total_lens, block_size=16,
     )  # fmt: skip
     q = torch.randn(step.num_tokens, 4, d, device="cuda").to(dtype)
@@ -162,7 +162,7 @@ def test_context_repeatable_and_layer_reuse(gpu):
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=0.125)
     kv = gpu.make_kv(
         layout="contiguous",
-        kind="auto",
+        cache_dtype="auto",
         dtype=F16,
         kv_heads=4,
         head_size=128,
@@ -191,7 +191,13 @@ def test_beam_context_with_past_raises(gpu):
     step = Step(new_lens=[2, 2], past_lens=[3, 3], beam_width=2, cache_indirection=ind, device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=0.125)
     kv = gpu.make_kv(
-        layout="contiguous", kind="auto", dtype=F16, kv_heads=2, head_size=64, slots=step.slots, lengths=step.total_lens
+        layout="contiguous",
+        cache_dtype="auto",
+        dtype=F16,
+        kv_heads=2,
+        head_size=64,
+        slots=step.slots,
+        lengths=step.total_lens,
     )
     with pytest.raises(NotImplementedError, match="beam"):
         context_all(torch.randn(4, 2, 64, device="cuda").to(F16), kv, step, spec)
@@ -205,7 +211,7 @@ def test_attend_mixed_step_with_decode(gpu, poison_outputs):
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(128))
     kv = gpu.make_kv(
         layout="paged",
-        kind="auto",
+        cache_dtype="auto",
         dtype=BF16,
         kv_heads=2,
         head_size=128,

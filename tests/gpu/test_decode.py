@@ -57,14 +57,16 @@ def spec_for(d, **kw):
     return AttentionSpec(softmax_scale=1.0 / math.sqrt(d), **kw)
 
 
-def setup(gpu, *, lengths, h_r=8, kv_r=2, d=128, dtype=torch.float16, layout="contiguous", kind="auto", block=16):
+def setup(
+    gpu, *, lengths, h_r=8, kv_r=2, d=128, dtype=torch.float16, layout="contiguous", cache_dtype="auto", block=16
+):
     """Generation step with ``lengths[i]`` keys per sequence (past = length − 1), its cache and q."""
     n = len(lengths)
     slots = tuple(int(s) for s in torch.randperm(n + 2)[:n])
     step = Step(new_lens=(1,) * n, past_lens=tuple(x - 1 for x in lengths), slots=slots, device=DEV)
     kv = gpu.make_kv(
         layout=layout,
-        kind=kind,
+        cache_dtype=cache_dtype,
         dtype=dtype,
         kv_heads=kv_r,
         head_size=d,
@@ -111,7 +113,13 @@ def test_paged_equals_contiguous(gpu, dtype, d, heads, block):
     gpu.check_attention(out_p, lse_p, q, kv_p, step, spec, what=f"paged P={block}")
     # the same K/V in a contiguous cache: the kernel does the same arithmetic, so equal bit for bit
     kv_c = gpu.make_kv(
-        layout="contiguous", kind="auto", dtype=dtype, kv_heads=kv_r, head_size=d, slots=step.slots, lengths=lengths
+        layout="contiguous",
+        cache_dtype="auto",
+        dtype=dtype,
+        kv_heads=kv_r,
+        head_size=d,
+        slots=step.slots,
+        lengths=lengths,
     )
     for i, (slot, n) in enumerate(zip(step.slots, lengths, strict=True)):
         from tp_runtime.backends.reference import read_kv
@@ -126,20 +134,20 @@ def test_paged_equals_contiguous(gpu, dtype, d, heads, block):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("cache_dtype", ["int8", "fp8"])
 @pytest.mark.parametrize("d,heads", [(128, (8, 2)), (64, (4, 4)), (256, (8, 2))], ids=["d128-gqa4", "d64-mha", "d256"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_quantized_cache(gpu, dtype, d, heads, kind, layout):
+def test_quantized_cache(gpu, dtype, d, heads, cache_dtype, layout):
     """int8/fp8 against the reference, which dequantizes exactly (stored · dequant_scale in fp32)."""
     torch.manual_seed(7)
     h_r, kv_r = heads
     step, kv, q = setup(
-        gpu, lengths=(1, 7, 97, 1025, 300), h_r=h_r, kv_r=kv_r, d=d, dtype=dtype, layout=layout, kind=kind
+        gpu, lengths=(1, 7, 97, 1025, 300), h_r=h_r, kv_r=kv_r, d=d, dtype=dtype, layout=layout, cache_dtype=cache_dtype
     )
     spec = spec_for(d)
     for splits in (None, 4):
         out, lse = run(q, kv, step, spec, splits=splits)
-        gpu.check_attention(out, lse, q, kv, step, spec, what=f"{kind} {layout} splits={splits}")
+        gpu.check_attention(out, lse, q, kv, step, spec, what=f"{cache_dtype} {layout} splits={splits}")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
@@ -161,7 +169,7 @@ def test_beam_indirection(gpu, layout):
         device=DEV,
     )
     kv = gpu.make_kv(
-        layout=layout, kind="auto", dtype=torch.float16, kv_heads=kv_r, head_size=d, slots=slots, lengths=lengths
+        layout=layout, cache_dtype="auto", dtype=torch.float16, kv_heads=kv_r, head_size=d, slots=slots, lengths=lengths
     )
     q = torch.randn(len(slots), h_r, d, device=DEV).half()
     spec = spec_for(d)
@@ -256,7 +264,7 @@ def test_cross_attention(gpu, layout):
     slots = (3, 0, 2, 1)
     step = Step(new_lens=(1,) * n, past_lens=(0, 3, 5, 9), slots=slots, encoder_lens=enc, device=DEV)
     kv = gpu.make_kv(
-        layout=layout, kind="auto", dtype=torch.bfloat16, kv_heads=2, head_size=128, slots=slots, lengths=enc
+        layout=layout, cache_dtype="auto", dtype=torch.bfloat16, kv_heads=2, head_size=128, slots=slots, lengths=enc
     )
     q = torch.randn(n, 8, 128, device=DEV).bfloat16()
     spec = spec_for(128, mask=AttentionMaskType.padding, cross=True)
@@ -284,7 +292,13 @@ def test_through_cuda_attend(gpu, poison_outputs):
     step = Step(new_lens=new, past_lens=past, device=DEV)
     lengths = tuple(p + n for p, n in zip(past, new, strict=True))
     kv = gpu.make_kv(
-        layout="paged", kind="auto", dtype=torch.float16, kv_heads=2, head_size=128, slots=step.slots, lengths=lengths
+        layout="paged",
+        cache_dtype="auto",
+        dtype=torch.float16,
+        kv_heads=2,
+        head_size=128,
+        slots=step.slots,
+        lengths=lengths,
     )
     q = torch.randn(step.num_tokens, 8, 128, device=DEV).half()
     spec = spec_for(128)

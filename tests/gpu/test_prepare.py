@@ -101,7 +101,7 @@ def test_prepare_kernel(case, new_kind, gpu, poison_outputs):
     if layout != "none":
         base = gpu.make_kv(
             layout=layout,
-            kind=cache,
+            cache_dtype=cache,
             dtype=dtype,
             kv_heads=kv_h,
             head_size=d,
