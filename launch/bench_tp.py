@@ -179,6 +179,7 @@ def bench_case(
         cache = KVCache(config=cfg, head_layout=lay, num_layers=1, max_batch=batch, max_seq_len=length, device=dev)
     cache.data.normal_()  # cached past: random, never zeros
     step = Step(new_lens=[new] * batch, past_lens=[past] * batch, device=dev)
+    cache.set_written(step.slots, step.past_lens)  # the random past stands for written positions
     if paged:
         cache.reserve(step)
     xs = [torch.randn(batch * new, model.hidden, device=dev, dtype=dtype) for _ in range(4)]

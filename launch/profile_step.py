@@ -60,6 +60,7 @@ def profile_case(model, world, group, batch: int, length: int, top: int) -> None
     cache.data.normal_()
     past = length - 1
     step = Step(new_lens=[1] * batch, past_lens=[past] * batch, device=dev)
+    cache.set_written(step.slots, step.past_lens)  # the random past stands for written positions
     xs = [torch.randn(batch, model.hidden, device=dev, dtype=dtype) for _ in range(4)]
     it = iter(range(1 << 30))
     sms = torch.cuda.get_device_properties(dev).multi_processor_count

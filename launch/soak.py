@@ -91,7 +91,10 @@ def main(argv=None) -> dict:
         # sequence (finish it early, as a scheduler would) until the rest fit.
         while live:
             try:
-                cache.allocator.reserve({slot: len(seq["tokens"]) + 1 for slot, seq in live.items()})
+                grow = [(slot, len(seq["tokens"])) for slot, seq in live.items()]
+                cache.reserve(
+                    Step(new_lens=[1] * len(grow), past_lens=[n for _, n in grow], slots=[s for s, _ in grow])
+                )
                 break
             except CacheCapacityError:
                 victim = max(live, key=lambda s: len(live[s]["tokens"]))
@@ -110,7 +113,7 @@ def main(argv=None) -> dict:
             prompt = rng.randint(1, 48)
             slot = rng.choice(free_slots)
             try:
-                cache.allocator.reserve({slot: prompt})
+                cache.reserve(Step(new_lens=[prompt], slots=[slot]))
             except CacheCapacityError:
                 stats["deferred"] += 1  # back-pressure: try again at a later step
             else:

@@ -307,6 +307,8 @@ def test_capacities_agree_with_check_step():
         config=c, head_layout=lay, num_layers=1, num_blocks=6, block_size=4, max_seqs=4, max_blocks_per_seq=3
     )
     paged.reserve(Step(new_lens=[5, 2], slots=[0, 2]))  # slot 0: 2 blocks, slot 2: 1, slots 1 and 3: none
+    contiguous.set_written([0, 1, 2], [9] * 3)  # capacity alone is under test: every past is held
+    paged.set_written([0, 1, 2, 3], [9] * 4)
     assert contiguous.capacities([0, 2, 3, -1]).tolist() == [6, 6, 0, 0]
     assert paged.capacities([0, 1, 2, 3]).tolist() == [8, 0, 4, 0]
     for cache, slots in ((contiguous, [0, 1, 2, 3]), (paged, [0, 1, 2, 3])):

@@ -61,6 +61,7 @@ class DecodeGraph:
             raise ValueError(f"DecodeGraph: CUDA graphs need a CUDA device, got {self.device}")
         self.forward, self.config, self.cache, self.warmup = forward, config, cache, warmup
         self.slots = tuple(int(s) for s in slots)
+        self._slots = np.asarray(self.slots, dtype=np.int64)
         if not self.slots:
             raise ValueError("DecodeGraph: slots must name at least one sequence")
         n = len(self.slots)
@@ -95,19 +96,25 @@ class DecodeGraph:
         if self.graph is None:
             self.x.copy_(x)
             return self._capture(past.tolist())
-        # The graph does not run the layers' host-side checks: the cache's capacity is checked here
-        # (check_step only to raise its message).
+        # The graph does not run the layers' host-side checks: the cache's capacity and what each slot
+        # holds are checked here, vectorized (check_step only to raise its message).
         total = past + 1
         if self._capacity_version != self.cache.version:
             self._capacity = self.cache.capacities(self.slots)
             self._capacity_version = self.cache.version
-        if (total > self._capacity).any():
-            self.cache.check_step(self.step, tuple(total.tolist()))
+        cache = self.cache
+        if (
+            (total > self._capacity).any()
+            or (past > cache.written[self._slots]).any()
+            or cache.freed[self._slots].any()
+        ):
+            cache.check_step(self.step, tuple(total.tolist()), tuple(past.tolist()))
         self._copied.synchronize()
         Step.fill_decode_lengths(self._rows, past)
         if x.data_ptr() != self.x.data_ptr():  # callers may write the input into ``graph.x`` directly
             self.x.copy_(x)
         self.graph.replay()
+        cache.written[self._slots] = np.maximum(cache.written[self._slots], total)
         return self.out
 
     def _capture(self, past: list[int]) -> torch.Tensor:

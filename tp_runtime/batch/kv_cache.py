@@ -35,6 +35,11 @@ class CacheCapacityError(ValueError):
     """A step needs more cache than there is; raised before anything is written."""
 
 
+class CacheStateError(ValueError):
+    """A step would read cache positions its slot never received (a past longer than what was
+    written, a freed slot used without ``reserve``); raised before anything is written."""
+
+
 @dataclass(frozen=True)
 class LayerKV:
     """One layer's view of a cache: what the backends read and write."""
@@ -67,18 +72,103 @@ class LayerKV:
 
 
 class _CacheBase:
-    """What contiguous and paged caches share: dtype, scales, per-layer views.
+    """What contiguous and paged caches share: dtype, scales, per-layer views, and the slot life cycle.
 
-    ``check_step(step)`` raises ``CacheCapacityError`` before any write if the step does not fit;
-    ``check_step_once`` does the same once per (step, cache state), for all layers of the step.
+    Slot life cycle, the same on both caches: ``reserve(step)`` makes room for the step's sequences
+    (and starts a sequence on a freed slot), the layers write the step, ``free(slot)`` ends the
+    sequence (its positions are forgotten). The cache tracks on the host how many positions of each
+    slot were written (``written``). ``check_step(step)`` raises before any write if the step does
+    not fit (``CacheCapacityError``) or would read what the slot does not hold (``CacheStateError``:
+    a past longer than what was written, a freed slot not reserved again); ``check_step_once`` does
+    so once per step for all layers, and records what the step writes.
     """
 
-    def check_step_once(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
+    num_slots: int
+
+    def _init_slots(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.written = np.zeros(num_slots, dtype=np.int64)  # positions written per slot (host)
+        self.freed = np.zeros(num_slots, dtype=bool)  # freed and not reserved since
+
+    def reserve(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
+        """Make room for every sequence of ``step`` to reach its length after the step (all or
+        nothing); a freed slot starts a new sequence here."""
         lengths = step.total_lens if lengths is None else lengths
-        state = (id(self), self.version, lengths)
-        if state not in step.capacity_checked:
-            self.check_step(step, lengths)
-            step.capacity_checked.add(state)
+        self._check_slots(step.slots)
+        self._grow(dict(zip(step.slots, lengths, strict=True)))
+        self.freed[list(step.slots)] = False
+
+    def free(self, slot: int) -> None:
+        """End the sequence in ``slot``: its positions are forgotten (and a paged slot's blocks go back
+        to the pool); a step on it needs ``reserve`` first."""
+        self._check_slots((slot,))
+        self._release(slot)
+        self.written[slot] = 0
+        self.freed[slot] = True
+
+    def set_written(self, slots, lengths) -> None:
+        """Declare that ``slots`` hold ``lengths`` positions written by other means than a step (a
+        restored cache, a benchmark filling ``data`` directly)."""
+        slots = tuple(int(x) for x in slots)
+        self._check_slots(slots)
+        self.written[list(slots)] = np.asarray(lengths, dtype=np.int64)
+
+    def _check_slots(self, slots) -> None:
+        bad = [x for x in slots if not 0 <= x < self.num_slots]
+        if bad:
+            raise CacheCapacityError(f"slot {bad[0]}: the cache has {self.num_slots} slots")
+
+    def check_step(self, step: Step, lengths: tuple[int, ...] | None = None, past: tuple[int, ...] | None = None):
+        """Raise before any write unless every sequence fits (``lengths``, default its length after the
+        step) and its slot holds its ``past`` positions (default ``step.past_lens``)."""
+        lengths = step.total_lens if lengths is None else lengths
+        past = step.past_lens if past is None else past
+        self._check_slots(step.slots)
+        self._check_capacity(step, lengths)
+        slots = np.asarray(step.slots, dtype=np.int64)
+        freed = self.freed[slots]
+        if freed.any():
+            slot = int(slots[freed.argmax()])
+            raise CacheStateError(f"slot {slot} was freed: call reserve(step) to start a new sequence there")
+        held = self.written[slots]
+        if step.beam_width > 1:  # a beam reads its past through the indirection: from any beam of its entry
+            w = step.beam_width
+            held = np.array([self.written[(x // w) * w : (x // w + 1) * w].max() for x in step.slots])
+        short = np.asarray(past, dtype=np.int64) > held
+        if short.any():
+            i = int(short.argmax())
+            raise CacheStateError(
+                f"slot {step.slots[i]}: the step says past_lens={past[i]}, the slot holds {int(held[i])} written "
+                "positions (a new sequence starts at past 0; a freed slot forgets its positions)"
+            )
+
+    def check_step_once(self, step: Step, lengths: tuple[int, ...] | None = None, past=None) -> None:
+        """``check_step`` once per step and cache (every layer of the step shares it), then record the
+        positions the step writes."""
+        lengths = step.total_lens if lengths is None else lengths
+        key = (id(self), self.version, lengths)
+        if key in step.capacity_checked:
+            return
+        self.check_step(step, lengths, past)
+        slots = list(step.slots)
+        self.written[slots] = np.maximum(self.written[slots], np.asarray(lengths, dtype=np.int64))
+        step.capacity_checked.add(key)
+
+    def check_read_once(self, step: Step, lengths: tuple[int, ...], what: str) -> None:
+        """Raise ``CacheStateError`` unless each slot of ``step`` holds ``lengths`` written positions (a
+        step that only reads the cache: cross attention after its first decoder step)."""
+        key = (id(self), self.version, lengths, "read")
+        if key in step.capacity_checked:
+            return
+        self._check_slots(step.slots)
+        held = self.written[np.asarray(step.slots, dtype=np.int64)]
+        short = np.asarray(lengths, dtype=np.int64) > held
+        if short.any():
+            i = int(short.argmax())
+            raise CacheStateError(
+                f"slot {step.slots[i]}: {what} reads {lengths[i]} positions, the slot holds {int(held[i])}"
+            )
+        step.capacity_checked.add(key)
 
     def __init__(self, config: AttentionConfig, layout: HeadLayout, num_layers: int, scales, device):
         self.config, self.head_layout, self.num_layers = config, layout, num_layers
@@ -127,6 +217,7 @@ class KVCache(_CacheBase):
         super().__init__(config, head_layout, num_layers, scales, device)
         kv_r, d = self._shape_tail()
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self._init_slots(max_batch)
         self.data = torch.zeros(
             num_layers, max_batch, 2, kv_r, max_seq_len, d, dtype=self.storage_dtype, device=self.device
         )
@@ -143,16 +234,22 @@ class KVCache(_CacheBase):
         s = np.asarray(slots, dtype=np.int64)
         return np.where((s >= 0) & (s < self.max_batch), self.max_seq_len, 0)
 
-    def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
-        """Raise ``CacheCapacityError`` (before any write) if a sequence would not fit."""
-        lengths = step.total_lens if lengths is None else lengths
+    def _check_capacity(self, step: Step, lengths: tuple[int, ...]) -> None:
         for slot, n in zip(step.slots, lengths, strict=True):
-            if slot >= self.max_batch:
-                raise CacheCapacityError(f"slot {slot}: the cache has {self.max_batch} slots (max_batch)")
             if n > self.max_seq_len:
                 raise CacheCapacityError(
                     f"slot {slot}: needs {n} cached tokens, the cache holds max_seq_len={self.max_seq_len}"
                 )
+
+    def _grow(self, lengths: dict[int, int]) -> None:
+        for slot, n in lengths.items():
+            if n > self.max_seq_len:
+                raise CacheCapacityError(
+                    f"slot {slot}: needs {n} cached tokens, the cache holds max_seq_len={self.max_seq_len}"
+                )
+
+    def _release(self, slot: int) -> None:
+        """A contiguous slot keeps its rows; only the bookkeeping forgets them."""
 
 
 class BlockAllocator:
@@ -242,6 +339,7 @@ class PagedKVCache(_CacheBase):
         kv_r, d = self._shape_tail()
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks, block_size, max_seqs, max_blocks_per_seq, self.device)
+        self._init_slots(max_seqs)
         self.data = torch.zeros(
             num_layers, num_blocks, 2, kv_r, block_size, d, dtype=self.storage_dtype, device=self.device
         )
@@ -253,19 +351,17 @@ class PagedKVCache(_CacheBase):
     def version(self) -> int:
         return self.allocator.version
 
-    def reserve(self, step: Step) -> None:
-        """Grow every sequence of ``step`` to its length after the step (all or nothing)."""
-        self.allocator.reserve(dict(zip(step.slots, step.total_lens, strict=True)))
+    def _grow(self, lengths: dict[int, int]) -> None:
+        self.allocator.reserve(lengths)
 
-    def free(self, slot: int) -> None:
+    def _release(self, slot: int) -> None:
         self.allocator.free(slot)
 
     def capacities(self, slots) -> np.ndarray:
         """Tokens each of ``slots`` can hold with the blocks it owns now (see ``KVCache.capacities``)."""
         return np.array([self.allocator.capacity(int(s)) for s in slots], dtype=np.int64)
 
-    def check_step(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
-        lengths = step.total_lens if lengths is None else lengths
+    def _check_capacity(self, step: Step, lengths: tuple[int, ...]) -> None:
         for slot, n in zip(step.slots, lengths, strict=True):
             if n > self.allocator.capacity(slot):
                 raise CacheCapacityError(

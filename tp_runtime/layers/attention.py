@@ -12,7 +12,7 @@ import torch
 
 from ..backends import get_backend
 from ..backends.base import AttentionDesc, AttentionSpec, ScoreBias
-from ..batch.kv_cache import CacheLayout, KVCache, LayerKV, PagedKVCache
+from ..batch.kv_cache import CacheCapacityError, CacheLayout, KVCache, LayerKV, PagedKVCache
 from ..batch.step import Step, padding_to_packed
 from ..config import (
     AttentionConfig,
@@ -331,7 +331,15 @@ class Attention(_AttentionBase):
                         f"encoder_output: expected [{sum(enc)} (sum of step.encoder_lens), {c.hidden_size}], "
                         f"got {tuple(encoder_output.shape)}"
                     )
-                kv_cache.check_step_once(step, enc)
+                try:  # the encoder's tokens are written from position 0
+                    kv_cache.check_step_once(step, enc, past=(0,) * len(enc))
+                except CacheCapacityError as e:
+                    raise CacheCapacityError(
+                        f"{e}; a cross-attention cache holds the encoder's positions: "
+                        "cache.reserve(step.encoder_step()) makes room for them"
+                    ) from None
+            else:
+                kv_cache.check_read_once(step, enc, "cross attention (encoder_output given on an earlier step)")
         else:
             if encoder_output is not None:
                 raise ValueError("encoder_output: only for cross-attention layers (config.cross_attention=True)")
