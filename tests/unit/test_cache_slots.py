@@ -144,3 +144,50 @@ def test_set_written_declares_positions_filled_by_other_means():
     cache.set_written([0, 1], [9, 4])
     layer(_x(2, 11), step, cache)
     assert cache.written[:2].tolist() == [10, 5]
+
+
+# ---- inputs that would be silently misread -------------------------------------------------------
+def _bert():
+    from tp_runtime import BertAttention
+
+    cfg = AttentionConfig(hidden_size=HIDDEN, num_heads=2, mask_type="padding")
+    layer = BertAttention(cfg, comm=NoComm())
+    g = torch.Generator().manual_seed(5)
+    layer.load_weights(
+        qkv_weight=torch.randn(cfg.qkv_size, HIDDEN, generator=g) / 4,
+        dense_weight=torch.randn(HIDDEN, HIDDEN, generator=g) / 4,
+        qkv_bias=torch.randn(cfg.qkv_size, generator=g),
+        dense_bias=torch.randn(HIDDEN, generator=g),
+    )
+    return layer
+
+
+def test_mask_with_a_hole_is_refused():
+    cfg, layer = _layer()
+    cache = _cache("contiguous", cfg)
+    x = torch.randn(2, 4, HIDDEN)
+    holed = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]])
+    with pytest.raises(ValueError, match=r"row 0 is \[1, 0, 1, 1\]: its real tokens must be one run"):
+        layer(x, Step(new_lens=[3, 2]), cache, attention_mask=holed)
+    assert (cache.written == 0).all()
+    with pytest.raises(ValueError, match="row 0 is"):
+        _bert()(x, attention_mask=holed)
+
+
+def test_bert_takes_left_and_right_padding_and_empty_rows():
+    """Each padded row equals that sequence run alone (packed); a row of padding gives zeros, and so do
+    the padding positions."""
+    layer = _bert()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 5, HIDDEN, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 1, 0, 0]])
+    out = layer(x, attention_mask=mask)
+    for row in range(4):
+        real = mask[row].bool()
+        if real.any():
+            alone = layer(x[row][real], [int(real.sum())])
+            torch.testing.assert_close(out[row][real], alone)
+        assert (out[row][~real] == 0).all()
+    with pytest.raises(ValueError, match="input_lengths"):
+        layer(x, [3, 4, 1, 2], attention_mask=mask)  # lengths that disagree with the mask
+    assert (layer(x, attention_mask=torch.zeros(4, 5, dtype=torch.long)) == 0).all()

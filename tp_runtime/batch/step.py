@@ -236,8 +236,20 @@ class Step:
 
 def padding_to_packed(mask: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``mask [B, S]`` (1 = real token, padded on either side) -> flat token indices ``[T]`` and
-    the per-sequence lengths; ``padded.flatten(0, 1)[idx]`` is the packed batch."""
+    the per-sequence lengths; ``padded.flatten(0, 1)[idx]`` is the packed batch.
+
+    Each row's real tokens must be one run (left, right or both-sided padding): a row with a hole
+    (``[1, 0, 1, 1]``) raises, since packing it would silently join its pieces and shift positions."""
     if mask.dim() != 2:
         raise ValueError(f"attention_mask: expected shape [batch, seq_len], got {tuple(mask.shape)}")
     m = mask.bool()
+    starts = m.clone()
+    starts[:, 1:] &= ~m[:, :-1]  # a real token whose left neighbour is padding starts a run
+    holes = starts.sum(1) > 1
+    if bool(holes.any()):
+        row = int(holes.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask: row {row} is {m[row].int().tolist()}: its real tokens must be one run "
+            "(padding on the left, the right or both), not split by padding"
+        )
     return m.flatten().nonzero().squeeze(1), tuple(int(x) for x in m.sum(1).tolist())

@@ -377,23 +377,74 @@ class BertAttention(_AttentionBase):
         return LayerKV(CacheLayout.contiguous, data, KVCacheDType.auto, 1.0)
 
     def forward(
-        self, hidden_states: torch.Tensor, input_lengths, *, position_bias: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        input_lengths=None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        lengths = input_lengths.tolist() if isinstance(input_lengths, torch.Tensor) else list(input_lengths)
-        step = Step(new_lens=lengths, device=self.device)
-        x, idx = self._pack(hidden_states, step, None)
+        """``hidden_states`` packed ``[T, hidden]`` with ``input_lengths``, or padded ``[B, S, hidden]``
+        with ``attention_mask [B, S]`` (1 = real token, padding on either side) or right-padded to
+        ``input_lengths``. A sequence of length 0 (a row of padding) gets zeros."""
+        c = self.config
+        _check_tensor("hidden_states", hidden_states, dtype=c.dtype, device=self.device, last=c.hidden_size)
+        lengths = None
+        if input_lengths is not None:
+            lengths = tuple(input_lengths.tolist() if isinstance(input_lengths, torch.Tensor) else input_lengths)
+        x, idx, lengths = self._pack_encoder(hidden_states, lengths, attention_mask)
+        real = tuple(n for n in lengths if n > 0)
+        if not real:  # nothing but padding: every output row is zero
+            return torch.zeros_like(hidden_states)
+        step = Step(new_lens=real, device=self.device)
         kv = self._step_kv(step.num_seqs, max(step.new_lens))
         q = self.backend.prepare(
             self.qkv(x, with_bias=False),
             self.qkv.bias,
             step,
             head_layout=self.head_layout,
-            head_size=self.config.head_size,
+            head_size=c.head_size,
             rope=None,
             kv=kv,
         )
         ctx, _ = self.backend.attend(q, kv, step, self._spec(step, cross=False, position_bias=position_bias))
         return self._finish(ctx, hidden_states.shape, idx)
+
+    def _pack_encoder(self, hidden: torch.Tensor, lengths, attention_mask):
+        """-> packed ``[T, hidden]``, the flat indices to unpack (None when packed) and the lengths."""
+        if lengths is not None:
+            bad = [n for n in lengths if not isinstance(n, int) or n < 0]
+            if bad:
+                raise ValueError(f"input_lengths: expected ints >= 0, got {list(lengths)}")
+        if hidden.dim() == 2:
+            if attention_mask is not None:
+                raise ValueError("attention_mask: only for padded [batch, seq_len, hidden] input, got packed input")
+            if lengths is None:
+                raise ValueError("input_lengths: required with packed [tokens, hidden] input, got None")
+            if sum(lengths) != hidden.shape[0]:
+                raise ValueError(
+                    f"hidden_states: expected {sum(lengths)} packed tokens (sum of input_lengths), "
+                    f"got {hidden.shape[0]}"
+                )
+            return hidden, None, lengths
+        b, s, _ = hidden.shape
+        if attention_mask is None:
+            if lengths is None:
+                raise ValueError("attention_mask or input_lengths: padded input needs one of them, got neither")
+            if len(lengths) != b or max(lengths) > s:
+                raise ValueError(f"input_lengths: expected {b} lengths <= seq_len {s}, got {list(lengths)}")
+            attention_mask = (
+                torch.arange(s, device=hidden.device)[None, :] < torch.tensor(lengths, device=hidden.device)[:, None]
+            )
+        elif tuple(attention_mask.shape) != (b, s):
+            raise ValueError(f"attention_mask: expected shape {(b, s)}, got {tuple(attention_mask.shape)}")
+        idx, mask_lengths = padding_to_packed(attention_mask.to(hidden.device))
+        if lengths is not None and tuple(lengths) != mask_lengths:
+            raise ValueError(
+                f"input_lengths: {list(lengths)} differ from the attention_mask's real tokens per row "
+                f"{list(mask_lengths)}"
+            )
+        return hidden.reshape(b * s, -1).index_select(0, idx), idx, mask_lengths
 
 
 def precompile(layers, local_comm=None) -> None:
