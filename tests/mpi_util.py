@@ -1,4 +1,5 @@
-"""Run a script on N MPI ranks from a test, the way a user would: through launch/tp_run.
+"""Run a script on N MPI ranks from a test, the way a user would: through launch/tp_run, or
+(``plain=True``) through a bare ``mpirun python script.py``.
 
 mpirun starts in a new session, so on timeout the whole job (mpirun, its daemons, every
 rank) can be killed and the test fails with what the job printed, instead of a hung
@@ -9,9 +10,11 @@ puts each rank in a process group of its own (same session), so the session is k
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +46,25 @@ def _gpus() -> int:
     return torch.cuda.device_count() if cuda_unusable_reason() is None else 0
 
 
+def _plain_mpirun(nprocs: int) -> list[str]:
+    """``mpirun -n N`` as a user types it (plus what Open MPI needs to run on a small CI machine)."""
+    mpirun = shutil.which("mpirun") or os.path.join(sysconfig.get_path("scripts"), "mpirun")
+    command = [mpirun, "-n", str(nprocs)]
+    if "Open MPI" in subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout:
+        command += ["--oversubscribe", "--bind-to", "none"]
+    return command
+
+
 def run_mpi(
-    nprocs: int, script: str | os.PathLike, *args: object, timeout: float = 120, env: dict[str, str] | None = None
+    nprocs: int,
+    script: str | os.PathLike,
+    *args: object,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    plain: bool = False,
 ) -> MpiResult:
-    """Run ``script args`` on ``nprocs`` ranks with this test's Python; ``env`` adds variables."""
+    """Run ``script args`` on ``nprocs`` ranks with this test's Python; ``env`` adds variables;
+    ``plain``: through a bare ``mpirun python script.py`` instead of launch/tp_run."""
     full_env = dict(os.environ)
     # The ranks use this interpreter and this checkout, whatever is installed elsewhere.
     full_env["PYTHON"] = sys.executable
@@ -55,7 +73,12 @@ def run_mpi(
     if "TP_RUNTIME_DEVICE" not in full_env and _gpus() < nprocs:
         # One rank drives one GPU: on a machine with fewer GPUs than ranks the job runs on the CPU.
         full_env["TP_RUNTIME_DEVICE"] = "cpu"
-    command = [str(TP_RUN), "-n", str(nprocs), str(script), *map(str, args)]
+    if plain:
+        if os.geteuid() == 0:
+            full_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        command = [*_plain_mpirun(nprocs), sys.executable, str(script), *map(str, args)]
+    else:
+        command = [str(TP_RUN), "-n", str(nprocs), str(script), *map(str, args)]
     start = time.monotonic()
     proc = subprocess.Popen(
         command,

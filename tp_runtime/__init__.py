@@ -7,7 +7,7 @@ in the repository's ARCHITECTURE.md.
 """
 
 from .batch.graphs import DecodeGraph
-from .batch.kv_cache import CacheCapacityError, KVCache, PagedKVCache
+from .batch.kv_cache import CacheCapacityError, CacheStateError, KVCache, PagedKVCache
 from .batch.step import Step
 from .config import (
     AttentionConfig,
@@ -20,6 +20,7 @@ from .config import (
     RotaryScalingType,
 )
 from .distributed.comm import Communicator, MpiComm, NcclComm, NoComm
+from .distributed.consistency import StepMismatch
 from .distributed.watchdog import CollectiveTimeout, collective_timeout, set_collective_timeout
 from .distributed.world import World, init
 from .layers.attention import Attention, BertAttention, precompile
@@ -34,6 +35,7 @@ __all__ = [
     "AttentionMaskType",
     "BertAttention",
     "CacheCapacityError",
+    "CacheStateError",
     "CollectiveTimeout",
     "ColumnLinear",
     "Communicator",
@@ -52,6 +54,7 @@ __all__ = [
     "RotaryScalingType",
     "RowLinear",
     "Step",
+    "StepMismatch",
     "World",
     "__version__",
     "collective_timeout",

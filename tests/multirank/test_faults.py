@@ -6,15 +6,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from mpi_util import assert_passed, run_mpi
 
 WORKER = Path(__file__).resolve().parent / "workers" / "fault_worker.py"
 
 
-def _failed(fault: str, bound: float):
+def _failed(fault: str, bound: float, nprocs: int = 2, plain: bool = False):
     """Run ``fault``; the job must fail, and end within ``bound`` seconds of the fault (rank 0
     prints when it happens: start-up, which on GPUs includes CUDA, NCCL and compiling, is apart)."""
-    result = run_mpi(2, WORKER, fault, timeout=180)
+    result = run_mpi(nprocs, WORKER, fault, timeout=180, plain=plain)
     assert result.returncode != 0, result.output
     at = re.search(r"^FAULT_AT (\d+\.\d+)$", result.output, re.M)
     assert at, f"{fault}: rank 0 never reached the fault:\n{result.output}"
@@ -30,8 +31,9 @@ def test_sigkill_of_one_rank_mid_step_ends_the_job():
 
 def test_rank_skipping_a_collective_times_out_with_its_name():
     out = _failed("skip", 25)  # collective deadline 5 s in the worker, abort steps bounded
-    # CPU: MpiComm raises CollectiveTimeout; GPU: the NCCL watchdog prints the same reason and aborts.
-    assert "all_reduce did not complete within 5 s" in out, out
+    # The step's first collective is the host check that every rank has the same step; past it, on
+    # the CPU MpiComm raises CollectiveTimeout, on a GPU the NCCL watchdog prints the same and aborts.
+    assert re.search(r"(step check|all_reduce) did not complete within 5 s", out), out
     assert "rank 0 (TP rank 0/2)" in out, out
 
 
@@ -47,3 +49,27 @@ def test_wrong_weight_shape_on_one_rank_fails_on_every_rank():
 
 def test_block_exhaustion_mid_run_leaves_other_sequences_unchanged():
     assert_passed(run_mpi(2, WORKER, "exhaustion", timeout=90), 2)
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+@pytest.mark.parametrize("case", ["past_one", "past_all", "slots_one", "blocks_one", "unwritten_all"])
+def test_steps_are_refused_on_every_rank_before_anything_changes(case, nprocs):
+    """Ranks given different steps (on one rank or all), or a step reading what its slot never held:
+    every rank raises the same error naming the field, and no cache byte changes (the worker checks)."""
+    result = run_mpi(nprocs, WORKER, "refused", case, timeout=120)
+    assert_passed(result, nprocs)
+    assert result.output.count(" refused: ") == nprocs, result.output
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_unwritten_slot_on_one_rank_ends_the_job(nprocs):
+    out = _failed("unwritten_one", 20, nprocs)
+    assert "slot 0: the step says past_lens=3, the slot holds 0" in out, out
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["mpirun", "tp_run"])
+def test_an_exception_on_one_rank_ends_the_job_under_any_launcher(plain):
+    """The collective deadline is 60 s in the worker: the job must end long before it."""
+    out = _failed("raise_one", 20, plain=plain)
+    assert "an ordinary bug on rank 1" in out, out
+    assert out.count("RuntimeError: an ordinary bug on rank 1") == 1, out  # printed once

@@ -69,6 +69,10 @@ class ThreadComm(Communicator):
     def barrier(self) -> None:
         self._group.barrier.wait()
 
+    def host_allgather(self, values: list[int], what: str) -> list[list[int]]:
+        mine = torch.tensor(values, dtype=torch.int64)
+        return [t.tolist() for t in self._exchange(f"host_allgather ({what})", mine)]
+
 
 def simulate(tp_size: int, fn: Callable[[Communicator], R], timeout: float = 60.0) -> list[R]:
     """Run ``fn(comm)`` for every rank of a simulated group of ``tp_size``; results in rank order."""

@@ -113,6 +113,11 @@ class _CacheBase:
         self._check_slots(slots)
         self.written[list(slots)] = np.asarray(lengths, dtype=np.int64)
 
+    def slot_fingerprint(self, slots) -> int:
+        """One word for where ``slots`` live in the cache (their blocks, on a paged cache), to check
+        across ranks."""
+        return hash(tuple(self._blocks_of(x) for x in slots))  # ints only: the same hash on every rank
+
     def _check_slots(self, slots) -> None:
         bad = [x for x in slots if not 0 <= x < self.num_slots]
         if bad:
@@ -147,18 +152,18 @@ class _CacheBase:
         positions the step writes."""
         lengths = step.total_lens if lengths is None else lengths
         key = (id(self), self.version, lengths)
-        if key in step.capacity_checked:
+        if key in step.checked:
             return
         self.check_step(step, lengths, past)
         slots = list(step.slots)
         self.written[slots] = np.maximum(self.written[slots], np.asarray(lengths, dtype=np.int64))
-        step.capacity_checked.add(key)
+        step.checked.add(key)
 
     def check_read_once(self, step: Step, lengths: tuple[int, ...], what: str) -> None:
         """Raise ``CacheStateError`` unless each slot of ``step`` holds ``lengths`` written positions (a
         step that only reads the cache: cross attention after its first decoder step)."""
         key = (id(self), self.version, lengths, "read")
-        if key in step.capacity_checked:
+        if key in step.checked:
             return
         self._check_slots(step.slots)
         held = self.written[np.asarray(step.slots, dtype=np.int64)]
@@ -168,7 +173,7 @@ class _CacheBase:
             raise CacheStateError(
                 f"slot {step.slots[i]}: {what} reads {lengths[i]} positions, the slot holds {int(held[i])}"
             )
-        step.capacity_checked.add(key)
+        step.checked.add(key)
 
     def __init__(self, config: AttentionConfig, layout: HeadLayout, num_layers: int, scales, device):
         self.config, self.head_layout, self.num_layers = config, layout, num_layers
@@ -250,6 +255,9 @@ class KVCache(_CacheBase):
 
     def _release(self, slot: int) -> None:
         """A contiguous slot keeps its rows; only the bookkeeping forgets them."""
+
+    def _blocks_of(self, slot: int) -> tuple:
+        return ()  # a contiguous slot is its row
 
 
 class BlockAllocator:
@@ -356,6 +364,9 @@ class PagedKVCache(_CacheBase):
 
     def _release(self, slot: int) -> None:
         self.allocator.free(slot)
+
+    def _blocks_of(self, slot: int) -> tuple:
+        return tuple(self.allocator.owned.get(slot, ()))
 
     def capacities(self, slots) -> np.ndarray:
         """Tokens each of ``slots`` can hold with the blocks it owns now (see ``KVCache.capacities``)."""

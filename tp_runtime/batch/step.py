@@ -46,8 +46,8 @@ class Step:
     adjacent, so that a replayed CUDA graph updates them with one copy (``load_decode_lengths``).
 
     ``plans`` holds what a backend derives from the step once and every layer reuses (its typed
-    plan, keyed by the layer description it serves); ``capacity_checked`` the cache states already
-    checked for this step. Neither takes part in equality.
+    plan, keyed by the layer description it serves); ``checked`` the once-per-step checks already
+    made (cache states, agreement across ranks). Neither takes part in equality.
     """
 
     new_lens: tuple[int, ...]
@@ -67,7 +67,7 @@ class Step:
     total_len: torch.Tensor = field(init=False, repr=False, compare=False)
     encoder: torch.Tensor | None = field(init=False, repr=False, compare=False)
     plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    capacity_checked: set = field(default_factory=set, init=False, repr=False, compare=False)
+    checked: set = field(default_factory=set, init=False, repr=False, compare=False)
     _decode_lengths: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -188,6 +188,20 @@ class Step:
         if found is None:
             found = self.plans[key] = build()
         return found
+
+    def fingerprint(self) -> dict[str, int]:
+        """One word per field that every rank of a group must agree on (``consistency.check_step_agreement``).
+
+        Python's hash of a tuple of ints is the same in every process (only str and bytes hashes are
+        salted), and costs a few µs even for large batches."""
+        beams = (self.beam_width, () if self.cache_indirection is None else tuple(self.cache_indirection.shape))
+        return {
+            "new_lens": hash(self.new_lens),
+            "past_lens": hash(self.past_lens),
+            "slots": hash(self.slots),
+            "encoder_lens": hash(self.encoder_lens or ()),
+            "beam_width": hash(beams),
+        }
 
     # ---- host-side views ------------------------------------------------------------------
     @property

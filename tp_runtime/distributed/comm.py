@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 
 from . import watchdog
@@ -41,6 +42,11 @@ class Communicator:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    def host_allgather(self, values: list[int], what: str) -> list[list[int]]:
+        """Every rank's list of int64 ``values`` (same length on every rank), in rank order, over the
+        host (MPI): no device work, no device synchronization. ``what`` names it in a timeout."""
+        raise NotImplementedError
+
 
 class NoComm(Communicator):
     """A group of one rank: every collective is the identity."""
@@ -58,6 +64,9 @@ class NoComm(Communicator):
 
     def barrier(self) -> None:
         return None
+
+    def host_allgather(self, values: list[int], what: str) -> list[list[int]]:
+        return [list(values)]
 
 
 # Floating types are what layers communicate; the integer types are for internal use
@@ -102,6 +111,9 @@ def check_root(who: str, root: int, size: int) -> None:
         raise ValueError(f"{who}: expected root in [0, {size}), got {root}")
 
 
+_SPIN_S = 2e-4  # MpiComm spins this long on a pending collective before it starts to sleep
+
+
 class MpiComm(Communicator):
     """CPU tensors over an mpi4py communicator (the CPU path and CI).
 
@@ -134,17 +146,21 @@ class MpiComm(Communicator):
         On expiry raise ``CollectiveTimeout``; under ``python -m mpi4py`` (launch/tp_run) the
         uncaught exception aborts the whole job, which is the point.
         """
-        deadline = time.monotonic() + watchdog.collective_timeout()
+        start = time.monotonic()
+        deadline = start + watchdog.collective_timeout()
         pause = 0.0
         while not request.Test():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start < _SPIN_S:  # a collective of ranks that arrive together: no sleep at all
+                continue
+            if now > deadline:
                 raise CollectiveTimeout(
                     f"rank {world_rank()} (TP rank {self.rank}/{self.size}): MpiComm.{what} did not complete within "
                     f"{watchdog.collective_timeout():g} s: a peer died, skipped it or is stuck "
                     f"({TIMEOUT_ENV} sets the deadline)"
                 )
-            time.sleep(pause)
-            pause = min(pause + 1e-5, 1e-3)  # spin first (latency), then back off (CPU)
+            time.sleep(pause)  # then back off (CPU); the shortest sleep the OS gives is ~50 µs
+            pause = min(pause + 1e-5, 1e-3)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         check_tensor("MpiComm.all_reduce", tensor, torch.device("cpu"))
@@ -170,6 +186,12 @@ class MpiComm(Communicator):
     def barrier(self) -> None:
         self._wait(self._comm.Ibarrier(), "barrier")
 
+    def host_allgather(self, values: list[int], what: str) -> list[list[int]]:
+        mine = np.asarray(values, dtype=np.int64)
+        out = np.empty((self.size, mine.size), dtype=np.int64)
+        self._wait(self._comm.Iallgather(mine, out), what)
+        return out.tolist()
+
 
 class NcclComm(Communicator):
     """CUDA tensors on ``device`` through NCCL (``cupy.cuda.nccl``), one rank per GPU.
@@ -186,6 +208,7 @@ class NcclComm(Communicator):
         from cupy.cuda import nccl
 
         self._mpi = mpi_comm
+        self._host = MpiComm(mpi_comm)  # host-side collectives (barrier, host_allgather), same deadline
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         self.device = torch.device(device)
@@ -258,7 +281,10 @@ class NcclComm(Communicator):
     def barrier(self) -> None:
         """Return once every rank's work enqueued so far on its current stream has finished."""
         torch.cuda.current_stream(self.device).synchronize()
-        MpiComm(self._mpi).barrier()  # with the same deadline as every collective
+        self._host.barrier()  # with the same deadline as every collective
+
+    def host_allgather(self, values: list[int], what: str) -> list[list[int]]:
+        return self._host.host_allgather(values, what)
 
     def check_async_error(self) -> None:
         """Raise if NCCL reported an asynchronous error on this communicator (the watchdog polls it)."""

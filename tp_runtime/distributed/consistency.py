@@ -1,4 +1,4 @@
-"""Checks that every rank of a tensor-parallel group agrees (config, weights), failing on all of them.
+"""Checks that every rank of a tensor-parallel group agrees (config, weights, each step), failing on all of them.
 
 A mismatch must raise on every rank, never on one alone (that would leave the others waiting in
 the next collective): each rank contributes its fingerprint to an all-gather and every rank
@@ -7,15 +7,10 @@ compares the same gathered values.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from ..fingerprint import fingerprint_text
 from .comm import Communicator
-
-
-def fingerprint_text(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1  # fits int64
 
 
 def fingerprint_tensors(*tensors: torch.Tensor | None) -> int:
@@ -45,3 +40,32 @@ def check_same(comm: Communicator, what: str, value: int, device: torch.device) 
             groups.setdefault(v, []).append(rank)
         listing = "; ".join(f"ranks {ranks}" for ranks in groups.values())
         raise ValueError(f"{what} differs across the tensor-parallel group ({listing} agree among themselves)")
+
+
+class StepMismatch(RuntimeError):
+    """The ranks of a tensor-parallel group were given different steps (lengths, slots, block tables)."""
+
+
+def check_step_agreement(comm: Communicator, fields: dict[str, int]) -> None:
+    """Raise ``StepMismatch`` on every rank unless all ranks of ``comm`` hold the same ``fields``
+    (field name -> fingerprint, in a fixed order), naming the first field that differs.
+
+    One host allgather of one word per step (no device work, no device synchronization); only when
+    the words differ, a second one of every field's word finds the field."""
+    if comm.size == 1:
+        return
+    digest = hash(tuple(fields.values()))  # a tuple of ints: the same hash on every rank
+    if len({row[0] for row in comm.host_allgather([digest], "step check")}) == 1:
+        return
+    rows = comm.host_allgather(list(fields.values()), "step check (finding the field)")
+    for i, name in enumerate(fields):
+        groups: dict[int, list[int]] = {}
+        for rank, row in enumerate(rows):
+            groups.setdefault(row[i], []).append(rank)
+        if len(groups) > 1:
+            listing = "; ".join(f"ranks {ranks}" for ranks in groups.values())
+            raise StepMismatch(
+                f"step.{name} differs across the tensor-parallel group ({listing} agree among themselves): "
+                "every rank must be given the same step"
+            )
+    raise StepMismatch("the step differs across the tensor-parallel group")  # digests of equal fields collided

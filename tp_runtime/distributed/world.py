@@ -63,6 +63,7 @@ def init(tp_size: int | None = None, device: str | None = None) -> World:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    _install_abort_hook(comm)
     launched = os.environ.get(LAUNCHED_ENV)
     if launched is not None and int(launched) != size:
         raise RuntimeError(
@@ -116,6 +117,25 @@ def init(tp_size: int | None = None, device: str | None = None) -> World:
         log_all=log_all,
     )
     return _world
+
+
+def _install_abort_hook(comm) -> None:
+    """An uncaught exception on this rank ends the whole job at once: it is printed, with the rank,
+    then MPI aborts every rank. Plain ``mpirun python script.py`` would otherwise leave the other
+    ranks waiting in their next collective until its deadline. (``python -m mpi4py``, which
+    ``launch/tp_run`` uses, catches the exception itself and aborts the same way.)"""
+    if comm.Get_size() == 1 or getattr(sys.excepthook, "tp_runtime_abort", False):
+        return
+    previous, rank, size = sys.excepthook, comm.Get_rank(), comm.Get_size()
+
+    def abort_job(kind, value, traceback) -> None:
+        sys.stderr.write(f"tp_runtime: rank {rank} of {size} failed; aborting the job\n")
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        comm.Abort(1)
+
+    abort_job.tp_runtime_abort = True
+    sys.excepthook = abort_job
 
 
 def _self_test(comm, tp_comm: Communicator, device: torch.device) -> None:

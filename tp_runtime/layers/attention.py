@@ -24,7 +24,8 @@ from ..config import (
 )
 from ..devices import as_device
 from ..distributed.comm import Communicator
-from ..distributed.consistency import check_same, fingerprint_tensors, fingerprint_text
+from ..distributed.consistency import check_same, check_step_agreement, fingerprint_tensors
+from ..fingerprint import fingerprint_text
 from ..position import RopeSpec, alibi_slopes
 from ..sharding import head_layout, qkv_rows, slice_heads
 from .fp8 import FP8ColumnLinear, FP8RowLinear, check_scale
@@ -163,6 +164,19 @@ class _AttentionBase(torch.nn.Module):
         if relative_table is not None:
             self.relative_table.copy_(slice_heads(relative_table, self.head_layout))
 
+    def _agree(self, step: Step, kv_cache=None) -> None:
+        """Once per step and group, before anything is written: every rank holds the same step (and
+        the same blocks for its slots), else ``StepMismatch`` on every rank. A host exchange of one
+        word: the device is not synchronized, and every later layer of the step skips it."""
+        key = ("agreement", id(self.comm))
+        if self.comm.size == 1 or key in step.checked:
+            return
+        fields = step.fingerprint()
+        if kv_cache is not None:
+            fields["block_tables"] = kv_cache.slot_fingerprint(step.slots)
+        check_step_agreement(self.comm, fields)
+        step.checked.add(key)
+
     def _spec(self, step: Step, *, cross: bool, position_bias: torch.Tensor | None) -> AttentionSpec:
         c = self.config
         if position_bias is not None:
@@ -288,6 +302,7 @@ class Attention(_AttentionBase):
         # and the GPU runs it while the host validates the step and the cache (an eager decode step
         # of a wide model otherwise starts with the GPU idle for the whole of that Python).
         qkv = self.qkv(x, with_bias=False)
+        self._agree(step, kv_cache)
         spec = self._spec(step, cross=self.config.cross_attention, position_bias=position_bias)
         kv = self._layer_kv(kv_cache, step, encoder_output)
         common = dict(head_layout=self.head_layout, head_size=self.config.head_size)
@@ -393,6 +408,8 @@ class BertAttention(_AttentionBase):
         if input_lengths is not None:
             lengths = tuple(input_lengths.tolist() if isinstance(input_lengths, torch.Tensor) else input_lengths)
         x, idx, lengths = self._pack_encoder(hidden_states, lengths, attention_mask)
+        # every rank must pack the same sequences (an encoder step has no cache to check)
+        check_step_agreement(self.comm, {"input_lengths": fingerprint_text(repr(lengths))})
         real = tuple(n for n in lengths if n > 0)
         if not real:  # nothing but padding: every output row is zero
             return torch.zeros_like(hidden_states)

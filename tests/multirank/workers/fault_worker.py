@@ -5,6 +5,12 @@
   config         rank 1 builds its layer with another q_scaling
   weights        rank 1 is given weights of the wrong shape
   exhaustion     the paged cache runs out of blocks mid-run: a clear error, other sequences unchanged
+  refused CASE   a step every rank must refuse before anything changes (checked: the cache's bytes and
+                 bookkeeping), CASE one of: past_one, past_all (ranks given different past lengths),
+                 slots_one (different slots), blocks_one (the step's slot holds other blocks on one
+                 rank), unwritten_all (a decode step on a slot never written, on every rank)
+  unwritten_one  one rank's slot was freed, the others' not: that rank raises, the job ends at once
+  raise_one      rank 1 raises an ordinary exception after init (the job must end at once, under any launcher)
 Rank 0 prints ``FAULT_AT <wall clock>`` just before the fault, so the test can bound the time from
 the fault to the end of the job apart from start-up (CUDA, NCCL, kernel compilation). If a rank is
 still alive 60 s after that, it prints every thread's stack (what it is stuck in).
@@ -20,19 +26,22 @@ import time
 import torch
 
 import tp_runtime
-from tp_runtime.batch.kv_cache import CacheCapacityError, PagedKVCache
+from tp_runtime.batch.kv_cache import CacheCapacityError, CacheStateError, KVCache, PagedKVCache
 from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionConfig
+from tp_runtime.distributed.consistency import StepMismatch
 from tp_runtime.distributed.watchdog import set_collective_timeout
 from tp_runtime.layers.attention import Attention
+
+HIDDEN = 768  # 12 heads of 64, 6 KV heads: GQA that splits over 2 and over 3 ranks
 
 
 def build(world, q_scaling=1.0, wrong_shape=False):
     dtype = torch.float16 if world.device.type == "cuda" else torch.float32
     cfg = AttentionConfig(
-        hidden_size=256,
-        num_heads=4,
-        num_kv_heads=2,
+        hidden_size=HIDDEN,
+        num_heads=12,
+        num_kv_heads=6,
         position_embedding="rope_gpt_neox",
         q_scaling=q_scaling,
         dtype=dtype,
@@ -40,12 +49,12 @@ def build(world, q_scaling=1.0, wrong_shape=False):
     g = torch.Generator().manual_seed(0)
     layer = Attention(cfg, comm=world.tp_comm, device=world.device)
     on = dict(device=world.device, dtype=dtype)
-    qkv = torch.randn(cfg.qkv_size + (16 if wrong_shape else 0), 256, generator=g).to(**on) / 16
+    qkv = torch.randn(cfg.qkv_size + (16 if wrong_shape else 0), HIDDEN, generator=g).to(**on) / 16
     layer.load_weights(
         qkv_weight=qkv,
-        dense_weight=torch.randn(256, 256, generator=g).to(**on) / 16,
+        dense_weight=torch.randn(HIDDEN, HIDDEN, generator=g).to(**on) / 16,
         qkv_bias=torch.randn(cfg.qkv_size, generator=g).to(**on),
-        dense_bias=torch.randn(256, generator=g).to(**on),
+        dense_bias=torch.randn(HIDDEN, generator=g).to(**on),
     )
     return cfg, layer
 
@@ -70,7 +79,51 @@ def rand(*shape, like, seed=None):
     return torch.randn(*shape, generator=g).to(device=like.device, dtype=like.config.dtype)
 
 
-def main(fault: str) -> None:
+REFUSED = {  # case -> (the error every rank raises, a piece of its message)
+    "past_one": (StepMismatch, "step.past_lens differs"),
+    "past_all": (StepMismatch, "step.past_lens differs"),
+    "slots_one": (StepMismatch, "step.slots differs"),
+    "blocks_one": (StepMismatch, "step.block_tables differs"),
+    "unwritten_all": (CacheStateError, "past_lens=3, the slot holds 0"),
+}
+
+
+def refused(world, case: str) -> None:
+    """Every rank is given a step it must refuse, with the same error, before anything changes."""
+    r, dev = world.rank, world.device
+    cfg, layer = build(world)
+    cache = paged(layer, num_blocks=8)
+    prompt = Step(new_lens=[4], slots=[0], device=dev)  # fills slot 0's first block
+    cache.reserve(prompt)
+    layer(rand(4, HIDDEN, seed=1, like=layer), prompt, cache)
+    if case == "blocks_one" and r == 1:  # slot 1 takes the next free block here: slot 0 grows into another
+        cache.reserve(Step(new_lens=[2], slots=[1], device=dev))
+    past, slot = 4, 0
+    if case == "past_one" and r == 1:
+        past = 3
+    if case == "past_all":
+        past = 4 - r  # every rank differs from every other (each within what its slot holds)
+    if case == "slots_one" and r == 1:
+        slot = 1
+    if case == "unwritten_all":
+        past, slot = 3, 1  # never written on any rank
+    step = Step(new_lens=[1], past_lens=[past], slots=[slot], device=dev)
+    cache.reserve(step)
+    before = (cache.data.clone(), cache.written.copy(), cache.allocator.table.clone())
+    error, needle = REFUSED[case]
+    try:
+        layer(rand(1, HIDDEN, seed=2, like=layer), step, cache)
+    except error as exc:
+        assert needle in str(exc), f"rank {r}: {exc}"
+        print(f"rank {r} refused: {type(exc).__name__}: {exc}", flush=True)
+    else:
+        raise AssertionError(f"rank {r}: the step was not refused")
+    after = (cache.data, cache.written, cache.allocator.table)
+    assert torch.equal(after[0], before[0]) and (after[1] == before[1]).all(), f"rank {r}: the cache changed"
+    assert torch.equal(after[2], before[2]), f"rank {r}: the block table changed"
+
+
+def main(fault: str, case: str | None = None) -> None:
     world = tp_runtime.init()  # the CPU in CI; NCCL and the CUDA kernels on a GPU machine
     dev = world.device
     set_collective_timeout(5)
@@ -81,7 +134,31 @@ def main(fault: str) -> None:
             print(f"FAULT_AT {time.time():.3f}", flush=True)
         faulthandler.dump_traceback_later(60, exit=False)
 
-    if fault == "config":
+    if fault == "refused":
+        fault_now()
+        refused(world, case)
+    elif fault == "unwritten_one":
+        cfg, layer = build(world)
+        cache = KVCache(
+            config=cfg, head_layout=layer.head_layout, num_layers=1, max_batch=2, max_seq_len=16, device=dev
+        )
+        prompt = Step(new_lens=[3], slots=[0], device=dev)
+        layer(rand(3, HIDDEN, seed=1, like=layer), prompt, cache)
+        if r == 1:  # a scheduler bug on one rank: its sequence was freed and reserved again as new
+            cache.free(0)
+            cache.reserve(prompt)
+        fault_now()
+        layer(rand(1, HIDDEN, seed=2, like=layer), Step(new_lens=[1], past_lens=[3], slots=[0], device=dev), cache)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    elif fault == "raise_one":
+        set_collective_timeout(60)  # the job must end long before any collective deadline
+        cfg, layer = build(world)
+        fault_now()
+        if r == 1:
+            raise RuntimeError("an ordinary bug on rank 1")
+        world.tp_comm.barrier()  # the others wait for rank 1, which never comes
+    elif fault == "config":
         fault_now()
         build(world, q_scaling=2.0 if r == 1 else 1.0)
     elif fault == "weights":
@@ -92,7 +169,7 @@ def main(fault: str) -> None:
         cache = paged(layer, num_blocks=8)
         step = Step(new_lens=[3], device=dev)
         cache.reserve(step)
-        layer(rand(3, 256, like=layer), step, cache)  # one good step on every rank
+        layer(rand(3, HIDDEN, like=layer), step, cache)  # one good step on every rank
         world.tp_comm.barrier()  # both ranks are past start-up (and kernel compilation)
         fault_now()
         if r == 1:
@@ -101,13 +178,13 @@ def main(fault: str) -> None:
             time.sleep(600)  # alive, but never joins the next all-reduce
         step = Step(new_lens=[1], past_lens=[3], device=dev)
         cache.reserve(step)
-        layer(rand(1, 256, like=layer), step, cache)  # rank 0 waits for rank 1 here
+        layer(rand(1, HIDDEN, like=layer), step, cache)  # rank 0 waits for rank 1 here
         if dev.type == "cuda":
             torch.cuda.synchronize()  # NCCL is asynchronous: the host waits here (the watchdog fires)
     elif fault == "exhaustion":
         cfg, layer = build(world)
         cache = paged(layer, num_blocks=3)
-        x = rand(8, 256, seed=1, like=layer)
+        x = rand(8, HIDDEN, seed=1, like=layer)
         first = Step(new_lens=[4, 4], slots=[0, 1], device=dev)
         cache.reserve(first)
         layer(x, first, cache)
@@ -125,7 +202,7 @@ def main(fault: str) -> None:
         cache.free(0)
         only = Step(new_lens=[1], past_lens=[4], slots=[1], device=dev)
         cache.reserve(only)
-        x1 = rand(1, 256, seed=2, like=layer)
+        x1 = rand(1, HIDDEN, seed=2, like=layer)
         got = layer(x1, only, cache)
         clean = paged(layer, num_blocks=3)
         solo = Step(new_lens=[4], slots=[1], device=dev)
@@ -137,4 +214,4 @@ def main(fault: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
