@@ -11,7 +11,9 @@ length), and a configuration whose kernels read lengths from the device only —
 dynamic NTK scaling (its base follows each sequence's length on the host), no relative attention
 (its bias table is sized on the host), no beam search, no cross attention. What changes: the
 input rows, the past lengths, and the paged cache's block table (updated in place by its
-allocator, which the graph reads).
+allocator, which the graph reads). The layers' check that every rank holds the same step runs
+when the step is captured; a replay makes no host exchange, so the ranks must replay the same
+``past_lens`` (each rank still checks them against what its cache holds).
 """
 
 from __future__ import annotations
