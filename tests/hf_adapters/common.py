@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from tp_runtime.config import AttentionConfig
+from tp_runtime.models.mapping import deinterleave_qkv as deinterleave_qkv  # re-exported: one mapping
 
 # ---------------------------------------------------------------------------------------------
 # Version adapter: the only place that knows how config names and cache objects differ
