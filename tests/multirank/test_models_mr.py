@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mpi_util import assert_passed, run_mpi
+from mpi_util import REPO, assert_passed, run_mpi
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -23,3 +23,22 @@ def test_loader_reads_only_slices(tmp_path):
 @pytest.mark.parametrize("nprocs", [2, 3, 4])
 def test_minilm_embeddings_match_hf(nprocs, minilm_dir):
     assert_passed(run_mpi(nprocs, WORKERS / "models_worker.py", "minilm", minilm_dir, timeout=300), nprocs)
+
+
+def test_main_job_embeds_with_real_minilm(minilm_dir):
+    result = run_mpi(2, REPO / "launch" / "embed.py", "--model", minilm_dir, timeout=300)
+    assert result.returncode == 0, result.output
+    assert "cosine similarity" in result.output and "min cosine 0.99999" in result.output, result.output
+
+
+def test_generate_script_on_a_local_checkpoint(tmp_path):
+    from hf_adapters import checkpoints
+
+    hf = checkpoints.build("llama")
+    checkpoints.save(hf, tmp_path)
+    want = checkpoints.hf_greedy(hf, [1, 2, 3], 5)
+    result = run_mpi(
+        2, REPO / "launch" / "generate.py", "--model", tmp_path, "--prompt", "1,2,3", "--max-new-tokens", 5
+    )
+    assert result.returncode == 0, result.output
+    assert f"'1,2,3' -> '{','.join(map(str, want))}'" in result.output, result.output
