@@ -70,7 +70,9 @@ def _make_cache(model: DecoderModel, kind: str, max_batch: int, max_len: int, bl
 
 
 def _graphable(model: DecoderModel, enabled: bool) -> bool:
-    if not enabled or model.device.type != "cuda":
+    """CUDA graphs for fp16/bf16 models on a GPU (their layers run the CUDA backend; fp32 layers run the
+    reference backend, whose host-side work a graph cannot capture)."""
+    if not enabled or model.device.type != "cuda" or model.config.dtype == torch.float32:
         return False
     try:
         check_graphable(model.attention_config)
