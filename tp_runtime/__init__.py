@@ -2,7 +2,7 @@
 
 The front door: everything a launch script or model code needs is importable from here
 (``from tp_runtime import init, Attention, AttentionConfig, Step, KVCache``). The rooms behind
-it (``distributed``, ``layers``, ``batch``, ``backends``) and what each may import are described
+it (``distributed``, ``layers``, ``batch``, ``backends``, ``models``) and what each may import are described
 in the repository's ARCHITECTURE.md.
 """
 
@@ -25,6 +25,7 @@ from .distributed.watchdog import CollectiveTimeout, collective_timeout, set_col
 from .distributed.world import World, init
 from .layers.attention import Attention, BertAttention, precompile
 from .layers.linear import ColumnLinear, RowLinear
+from .models import BertEncoder, CheckpointError, DecoderModel, Sampling, embed, generate, load_model
 from .sharding import HeadLayout, head_layout
 
 __version__ = "0.1.0"
@@ -32,6 +33,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Attention",
     "AttentionConfig",
+    "BertEncoder",
+    "CheckpointError",
+    "DecoderModel",
+    "Sampling",
+    "embed",
+    "generate",
+    "load_model",
     "AttentionMaskType",
     "BertAttention",
     "CacheCapacityError",

@@ -92,13 +92,34 @@ def even_range(total: int, tp_size: int, tp_rank: int, what: str = "features") -
     return range(tp_rank * n, (tp_rank + 1) * n)
 
 
+def ceil_range(total: int, tp_size: int, tp_rank: int) -> range:
+    """The rank's share of ``total`` rows split in chunks of ``ceil(total / tp_size)`` (the last ones
+    shorter, possibly empty): vocabulary-parallel embeddings and LM heads, whose sizes rarely divide."""
+    chunk = -(-total // tp_size)
+    return range(min(tp_rank * chunk, total), min((tp_rank + 1) * chunk, total))
+
+
+def qkv_ranges(layout: HeadLayout, head_size: int) -> tuple[range, range, range]:
+    """The rank's rows inside each of the Q ``[H·D]``, K and V ``[KV·D]`` blocks (offsets within the block)."""
+    D = head_size
+    q = range(layout.q_heads.start * D, layout.q_heads.stop * D)
+    kv = range(layout.kv_heads.start * D, layout.kv_heads.stop * D)
+    return q, kv, kv
+
+
 def qkv_rows(layout: HeadLayout, head_size: int) -> torch.Tensor:
     """Row indices of the fused ``[Q | K | V]`` weight kept by this rank, as ``[Q_r | K_r | V_r]``."""
     H, KV, D = layout.num_heads, layout.num_kv_heads, head_size
-    q = torch.arange(layout.q_heads.start * D, layout.q_heads.stop * D)
-    k = H * D + torch.arange(layout.kv_heads.start * D, layout.kv_heads.stop * D)
-    v = (H + KV) * D + torch.arange(layout.kv_heads.start * D, layout.kv_heads.stop * D)
-    return torch.cat([q, k, v])
+    q, k, v = qkv_ranges(layout, head_size)
+    offsets = (0, H * D, (H + KV) * D)
+    return torch.cat([off + torch.arange(r.start, r.stop) for off, r in zip(offsets, (q, k, v), strict=True)])
+
+
+def gate_up_rows(intermediate_size: int, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Row indices of a fused ``[gate | up]`` weight ``[2·I, hidden]`` kept by this rank: ``[gate_r | up_r]``."""
+    r = even_range(intermediate_size, tp_size, tp_rank, "intermediate_size")
+    local = torch.arange(r.start, r.stop)
+    return torch.cat([local, intermediate_size + local])
 
 
 def slice_heads(full: torch.Tensor, layout: HeadLayout, dim: int = 0) -> torch.Tensor:

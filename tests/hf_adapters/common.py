@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from tp_runtime.config import AttentionConfig
+from tp_runtime.models.mapping import deinterleave_qkv as deinterleave_qkv  # re-exported: one mapping
 
 # ---------------------------------------------------------------------------------------------
 # Version adapter: the only place that knows how config names and cache objects differ
@@ -57,15 +58,9 @@ def _build(model_cls, config, attn_implementation: str = "eager"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight conversion to our fused [Q | K | V] layout
+# Weight conversion to our fused [Q | K | V] layout (head-interleaved layouts: the runtime's own
+# mapping, tp_runtime.models.mapping.deinterleave_qkv, re-exported here)
 # ---------------------------------------------------------------------------------------------
-def deinterleave_qkv(t: torch.Tensor, num_heads: int, head_size: int) -> torch.Tensor:
-    """Head-interleaved fused QKV (BLOOM, GPT-NeoX: rows ``[h0: q k v | h1: q k v | ...]``) ->
-    ``[Q | K | V]``. Works for a weight ``[3·H·D, hidden]`` or a bias ``[3·H·D]``."""
-    tail = t.shape[1:]
-    return t.reshape(num_heads, 3, head_size, *tail).transpose(0, 1).reshape(3 * num_heads * head_size, *tail)
-
-
 def fuse(*parts: torch.Tensor | None) -> torch.Tensor | None:
     """Separate Q, K, V projections -> the fused tensor (None if they have no bias)."""
     if any(p is None for p in parts):

@@ -164,6 +164,28 @@ class _AttentionBase(torch.nn.Module):
         if relative_table is not None:
             self.relative_table.copy_(slice_heads(relative_table, self.head_layout))
 
+    @torch.no_grad()
+    def load_shard(
+        self,
+        *,
+        qkv_weight: torch.Tensor,
+        dense_weight: torch.Tensor,
+        qkv_bias: torch.Tensor | None = None,
+        dense_bias: torch.Tensor | None = None,
+    ) -> None:
+        """Load this rank's shard as already sliced by a checkpoint reader: ``qkv_weight``
+        ``[(H_r + 2·KV_r)·D, hidden]`` as ``[Q_r | K_r | V_r]`` (rows ``sharding.qkv_rows`` of the fused
+        weight), ``dense_weight [hidden, H_r·D]``, the biases likewise (``dense_bias`` whole). The
+        weights differ per rank, so their cross-rank check is the loader's (it checks the checkpoint);
+        the config is checked here. No relative tables or FP8 scales (``load_weights`` for those)."""
+        check_same(self.comm, f"config of {type(self).__name__}", fingerprint_text(repr(self.config)), self.device)
+        if self.relative_table is not None:
+            raise ValueError("load_shard: relative attention tables load through load_weights (full table)")
+        self.qkv.check_shard(qkv_weight, qkv_bias)
+        self.dense.check_shard(dense_weight, dense_bias)
+        self.qkv.load_shard(qkv_weight, qkv_bias)
+        self.dense.load_shard(dense_weight, dense_bias)
+
     def _agree(self, step: Step, kv_cache=None) -> None:
         """Once per step and group, before anything is written: every rank holds the same step (and
         the same blocks for its slots), else ``StepMismatch`` on every rank. A host exchange of one

@@ -61,7 +61,12 @@ class _Fp8Mixin:
         if not torch.isfinite(weight).all():
             raise ValueError("weight: contains NaN or Inf, cannot compute an FP8 scale")
 
-    def store_weight(self, full: torch.Tensor, local: torch.Tensor) -> None:
+    def store_weight(self, full: torch.Tensor | None, local: torch.Tensor) -> None:
+        if full is None:
+            raise ValueError(
+                "weight: FP8 layers load from the full weight (load_weights), not a sliced shard: "
+                "their scales come from the full tensor's amax"
+            )
         if self.weight_scaling is Fp8WeightScaling.per_tensor:
             scale = scale_from_amax(full.abs().amax()).reshape(1)
         else:

@@ -64,8 +64,28 @@ class _ShardedLinear(torch.nn.Module):
         if bias is not None:
             self.bias.copy_(self.shard_bias(bias))
 
+    def check_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` unless ``load_shard(weight, bias)`` would succeed; changes nothing."""
+        check_shape("weight (this rank's shard)", weight, tuple(self.weight.shape))
+        if (bias is None) != (self.bias is None):
+            raise ValueError(
+                f"bias: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias"
+            )
+        if bias is not None:
+            check_shape("bias (this rank's shard)", bias, tuple(self.bias.shape))
+
+    @torch.no_grad()
+    def load_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Load this rank's shard as already sliced (a checkpoint reader's slice reads): ``weight`` of
+        the local shape ``self.weight.shape``, ``bias`` of ``self.bias.shape`` (RowLinear: the whole bias)."""
+        self.check_shard(weight, bias)
+        self.store_weight(None, weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+
     def store_weight(self, full: torch.Tensor, local: torch.Tensor) -> None:
-        """Keep the local shard (FP8 layers quantize it here, with scales from ``full``)."""
+        """Keep the local shard (FP8 layers quantize it here, with scales from ``full``; ``full`` is
+        None when the shard arrives already sliced)."""
         del full
         self.weight.copy_(local)
 

@@ -1,0 +1,201 @@
+"""The generation loop, per rank: in-flight batching over a paged (or contiguous) KV cache.
+
+Each step packs the prompts of the requests joining now (whole prompt, past 0) with one token of
+every running request (past = its length so far), runs the model once, chooses one token per
+sequence on the group's rank 0 (``Sampler``) and broadcasts them, so every rank appends the same
+token. A request leaves when it emits a stop token (kept in its output, as HF ``generate`` does) or
+reaches ``max_new_tokens``; its cache slot (and, paged, its blocks) goes to the next waiting request.
+``start_steps`` lets requests join at later steps (arrivals), so batches mix prefill and decode.
+
+On CUDA, steps where every sequence decodes run as a replayed ``DecodeGraph`` of the blocks (one per
+set of slots, the most recent ``MAX_GRAPHS`` kept); the embeddings and the head run eagerly around it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+import torch
+
+from ..batch.graphs import DecodeGraph, check_graphable
+from ..batch.kv_cache import KVCache, PagedKVCache
+from ..batch.step import Step
+from ..distributed.consistency import check_same, fingerprint_text
+from .decoder import DecoderModel
+from .sampling import Sampler, Sampling
+
+MAX_GRAPHS = 8
+GRAPH_DECODE_SPLITS = 4  # key splits of the decode kernel inside a graph (fixed: a graph's launch shapes are)
+CACHES = ("paged", "contiguous")
+
+
+def _token_ids(model: DecoderModel, prompts: Sequence) -> list[list[int]]:
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(
+            f"prompts: expected a non-empty list of strings or token id lists, got {type(prompts).__name__}"
+        )
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError(
+                    f"prompts[{i}]: a string needs the checkpoint's tokenizer.json; pass token ids instead"
+                )
+            ids = model.tokenizer.encode(p).ids
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompts[{i}]: expected at least one token, got none")
+        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}]: token ids {bad[:5]} outside [0, vocab_size={model.config.vocab_size})")
+        out.append(ids)
+    return out
+
+
+def _make_cache(model: DecoderModel, kind: str, max_batch: int, max_len: int, block_size: int):
+    common = dict(
+        config=model.attention_config,
+        head_layout=model.head_layout,
+        num_layers=model.config.num_layers,
+        device=model.device,
+    )
+    if kind == "contiguous":
+        return KVCache(**common, max_batch=max_batch, max_seq_len=max_len)
+    per_seq = -(-max_len // block_size)
+    return PagedKVCache(
+        **common, num_blocks=max_batch * per_seq, block_size=block_size, max_seqs=max_batch, max_blocks_per_seq=per_seq
+    )
+
+
+def _graphable(model: DecoderModel, enabled: bool) -> bool:
+    """CUDA graphs for fp16/bf16 models on a GPU (their layers run the CUDA backend; fp32 layers run the
+    reference backend, whose host-side work a graph cannot capture)."""
+    if not enabled or model.device.type != "cuda" or model.config.dtype == torch.float32:
+        return False
+    try:
+        check_graphable(model.attention_config)
+    except ValueError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def generate(
+    model: DecoderModel,
+    prompts: Sequence,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    start_steps: Sequence[int] | None = None,
+    cache: str = "paged",
+    max_batch: int | None = None,
+    block_size: int = 16,
+    cuda_graphs: bool = True,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` tokens for each prompt (strings with a tokenizer, or token id
+    lists); returns each request's new token ids, the same on every rank (collective over the model's
+    group: every rank calls it with the same arguments, which is checked).
+
+    ``stop_token_ids``: None for the checkpoint's ``eos_token_id``, ``()`` for none. ``start_steps``: the
+    step at which each request joins (default all at 0). ``cache``: "paged" or "contiguous".
+    ``max_batch``: sequences in flight at once (default: all requests); later ones wait for a slot."""
+    sampling = Sampling() if sampling is None else sampling
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling: expected a Sampling, got {type(sampling).__name__}")
+    ids = _token_ids(model, prompts)
+    n = len(ids)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    stops = set(model.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+    starts = [0] * n if start_steps is None else [int(s) for s in start_steps]
+    if len(starts) != n or min(starts) < 0:
+        raise ValueError(f"start_steps: expected {n} steps >= 0 (one per prompt), got {list(start_steps)}")
+    if cache not in CACHES:
+        raise ValueError(f"cache: expected one of {CACHES}, got {cache!r}")
+    max_batch = n if max_batch is None else max_batch
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch: expected an int >= 1, got {max_batch!r}")
+    max_len = max(len(p) for p in ids) + max_new_tokens
+    limit = model.config.sliding_window or model.config.max_position_embeddings
+    if max_len > limit and (model.config.sliding_window or model.config.learned_positions):
+        what = "sliding_window" if model.config.sliding_window else "max_position_embeddings"
+        raise ValueError(f"prompts + max_new_tokens: {max_len} tokens exceed the model's {what}={limit}")
+    request = repr((ids, max_new_tokens, sampling, sorted(stops), starts, cache, max_batch, block_size))
+    check_same(model.comm, "generate() arguments", fingerprint_text(request), model.device)
+
+    kv = _make_cache(model, cache, max_batch, max_len, block_size)
+    sampler = Sampler(sampling)
+    graphs: OrderedDict[tuple[int, ...], DecodeGraph] = OrderedDict()
+    use_graphs = _graphable(model, cuda_graphs)
+    tokens = [list(p) for p in ids]
+    done: list[list[int] | None] = [None] * n
+    waiting = deque(sorted(range(n), key=lambda i: starts[i]))
+    free_slots = list(range(max_batch - 1, -1, -1))
+    running: dict[int, int] = {}  # request -> slot, in joining order
+    fresh: set[int] = set()  # requests whose prompt has not run yet
+    t = 0
+    while waiting or running:
+        while waiting and starts[waiting[0]] <= t and free_slots:
+            r = waiting.popleft()
+            running[r] = free_slots.pop()
+            fresh.add(r)
+        if not running:
+            t = starts[waiting[0]]
+            continue
+        order = list(running)
+        slots = [running[r] for r in order]
+        past = [0 if r in fresh else len(tokens[r]) - 1 for r in order]
+        step_ids = [tok for r in order for tok in (tokens[r] if r in fresh else tokens[r][-1:])]
+        ids_dev = torch.tensor(step_ids, dtype=torch.long, device=model.device)
+        if use_graphs and not fresh:
+            logits = _graph_step(model, kv, graphs, ids_dev, slots, past)
+        else:
+            step = Step(
+                new_lens=[len(tokens[r]) if r in fresh else 1 for r in order],
+                past_lens=past,
+                slots=slots,
+                device=model.device,
+            )
+            if isinstance(kv, PagedKVCache):
+                kv.reserve(step)
+            logits = model(ids_dev, step, kv)
+        chosen = (
+            sampler(logits) if model.comm.rank == 0 else torch.empty(len(order), dtype=torch.long, device=model.device)
+        )
+        chosen = model.comm.broadcast(chosen.contiguous(), root=0).tolist()
+        fresh.clear()
+        for r, tok in zip(order, chosen, strict=True):
+            tokens[r].append(tok)
+            new = len(tokens[r]) - len(ids[r])
+            if tok in stops or new == max_new_tokens:
+                done[r] = tokens[r][len(ids[r]) :]
+                slot = running.pop(r)
+                if isinstance(kv, PagedKVCache):
+                    kv.free(slot)
+                free_slots.append(slot)
+        t += 1
+    return done
+
+
+def _graph_step(model: DecoderModel, kv, graphs: OrderedDict, ids: torch.Tensor, slots: list[int], past: list[int]):
+    """One all-decode step through a replayed graph of the blocks: ``ids [B]`` -> logits ``[B, V]``."""
+    key = tuple(slots)
+    if isinstance(kv, PagedKVCache):
+        kv.allocator.reserve({s: p + 1 for s, p in zip(slots, past, strict=True)})
+    graph = graphs.pop(key, None)
+    if graph is None:
+        graph = DecodeGraph(
+            lambda x, s: model.layers(x, s, kv, decode_splits=GRAPH_DECODE_SPLITS),
+            config=model.attention_config,
+            slots=key,
+            cache=kv,
+            device=model.device,
+        )
+        if len(graphs) >= MAX_GRAPHS:
+            graphs.popitem(last=False)
+    graphs[key] = graph
+    x = model.embed_tokens(ids, torch.tensor(past, device=model.device))
+    return model.head(graph(x, past))
