@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import cli
 import torch
 import torch.distributed
 from benchlib import init_torch_distributed, median_ms
@@ -31,7 +32,7 @@ GPU_SIZES = [8 * KiB * 4**i for i in range(9)]  # 8 KiB .. 512 MiB, powers of 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, of " + ",".join(DTYPES))
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)

@@ -21,6 +21,7 @@ import math
 import sys
 from pathlib import Path
 
+import cli
 import torch
 from benchlib import median_ms
 
@@ -29,7 +30,7 @@ N_SETS = 3  # input sets to rotate among
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     p.add_argument("--head-sizes", nargs="+", type=int, default=[64, 128])

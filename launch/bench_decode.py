@@ -19,12 +19,12 @@ JSON (GPU name, every figure, ratios); ``run(args)`` returns the rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 
+import cli
 import torch
 import torch.nn.functional as F
 from benchlib import replay_seconds
@@ -46,7 +46,7 @@ BASELINES = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTE
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--out", default="launch/results/bench_decode.json")
     p.add_argument("--quick", action="store_true", help="a few configurations only")
     p.add_argument("--seconds", type=float, default=0.15, help="timed replays per measurement (about)")

@@ -10,12 +10,12 @@ Run under the launcher (any tp size; every rank checks its own output):
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import resource
 import time
 
+import cli
 import torch
 
 import tp_runtime
@@ -23,7 +23,7 @@ from tp_runtime import Attention, AttentionConfig, CacheCapacityError, KVCache, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--device", default=None, help="cpu to force the CPU (default: what tp_runtime.init picks)")
