@@ -5,7 +5,7 @@
 ``context``: TFLOP/s of the fused context (prefill) kernel (``launch/bench_context.py``);
 ``decode``: KV bytes read per second of the decode kernel, contiguous/paged/int8/fp8, with the
 device copy bandwidth of the same run (``launch/bench_decode.py``). Each part prints its table
-and writes its JSON under ``launch/results/`` (GPU name, each figure, each ratio).
+and, given ``--out`` after ``--``, writes its JSON there (GPU name, each figure, each ratio).
 """
 
 from __future__ import annotations

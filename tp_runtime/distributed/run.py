@@ -42,6 +42,16 @@ def describe(exc: BaseException) -> tuple[str, bool]:
     return f"{type(exc).__name__}: {exc}", isinstance(exc, EXPECTED)
 
 
+def _script_frames(tb):
+    """The traceback from the script's first frame on (this runner's and runpy's left out)."""
+    while tb is not None and tb.tb_next is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name != __file__ and not name.startswith("<frozen") and "runpy" not in name:
+            break
+        tb = tb.tb_next
+    return tb
+
+
 def _ranks(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks))
 
@@ -80,7 +90,7 @@ def fail(comm, exc: BaseException) -> int:
         others = {r: other for r, other in failed.items() if r != rank}
         print(report_line(rank, size, line, others), file=sys.stderr, flush=True)
         if not whole:
-            traceback.print_exception(exc, file=sys.stderr)
+            traceback.print_exception(type(exc), exc, _script_frames(exc.__traceback__), file=sys.stderr)
             sys.stderr.flush()
     if len(failed) == size:  # nobody is left waiting in a collective: end normally, with status 1
         MPI.Request.waitall(sends)
