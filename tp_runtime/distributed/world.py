@@ -89,6 +89,7 @@ def init(tp_size: int | None = None, device: str | None = None) -> World:
     except RuntimeError as exc:
         error = str(exc)
     raise_if_any(comm, error, "tp_runtime.init: choosing the device")
+    assert chosen is not None  # raise_if_any raised otherwise
     kinds = comm.allgather(chosen.type)
     if len(set(kinds)) > 1:
         raise RuntimeError(f"tp_runtime.init: ranks chose different device types, by rank: {kinds}")
