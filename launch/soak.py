@@ -146,6 +146,10 @@ def main(argv=None) -> dict:
                 raise AssertionError(f"step {step_no}: slot {slot} output differs from the recomputation by {err:.3e}")
             stats["checkpoints"] += 1
             stats["max_err"] = max(stats["max_err"], err)
+            world.log.info(
+                f"soak: step {step_no}/{args.steps}, {time.perf_counter() - t0:.0f} s, "
+                f"{stats['finished']} requests finished, max error {stats['max_err']:.1e}"
+            )
             mem = memory_in_use(dev)
             mem0 = mem if mem0 is None else mem0
             stats["memory_growth_bytes"] = mem - mem0
