@@ -5,12 +5,11 @@
 ``context``: TFLOP/s of the fused context (prefill) kernel (``launch/bench_context.py``);
 ``decode``: KV bytes read per second of the decode kernel, contiguous/paged/int8/fp8, with the
 device copy bandwidth of the same run (``launch/bench_decode.py``). Each part prints its table
-and writes its JSON under ``launch/results/`` (GPU name, each figure, each ratio).
+and, given ``--out`` after ``--``, writes its JSON there (GPU name, each figure, each ratio).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,13 +17,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_context  # noqa: E402
 import bench_decode  # noqa: E402
+import cli  # noqa: E402
+import torch  # noqa: E402
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--part", choices=["context", "decode", "all"], default="all")
     args, rest = p.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "bench_attention times the CUDA kernels and needs a GPU; on the CPU the reference backend is "
+            "for correctness, not speed (python -m pytest tests/unit checks it)"
+        )
     if args.part in ("context", "all"):
         bench_context.run(bench_context.parse_args(rest if args.part == "context" else []))
     if args.part in ("decode", "all"):

@@ -1,7 +1,7 @@
 """All-reduce latency and bus bandwidth: our NcclComm against torch.distributed (NCCL), same run.
 
     launch/tp_run -n 2 launch/bench_comm.py [--dtypes bf16,fp32] [--out launch/results/bench_comm.json]
-    launch/tp_run -n 2 launch/bench_comm.py --smoke     # CPU, MpiComm, one tiny size: for CI
+    launch/tp_run -n 2 launch/bench_comm.py --smoke     # CPU, MpiComm, one tiny size, writes nowhere: for CI
 
 Bus bandwidth is 2·(n−1)/n · bytes / time (NCCL's convention: what each link carries in a
 ring all-reduce). GPU times come from CUDA events around each call, after warm-up; the
@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import cli
 import torch
 import torch.distributed
 from benchlib import init_torch_distributed, median_ms
@@ -31,11 +32,13 @@ GPU_SIZES = [8 * KiB * 4**i for i in range(9)]  # 8 KiB .. 512 MiB, powers of 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, of " + ",".join(DTYPES))
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_comm.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the JSON here (rank 0); default: print only, write nowhere"
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, MpiComm, 8 KiB, few repeats, no torch baseline")
     args = parser.parse_args(argv)
     args.dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
@@ -141,9 +144,10 @@ def report(world: World, args, rows: list[dict]) -> None:
         "note": "times are medians; busbw = 2(n-1)/n * bytes / time; torch_over_ours > 1 means ours is faster",
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    world.log.info(f"wrote {args.out}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        world.log.info(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,16 +21,18 @@ import math
 import sys
 from pathlib import Path
 
+import cli
 import torch
 from benchlib import median_ms
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_context.json"
 N_SETS = 3  # input sets to rotate among
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p = cli.parser(__doc__)
+    p.add_argument(
+        "--out", type=Path, default=None, help="write the JSON here (rank 0); default: print only, write nowhere"
+    )
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     p.add_argument("--head-sizes", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
@@ -130,7 +132,7 @@ def _one(dtype, d, s, causal, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    """Benchmark every configuration in ``args``; print a table, write JSON to ``args.out``."""
+    """Benchmark every configuration in ``args``; print a table, write JSON to ``args.out`` (if given)."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_context needs a CUDA GPU")
     _precompile(args)
@@ -146,9 +148,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     payload = {"gpu": gpu, "torch": torch.__version__, "benchmark": "context attention (prefill)", "rows": rows}
     if getattr(args, "prepare", False):
         payload["prepare"] = bench_prepare(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1))
-    print(f"# {gpu}; JSON written to {args.out}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1))
+        print(f"# {gpu}; JSON written to {args.out}")
     return rows
 
 

@@ -19,12 +19,12 @@ JSON (GPU name, every figure, ratios); ``run(args)`` returns the rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 
+import cli
 import torch
 import torch.nn.functional as F
 from benchlib import replay_seconds
@@ -46,8 +46,8 @@ BASELINES = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTE
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="launch/results/bench_decode.json")
+    p = cli.parser(__doc__)
+    p.add_argument("--out", default=None, help="write the JSON here (rank 0); default: print only, write nowhere")
     p.add_argument("--quick", action="store_true", help="a few configurations only")
     p.add_argument("--seconds", type=float, default=0.15, help="timed replays per measurement (about)")
     return p.parse_args(argv)
@@ -246,7 +246,9 @@ def run(args) -> list[dict]:
     return rows
 
 
-def save(path: str, rows: list[dict]) -> None:
+def save(path: str | None, rows: list[dict]) -> None:
+    if path is None:
+        return
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "head_size": D, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -277,7 +279,8 @@ def main(argv=None) -> None:
         raise SystemExit("bench_decode: needs a CUDA GPU")
     print(f"bench_decode on {torch.cuda.get_device_name()}", flush=True)
     run(args)
-    print(f"wrote {args.out}")
+    if args.out is not None:
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ long sleep kernel (so the host is never in the way) and comparing with the eager
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
 import os
 from dataclasses import dataclass
 
+import cli
 import torch
 import torch.nn.functional as F
 from benchlib import gpu_busy_ms, init_torch_distributed, median_ms
@@ -58,7 +58,7 @@ CPU_DECODE = ((1, 512), (8, 256))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--out", default=None, help="JSON output (rank 0)")
     p.add_argument("--models", default=",".join(m.name for m in MODELS))
     p.add_argument("--phases", default="prefill,decode")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import benchlib
+import cli
 import torch
 
 import tp_runtime
@@ -33,6 +34,7 @@ from tp_runtime import (
     KVCache,
     NoComm,
     PagedKVCache,
+    PositionEmbeddingType,
     RowLinear,
     Step,
     World,
@@ -43,7 +45,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default %(default)s)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per step (default %(default)s)")
     parser.add_argument(
@@ -54,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     attn = parser.add_argument_group("attention stack")
-    attn.add_argument("--pe", default="rope_gpt_neox", help="position embedding (PositionEmbeddingType)")
+    attn.add_argument(
+        "--pe", default="rope_gpt_neox", choices=[p.value for p in PositionEmbeddingType], help="position embedding"
+    )
     attn.add_argument("--heads", type=int, default=8)
     attn.add_argument("--kv-heads", type=int, default=2, help="< heads: GQA; 1: MQA")
     attn.add_argument("--head-size", type=int, default=64)
@@ -68,6 +72,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="then print launch/bench_tp.py's table for this machine (whole layer vs a torch.distributed layer)",
     )
     return parser.parse_args(argv)
+
+
+FLAGS = {  # AttentionConfig field -> the flag that sets it
+    "hidden_size": "--heads/--head-size",
+    "num_heads": "--heads",
+    "num_kv_heads": "--kv-heads",
+    "head_size": "--head-size",
+    "position_embedding": "--pe",
+    "kv_cache_dtype": "--kv-cache",
+    "dtype": "--dtype",
+}
+
+
+def attention_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        hidden_size=args.heads * args.head_size,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        position_embedding=args.pe,
+        max_position_embeddings=64,
+        kv_cache_dtype=args.kv_cache,
+    )
+
+
+def check_args(args: argparse.Namespace, tp_size: int, dtype: torch.dtype) -> None:
+    """Every flag against the config's rules and the tensor-parallel size, before any work: a bad
+    value raises ``ValueError`` naming the flag to change (the same on every rank)."""
+    ranks = f"the tensor-parallel size {tp_size} (ranks per group: tp_run -n, or --tp-size)"
+    for flag, value in (("--hidden", args.hidden), ("--tokens", args.tokens), ("--layers", args.layers)):
+        if value < 1:
+            raise ValueError(f"{flag}: expected a positive number, got {value}")
+    if 4 * args.hidden % tp_size:
+        raise ValueError(f"--hidden: expected 4 * hidden divisible by {ranks}, got {args.hidden}")
+    try:
+        cfg = AttentionConfig(**attention_kwargs(args), dtype=dtype)
+    except ValueError as exc:
+        field = next((name for name in FLAGS if f"AttentionConfig.{name}=" in str(exc)), None)
+        raise ValueError(f"{FLAGS.get(field, 'attention flags')}: {exc}") from None
+    if cfg.num_heads % tp_size:
+        raise ValueError(f"--heads: expected a multiple of {ranks}, got {cfg.num_heads}")
+    kv, tp = cfg.num_kv_heads, tp_size
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(f"--kv-heads: expected a multiple or a divisor of {ranks}, got {kv}")
 
 
 def check(world: World, name: str, got: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> None:
@@ -129,14 +176,7 @@ def run_attention_stack(world: World, args: argparse.Namespace, dtype: torch.dty
     dev, comm = world.device, world.tp_comm
     if dtype == torch.float32 and dev.type == "cuda" and args.backend != "reference":
         dtype = torch.bfloat16  # the CUDA kernels take fp16/bf16
-    kw = dict(
-        hidden_size=args.heads * args.head_size,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        position_embedding=args.pe,
-        max_position_embeddings=64,
-        kv_cache_dtype=args.kv_cache,
-    )
+    kw = attention_kwargs(args)
     cfg = AttentionConfig(**kw, dtype=dtype)
     ref_cfg = AttentionConfig(**kw, dtype=torch.float32)
     hidden = cfg.hidden_size
@@ -202,6 +242,7 @@ def run_attention_stack(world: World, args: argparse.Namespace, dtype: torch.dty
             running[slot] = [0, gen_len]
             new.append(prompt), past.append(0), slots.append(slot)
         if not new:
+            world.log.info(f"step {step_no:3d}: idle (no request has arrived yet)")
             continue
         step = Step(new_lens=new, past_lens=past, slots=slots, device=dev)
         cache.reserve(step)
@@ -250,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.dtype != "auto"
         else (torch.bfloat16 if world.device.type == "cuda" else torch.float32)
     )
+    check_args(args, world.tp_size, dtype)
     name = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "CPU"
     world.log.info(
         f"tp_runtime demo: {world.size} ranks, tp_size {world.tp_size} ({world.dp_size} TP group(s)), "
@@ -263,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_tp
 
+        if world.device.type != "cuda":
+            world.log.info("--bench on the CPU: the reference backend is for correctness, not speed (times below)")
         cuda_args = ["--models", "llama2-7b,llama2-70b", "--repeats", "10", "--graph"]
         bench_tp.run(bench_tp.parse_args(cuda_args if world.device.type == "cuda" else ["--repeats", "5"]), world=world)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli  # noqa: E402
+
 from tp_runtime.backends import compile as kc  # noqa: E402
 from tp_runtime.backends.cuda_context import tile_shape  # noqa: E402
 from tp_runtime.resources import kernels_dir  # noqa: E402
@@ -62,6 +64,6 @@ def unit(family: str) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in kc.FAMILIES:
-        raise SystemExit(f"usage: {sys.argv[0]} FAMILY  (one of {sorted(kc.FAMILIES)})")
-    sys.stdout.write(unit(sys.argv[1]))
+    p = cli.parser(__doc__)
+    p.add_argument("family", choices=sorted(kc.FAMILIES), help="the kernel family (compile.FAMILIES)")
+    sys.stdout.write(unit(p.parse_args().family))

@@ -12,7 +12,6 @@ operation (torch.profiler, summed over the profiled steps and divided by their n
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import tp_runtime
 from tp_runtime import DecodeGraph, KVCache, Step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli  # noqa: E402
 from bench_tp import DECODE, MODELS, BaselineLayer, build, graph_splits  # noqa: E402
 from benchlib import gpu_busy_ms, host_ms, init_torch_distributed, median_ms  # noqa: E402
 
@@ -95,7 +95,7 @@ def profile_case(model, world, group, batch: int, length: int, top: int) -> None
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--models", default=",".join(m.name for m in MODELS))
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--top", type=int, default=12, help="kernels listed per variant")

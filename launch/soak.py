@@ -10,12 +10,12 @@ Run under the launcher (any tp size; every rank checks its own output):
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import resource
 import time
 
+import cli
 import torch
 
 import tp_runtime
@@ -23,7 +23,7 @@ from tp_runtime import Attention, AttentionConfig, CacheCapacityError, KVCache, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--device", default=None, help="cpu to force the CPU (default: what tp_runtime.init picks)")
@@ -149,6 +149,10 @@ def main(argv=None) -> dict:
                 raise AssertionError(f"step {step_no}: slot {slot} output differs from the recomputation by {err:.3e}")
             stats["checkpoints"] += 1
             stats["max_err"] = max(stats["max_err"], err)
+            world.log.info(
+                f"soak: step {step_no}/{args.steps}, {time.perf_counter() - t0:.0f} s, "
+                f"{stats['finished']} requests finished, max error {stats['max_err']:.1e}"
+            )
             mem = memory_in_use(dev)
             mem0 = mem if mem0 is None else mem0
             stats["memory_growth_bytes"] = mem - mem0

@@ -171,6 +171,8 @@ class AttentionConfig:
         if pe.is_rope:
             if not 0.0 < self.rotary_pct <= 1.0:
                 _fail("rotary_pct", self.rotary_pct, "must be in (0, 1]")
+            if self.rotary_pct == 1.0 and self.head_size % 2:
+                _fail("head_size", self.head_size, f"{pe.value} rotates pairs of channels: needs an even head size")
             if self.rotary_dim < 2 or self.rotary_dim % 2:
                 _fail(
                     "rotary_pct",

@@ -5,17 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def kernels_dir() -> Path:
-    """The directory holding the CUDA sources (``*.cu``, ``*.cuh``).
-
-    An installed wheel ships them as ``tp_runtime/kernels/`` (pyproject maps the package
-    ``tp_runtime.kernels`` to the top-level ``kernels/``); in a checkout, plain or
-    editable-installed, they are the repository's top-level ``kernels/``.
-    """
+def _shipped(name: str, what: str) -> Path:
+    """An installed wheel ships the top-level folder ``name`` as ``tp_runtime/<name>/`` (pyproject maps
+    the package ``tp_runtime.<name>`` to it); in a checkout, plain or editable-installed, it is the
+    repository's top-level folder."""
     package = Path(__file__).resolve().parent
-    for candidate in (package / "kernels", package.parent / "kernels"):
+    for candidate in (package / name, package.parent / name):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(
-        f"CUDA kernel sources not found: neither {package / 'kernels'} nor {package.parent / 'kernels'}"
-    )
+    raise FileNotFoundError(f"{what} not found: neither {package / name} nor {package.parent / name}")
+
+
+def kernels_dir() -> Path:
+    """The directory holding the CUDA sources (``*.cu``, ``*.cuh``)."""
+    return _shipped("kernels", "CUDA kernel sources")
+
+
+def launch_dir() -> Path:
+    """The directory holding the launcher (``tp_run``) and the launch scripts (the demo, benchmarks)."""
+    return _shipped("launch", "launch scripts")

@@ -20,6 +20,8 @@ def test_soak_short_run_leaks_nothing(tmp_path):
     assert result.returncode == 0, result.output
     stats = json.loads(out.read_text())
     assert stats["leaked_blocks"] == 0 and stats["checkpoints"] >= 5 and stats["finished"] > 0
+    assert result.output.count("soak: step ") >= 5, result.output  # progress on rank 0, once per checkpoint
+    assert "soak: step 50/400" in result.output, result.output
 
 
 def test_demo_benchmark_mode_prints_the_table():

@@ -49,9 +49,13 @@ def test_fingerprints_see_values_order_and_shape():
 def test_check_same_raises_on_every_rank():
     def rank_fn(comm):
         value = 7 if comm.rank != 2 else 8
-        with pytest.raises(ValueError, match=r"weights differs across the tensor-parallel group \(ranks \[0, 1, 3\]"):
-            check_same(comm, "weights", value, torch.device("cpu"))
-        check_same(comm, "weights", 5, torch.device("cpu"))  # agreement passes
+        with pytest.raises(
+            ValueError,
+            match=r"weights differs across the tensor-parallel group in dense_weight \(ranks"
+            r" \[0, 1, 3\]; ranks \[2\] agree among themselves on dense_weight\)",
+        ):
+            check_same(comm, "weights", {"qkv_weight": 3, "dense_weight": value}, torch.device("cpu"))
+        check_same(comm, "weights", {"qkv_weight": 3, "dense_weight": 5}, torch.device("cpu"))  # agreement passes
         return True
 
     assert simulate(4, rank_fn) == [True] * 4

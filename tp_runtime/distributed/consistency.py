@@ -28,18 +28,25 @@ def fingerprint_tensors(*tensors: torch.Tensor | None) -> int:
     return fingerprint_text("|".join(parts))
 
 
-def check_same(comm: Communicator, what: str, value: int, device: torch.device) -> None:
-    """Raise ``ValueError`` on every rank unless all ranks of ``comm`` hold the same ``value``."""
+def check_same(comm: Communicator, what: str, values: dict[str, int], device: torch.device) -> None:
+    """Raise ``ValueError`` on every rank unless all ranks of ``comm`` hold the same fingerprint under
+    every name of ``values`` (a config field, a tensor argument); the message names those that differ."""
     if comm.size == 1:
         return
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
-    values = [int(v) for v in comm.all_gather(mine).reshape(-1).tolist()]
-    if len(set(values)) != 1:
-        groups = {}
-        for rank, v in enumerate(values):
-            groups.setdefault(v, []).append(rank)
+    names = list(values)
+    mine = torch.tensor([values[name] for name in names], dtype=torch.int64, device=device)
+    gathered = comm.all_gather(mine).reshape(comm.size, len(names)).tolist()
+    differing = [i for i in range(len(names)) if len({row[i] for row in gathered}) != 1]
+    if differing:
+        groups: dict[int, list[int]] = {}
+        for rank, row in enumerate(gathered):
+            groups.setdefault(row[differing[0]], []).append(rank)
         listing = "; ".join(f"ranks {ranks}" for ranks in groups.values())
-        raise ValueError(f"{what} differs across the tensor-parallel group ({listing} agree among themselves)")
+        fields = ", ".join(names[i] for i in differing)
+        raise ValueError(
+            f"{what} differs across the tensor-parallel group in {fields} "
+            f"({listing} agree among themselves on {names[differing[0]]})"
+        )
 
 
 class StepMismatch(RuntimeError):

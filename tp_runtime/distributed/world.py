@@ -19,6 +19,9 @@ from .comm import Communicator, MpiComm, NcclComm, NoComm, raise_if_any
 
 DEVICE_ENV = "TP_RUNTIME_DEVICE"
 LAUNCHED_ENV = "TP_RUN_NPROCS"  # set by launch/tp_run: the number of ranks it asked mpirun for
+# Variables in which a launcher announces how many processes it started: launch/tp_run, torchrun
+# (torch.distributed), Open MPI, MPICH/Hydra. MPI must then report a world of that size.
+SIZE_VARIABLES = (LAUNCHED_ENV, "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 _DEVICE_REQUESTS = ("auto", "cpu", "cuda")
 
 
@@ -64,12 +67,11 @@ def init(tp_size: int | None = None, device: str | None = None) -> World:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     _install_abort_hook(comm)
-    launched = os.environ.get(LAUNCHED_ENV)
-    if launched is not None and int(launched) != size:
-        raise RuntimeError(
-            f"launch/tp_run started {launched} ranks but MPI reports a world of {size}: the mpirun used "
-            "belongs to another MPI library than mpi4py's (set MPIRUN=... to the matching one)"
-        )
+    mismatch = launcher_mismatch(os.environ, size)
+    if mismatch is not None:
+        # Every process is a world of its own here, so each would report: only the first one does.
+        first = all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "PMI_RANK"))
+        raise SystemExit(mismatch if first else 1)
     tp = size if tp_size is None else tp_size
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp_size must be a positive int or None, got {tp_size!r}")
@@ -88,6 +90,7 @@ def init(tp_size: int | None = None, device: str | None = None) -> World:
     except RuntimeError as exc:
         error = str(exc)
     raise_if_any(comm, error, "tp_runtime.init: choosing the device")
+    assert chosen is not None  # raise_if_any raised otherwise
     kinds = comm.allgather(chosen.type)
     if len(set(kinds)) > 1:
         raise RuntimeError(f"tp_runtime.init: ranks chose different device types, by rank: {kinds}")
@@ -119,12 +122,15 @@ def init(tp_size: int | None = None, device: str | None = None) -> World:
     return _world
 
 
+_abort_job_name = "tp_runtime_abort_job"
+
+
 def _install_abort_hook(comm) -> None:
     """An uncaught exception on this rank ends the whole job at once: it is printed, with the rank,
     then MPI aborts every rank. Plain ``mpirun python script.py`` would otherwise leave the other
-    ranks waiting in their next collective until its deadline. (``python -m mpi4py``, which
-    ``launch/tp_run`` uses, catches the exception itself and aborts the same way.)"""
-    if comm.Get_size() == 1 or getattr(sys.excepthook, "tp_runtime_abort", False):
+    ranks waiting in their next collective until its deadline. (Under ``launch/tp_run`` the ranks run
+    in ``distributed.run``, which catches the exception first and reports it once for the job.)"""
+    if comm.Get_size() == 1 or getattr(sys.excepthook, "__name__", "") == _abort_job_name:
         return
     previous, rank, size = sys.excepthook, comm.Get_rank(), comm.Get_size()
 
@@ -134,8 +140,28 @@ def _install_abort_hook(comm) -> None:
         sys.stderr.flush()
         comm.Abort(1)
 
-    abort_job.tp_runtime_abort = True
+    abort_job.__name__ = _abort_job_name  # a second init() must not wrap it again
     sys.excepthook = abort_job
+
+
+def launcher_mismatch(environ, mpi_size: int) -> str | None:
+    """One line saying why this launch cannot work (the environment announces several processes but
+    MPI sees a world of another size: torchrun, or an mpirun of another MPI library), or None."""
+    for name in SIZE_VARIABLES:
+        announced = environ.get(name)
+        if announced is None or not announced.isdigit() or int(announced) == mpi_size:
+            continue
+        if name != LAUNCHED_ENV and mpi_size > 1:  # MPI did start a job: another launcher's leftover variable
+            continue
+        if name == "WORLD_SIZE":
+            how = "torchrun (or torch.distributed's launcher) is not this runtime's launcher"
+        else:
+            how = "the mpirun used belongs to another MPI library than mpi4py's (set MPIRUN=... to the matching one)"
+        return (
+            f"tp_runtime.init: {name}={announced} but MPI sees a world of {mpi_size}: {how}; "
+            f"start the job with launch/tp_run -n {announced} script.py (or mpirun with mpi4py's MPI)"
+        )
+    return None
 
 
 def _self_test(comm, tp_comm: Communicator, device: torch.device) -> None:
@@ -184,6 +210,11 @@ def _pick_device(request: str, local_rank: int, local_size: int) -> torch.device
     if reason is not None:
         if request == "cuda":
             raise RuntimeError(f"device 'cuda' was requested but {reason}")
+        if torch.cuda.is_available() and local_rank == 0:  # a GPU torch can use, but no CuPy: say so, once a node
+            logging.getLogger("tp_runtime.all").warning(
+                f"tp_runtime.init: WARNING: running on the CPU although torch sees a GPU: {reason} "
+                f"(install the cuda12 or cuda13 extra; {DEVICE_ENV}=cpu silences this)"
+            )
         return torch.device("cpu")
     gpus = torch.cuda.device_count()
     if local_size > gpus:

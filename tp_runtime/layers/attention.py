@@ -8,6 +8,8 @@ by the same head range as the weights.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from ..backends import get_backend
@@ -29,7 +31,8 @@ from ..fingerprint import fingerprint_text
 from ..position import RopeSpec, alibi_slopes
 from ..sharding import head_layout, qkv_rows, slice_heads
 from .fp8 import FP8ColumnLinear, FP8RowLinear, check_scale
-from .linear import ColumnLinear, RowLinear
+from .linear import ColumnLinear, RowLinear, check_shape
+from .placement import refuse_move
 
 
 def _check_tensor(name: str, t: torch.Tensor, *, dtype: torch.dtype, device: torch.device, last: int) -> None:
@@ -82,6 +85,19 @@ class _AttentionBase(torch.nn.Module):
         self.desc = self._describe(keeps_cache=keeps_cache, fp8=fp8)
         self.backend.check(self.desc)
 
+    def _apply(self, fn, recurse=True):
+        refuse_move(self, fn)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        c, h = self.config, self.head_layout
+        return (
+            f"tp_rank={self.comm.rank}/{self.comm.size}, heads={h.num_heads_per_rank} of {c.num_heads}, "
+            f"kv_heads={h.num_kv_heads_per_rank} of {c.num_kv_heads}, head_size={c.head_size}, "
+            f"position_embedding={c.position_embedding.value}, dtype={c.dtype}, device={self.device}, "
+            f"backend={self.backend.name}"
+        )
+
     def _describe(self, *, keeps_cache: bool, fp8: bool) -> AttentionDesc:
         """What this layer asks of its backend (fixed here, at construction)."""
         c, pe = self.config, self.config.position_embedding
@@ -104,6 +120,11 @@ class _AttentionBase(torch.nn.Module):
             fp8_projections=fp8,
         )
 
+    def _check_config_across_ranks(self) -> None:
+        """Every rank built its layer from the same config (else ``ValueError`` naming the field)."""
+        config = {f.name: fingerprint_text(repr(getattr(self.config, f.name))) for f in fields(self.config)}
+        check_same(self.comm, f"config of {type(self).__name__}", config, self.device)
+
     @torch.no_grad()
     def load_weights(
         self,
@@ -119,16 +140,19 @@ class _AttentionBase(torch.nn.Module):
         """Load this rank's shard from full weights: fused ``[Q | K | V]`` ``[(H + 2KV)·D, hidden]``,
         dense ``[hidden, H·D]``, and (relative attention) the table ``[H, num_buckets]``.
         FP8 projections with static activation scaling also take the calibrated input scales."""
-        check_same(self.comm, f"config of {type(self).__name__}", fingerprint_text(repr(self.config)), self.device)
-        check_same(
-            self.comm,
-            f"weights given to {type(self).__name__}.load_weights",
-            fingerprint_tensors(qkv_weight, dense_weight, qkv_bias, dense_bias, relative_table),
-            self.device,
+        self._check_config_across_ranks()
+        given = dict(
+            qkv_weight=qkv_weight,
+            dense_weight=dense_weight,
+            qkv_bias=qkv_bias,
+            dense_bias=dense_bias,
+            relative_table=relative_table,
         )
+        weights = {name: fingerprint_tensors(t) for name, t in given.items()}
+        check_same(self.comm, f"weights given to {type(self).__name__}.load_weights", weights, self.device)
         # Check everything before changing anything: a bad argument leaves the layer as it was.
-        self.qkv.check_weights(qkv_weight, qkv_bias)
-        self.dense.check_weights(dense_weight, dense_bias)
+        self.qkv.check_weights(qkv_weight, qkv_bias, names=("qkv_weight", "qkv_bias"))
+        self.dense.check_weights(dense_weight, dense_bias, names=("dense_weight", "dense_bias"))
         static = (
             self.config.quant_mode is QuantMode.fp8_qdq
             and self.config.fp8_activation_scaling is Fp8ActivationScaling.static
@@ -153,9 +177,7 @@ class _AttentionBase(torch.nn.Module):
                 + ("None" if relative_table is None else f"shape {tuple(relative_table.shape)}")
             )
         if relative_table is not None:
-            expected = (self.config.num_heads, self.config.relative_num_buckets)
-            if tuple(relative_table.shape) != expected:
-                raise ValueError(f"relative_table: expected shape {expected}, got {tuple(relative_table.shape)}")
+            check_shape("relative_table", relative_table, (self.config.num_heads, self.config.relative_num_buckets))
         self.qkv.load_weights(qkv_weight, qkv_bias)
         self.dense.load_weights(dense_weight, dense_bias)
         if static:
@@ -178,7 +200,7 @@ class _AttentionBase(torch.nn.Module):
         weight), ``dense_weight [hidden, H_r·D]``, the biases likewise (``dense_bias`` whole). The
         weights differ per rank, so their cross-rank check is the loader's (it checks the checkpoint);
         the config is checked here. No relative tables or FP8 scales (``load_weights`` for those)."""
-        check_same(self.comm, f"config of {type(self).__name__}", fingerprint_text(repr(self.config)), self.device)
+        self._check_config_across_ranks()
         if self.relative_table is not None:
             raise ValueError("load_shard: relative attention tables load through load_weights (full table)")
         self.qkv.check_shard(qkv_weight, qkv_bias)
@@ -344,6 +366,8 @@ class Attention(_AttentionBase):
         c = self.config
         if kv_cache is None:
             raise ValueError(f"kv_cache: Attention (layer {self.layer_idx}) needs a KVCache or PagedKVCache, got None")
+        if kv_cache.device != self.device:
+            raise ValueError(f"kv_cache: expected a cache on the layer's device {self.device}, got {kv_cache.device}")
         if (
             kv_cache.config.kv_cache_dtype != c.kv_cache_dtype
             or kv_cache.storage_dtype != c.kv_cache_dtype.storage_dtype(c.dtype)

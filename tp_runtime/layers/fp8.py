@@ -56,10 +56,10 @@ class _Fp8Mixin:
             raise ValueError("input_scale: only for activation_scaling='static', this layer scales dynamically")
         self.input_scale = check_scale("input_scale", scale).to(self.weight.device)
 
-    def check_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().check_weights(weight, bias)
+    def check_weights(self, weight, bias=None, *, names=("weight", "bias")) -> None:
+        super().check_weights(weight, bias, names=names)
         if not torch.isfinite(weight).all():
-            raise ValueError("weight: contains NaN or Inf, cannot compute an FP8 scale")
+            raise ValueError(f"{names[0]}: contains NaN or Inf, cannot compute an FP8 scale")
 
     def store_weight(self, full: torch.Tensor | None, local: torch.Tensor) -> None:
         if full is None:

@@ -16,9 +16,15 @@ import torch
 
 from ..distributed.comm import Communicator
 from ..sharding import even_range
+from .placement import refuse_move
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """A full weight or bias given by the user: a floating-point tensor of the ``expected`` shape."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
     if tuple(tensor.shape) != expected:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")
 
@@ -39,6 +45,17 @@ class _ShardedLinear(torch.nn.Module):
             else None
         )
 
+    def _apply(self, fn, recurse=True):
+        refuse_move(self, fn)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"local_weight={tuple(self.weight.shape)}, bias={self.bias is not None}, dtype={self.dtype}, "
+            f"device={self.weight.device}"
+        )
+
     def shard(self, weight: torch.Tensor) -> torch.Tensor:
         """This rank's part of the full ``weight [out, in]``."""
         raise NotImplementedError
@@ -47,15 +64,18 @@ class _ShardedLinear(torch.nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def check_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Raise ``ValueError`` unless ``load_weights(weight, bias)`` would succeed; changes nothing."""
-        check_shape("weight", weight, (self.out_features, self.in_features))
+    def check_weights(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, names: tuple[str, str] = ("weight", "bias")
+    ) -> None:
+        """Raise ``ValueError`` unless ``load_weights(weight, bias)`` would succeed; changes nothing.
+        ``names``: what the caller calls the two arguments, for the messages."""
+        check_shape(names[0], weight, (self.out_features, self.in_features))
         if (bias is None) != (self.bias is None):
             raise ValueError(
-                f"bias: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias"
+                f"{names[1]}: layer built with bias={self.bias is not None}, got {'no' if bias is None else 'a'} bias"
             )
         if bias is not None:
-            check_shape("bias", bias, (self.out_features,))
+            check_shape(names[1], bias, (self.out_features,))
 
     def load_weights(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Load this rank's shard from the full ``weight [out, in]`` and ``bias [out]``."""

@@ -123,8 +123,12 @@ def generate(
     if max_len > limit and (model.config.sliding_window or model.config.learned_positions):
         what = "sliding_window" if model.config.sliding_window else "max_position_embeddings"
         raise ValueError(f"prompts + max_new_tokens: {max_len} tokens exceed the model's {what}={limit}")
-    request = repr((ids, max_new_tokens, sampling, sorted(stops), starts, cache, max_batch, block_size))
-    check_same(model.comm, "generate() arguments", fingerprint_text(request), model.device)
+    request = dict(
+        prompts=ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=sorted(stops), starts=starts,
+        cache=cache, max_batch=max_batch, block_size=block_size,
+    )  # fmt: skip
+    given = {name: fingerprint_text(repr(value)) for name, value in request.items()}
+    check_same(model.comm, "generate() arguments", given, model.device)
 
     kv = _make_cache(model, cache, max_batch, max_len, block_size)
     sampler = Sampler(sampling)

@@ -48,7 +48,12 @@ def load_model(
     family = family_of(ckpt.config)
     cfg = replace(family.config(ckpt.config), dtype=dtype)
     device = torch.device(device)
-    check_same(comm, f"checkpoint {folder}", fingerprint_text(ckpt.fingerprint() + repr(cfg)), device)
+    check_same(
+        comm,
+        f"checkpoint {folder}",
+        {"tensors": fingerprint_text(ckpt.fingerprint()), "config": fingerprint_text(repr(cfg))},
+        device,
+    )
     if family is bert:
         ckpt.base_prefix = bert.BASE_PREFIX
         model = BertEncoder(cfg, comm=comm, device=device)
@@ -58,7 +63,7 @@ def load_model(
         ckpt.base_prefix = names.base_prefix
         model = DecoderModel(cfg, comm=comm, device=device)
         replicated = model.load(ckpt, names)
-    check_same(comm, f"replicated weights read from {folder}", fingerprint_tensors(*replicated), device)
+    check_same(comm, f"replicated weights read from {folder}", {"replicated": fingerprint_tensors(*replicated)}, device)
     model.eval()
     model.tokenizer = load_tokenizer(folder)
     return model
