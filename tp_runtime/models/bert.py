@@ -9,6 +9,9 @@ one all-reduce -> ``[T, hidden]`` -> per layer two all-reduces -> ``[T, hidden]`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
+
 import torch
 
 from ..config import AttentionConfig, AttentionMaskType
@@ -20,6 +23,9 @@ from .hf_config import field
 from .mapping import QkvLayout, Source, read_column, read_qkv, read_replicated, read_row
 from .modules import TPMLP, TPNorm, VocabEmbedding
 from .spec import Activation, ModelConfig, Norm
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
 BASE_PREFIX = "bert."
@@ -81,6 +87,8 @@ class BertEncoder(torch.nn.Module):
     """``forward(ids [T], lengths)`` -> ``[T, hidden]`` last hidden states; ``embed(ids_per_sentence)`` ->
     ``[B, hidden]`` unit-norm sentence embeddings. Both the same on every rank."""
 
+    tokenizer: Tokenizer | None  # set by load_model: the checkpoint's tokenizer.json, or None
+
     def __init__(self, cfg: ModelConfig, *, comm: Communicator, device):
         super().__init__()
         self.config, self.comm, self.device = cfg, comm, torch.device(device)
@@ -130,6 +138,7 @@ class BertEncoder(torch.nn.Module):
         replicated: list[torch.Tensor] = []
 
         def norm(mod: TPNorm, prefix: str) -> None:
+            assert mod.bias is not None  # BERT's norms are LayerNorms (scale and shift)
             mod.weight.copy_(read_replicated(ckpt, prefix + ".weight", (hid,), dt))
             mod.bias.copy_(read_replicated(ckpt, prefix + ".bias", (hid,), dt))
             replicated.extend((mod.weight, mod.bias))
@@ -141,7 +150,8 @@ class BertEncoder(torch.nn.Module):
         ):
             mod.weight.copy_(ckpt.read(f"bert.embeddings.{name}.weight", (rows, hid), rows=mod.rows, dtype=dt))
         norm(self.embed_norm, "bert.embeddings.LayerNorm")
-        for i, layer in enumerate(self.layers):
+        # a ModuleList types its items as Module
+        for i, layer in enumerate(cast("Iterable[BertLayer]", self.layers)):
             p = f"bert.encoder.layer.{i}."
             qkv = tuple(Source(p + f"attention.self.{n}") for n in ("query", "key", "value"))
             qkv_w, qkv_b = read_qkv(
@@ -152,9 +162,9 @@ class BertEncoder(torch.nn.Module):
             )
             layer.attn.load_shard(qkv_weight=qkv_w, qkv_bias=qkv_b, dense_weight=dense_w, dense_bias=dense_b)
             norm(layer.ln_attn, p + "attention.output.LayerNorm")
-            rows = even_range(inter, tp, rank, "intermediate_size")
+            up_rows = even_range(inter, tp, rank, "intermediate_size")
             layer.mlp.up.load_shard(
-                *read_column(ckpt, Source(p + "intermediate.dense"), (inter, hid), rows, bias=True, dtype=dt)
+                *read_column(ckpt, Source(p + "intermediate.dense"), (inter, hid), up_rows, bias=True, dtype=dt)
             )
             layer.mlp.down.load_shard(
                 *read_row(ckpt, Source(p + "output.dense"), (hid, inter), tp, rank, bias=True, dtype=dt)

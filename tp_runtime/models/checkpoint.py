@@ -41,7 +41,7 @@ class Checkpoint:
         else:
             raise CheckpointError(f"{self.folder}: neither {INDEX} nor {SINGLE} (only safetensors checkpoints load)")
         self.files = weight_map  # tensor name -> file name
-        self._open: dict[str, object] = {}
+        self._open: dict[str, safe_open] = {}
         self.base_prefix = ""  # set by the family that reads it (e.g. "model.")
 
     def _candidates(self, name: str) -> list[str]:

@@ -8,7 +8,9 @@ the MLP's all-reduce -> last token of each sequence ``[B, hidden]`` -> head -> `
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -22,6 +24,9 @@ from .checkpoint import Checkpoint
 from .mapping import QkvLayout, Source, read_column, read_gate_up, read_qkv, read_replicated, read_row
 from .modules import TPMLP, LMHead, TPNorm, VocabEmbedding
 from .spec import Block, ModelConfig
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -88,16 +93,18 @@ class DecoderBlock(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, step: Step, cache, decode_splits: int | None) -> torch.Tensor:
         a = self.attn(self.ln1(h), step, cache, decode_splits=decode_splits)
+        ln2 = self.ln1 if self.ln2 is None else self.ln2  # None only for parallel_shared_norm
         if self.block is Block.sequential:
             h = h + a
-            return h + self.mlp(self.ln2(h))
-        n = self.ln1(h) if self.ln2 is None else self.ln2(h)
-        return h + a + self.mlp(n)
+            return h + self.mlp(ln2(h))
+        return h + a + self.mlp(ln2(h))
 
 
 class DecoderModel(torch.nn.Module):
     """A causal language model, tensor-parallel over ``comm``. ``forward(ids, step, cache)`` -> ``[B, V]``
     fp32 logits of each sequence's last token, the same on every rank."""
+
+    tokenizer: Tokenizer | None  # set by load_model: the checkpoint's tokenizer.json, or None
 
     def __init__(self, cfg: ModelConfig, *, comm: Communicator, device):
         super().__init__()
@@ -113,13 +120,16 @@ class DecoderModel(torch.nn.Module):
         self.final_norm = TPNorm(cfg.norm, cfg.hidden_size, cfg.norm_eps, **norm)
         self.head = LMHead(cfg.vocab_size, cfg.hidden_size, **kw)
 
+    def _blocks(self) -> Iterable[DecoderBlock]:
+        return cast("Iterable[DecoderBlock]", self.blocks)  # a ModuleList types its items as Module
+
     @property
     def attention_config(self) -> AttentionConfig:
-        return self.blocks[0].attn.config
+        return cast(DecoderBlock, self.blocks[0]).attn.config
 
     @property
     def head_layout(self):
-        return self.blocks[0].attn.head_layout
+        return cast(DecoderBlock, self.blocks[0]).attn.head_layout
 
     def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``ids [T]``, ``positions [T]`` -> ``[T, hidden]`` (one all-reduce of the summed partial lookups)."""
@@ -159,16 +169,19 @@ class DecoderModel(torch.nn.Module):
 
         table(self.embed, names.embed, cfg.vocab_size)
         if self.positions is not None:
+            assert names.positions is not None, "a family with learned positions names their table"
             table(self.positions, names.positions, cfg.max_position_embeddings)
         if self.embed_norm is not None:
+            assert names.embed_norm is not None, "a family with an embedding norm names it"
             norm(self.embed_norm, names.embed_norm)
         norm(self.final_norm, names.final_norm)
         table(self.head, names.embed if cfg.tied_embeddings else names.lm_head, cfg.vocab_size)
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self._blocks()):
             p = names.layer.format(i=i)
             src = lambda n, p=p: Source(p + n, conv1d=names.conv1d)  # noqa: E731
             norm(blk.ln1, p + names.ln1)
             if blk.ln2 is not None:
+                assert names.ln2 is not None, "a family with a second norm per layer names it"
                 norm(blk.ln2, p + names.ln2)
             qkv_w, qkv_b = read_qkv(
                 ckpt,

@@ -110,9 +110,12 @@ def generate(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     stops = set(model.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
-    starts = [0] * n if start_steps is None else [int(s) for s in start_steps]
-    if len(starts) != n or min(starts) < 0:
-        raise ValueError(f"start_steps: expected {n} steps >= 0 (one per prompt), got {list(start_steps)}")
+    if start_steps is None:
+        starts = [0] * n
+    else:
+        starts = [int(s) for s in start_steps]
+        if len(starts) != n or min(starts) < 0:
+            raise ValueError(f"start_steps: expected {n} steps >= 0 (one per prompt), got {list(start_steps)}")
     if cache not in CACHES:
         raise ValueError(f"cache: expected one of {CACHES}, got {cache!r}")
     max_batch = n if max_batch is None else max_batch
@@ -135,7 +138,7 @@ def generate(
     graphs: OrderedDict[tuple[int, ...], DecodeGraph] = OrderedDict()
     use_graphs = _graphable(model, cuda_graphs)
     tokens = [list(p) for p in ids]
-    done: list[list[int] | None] = [None] * n
+    done: dict[int, list[int]] = {}  # request -> its new tokens, once it has left
     waiting = deque(sorted(range(n), key=lambda i: starts[i]))
     free_slots = list(range(max_batch - 1, -1, -1))
     running: dict[int, int] = {}  # request -> slot, in joining order
@@ -158,9 +161,9 @@ def generate(
             logits = _graph_step(model, kv, graphs, ids_dev, slots, past)
         else:
             step = Step(
-                new_lens=[len(tokens[r]) if r in fresh else 1 for r in order],
-                past_lens=past,
-                slots=slots,
+                new_lens=tuple(len(tokens[r]) if r in fresh else 1 for r in order),
+                past_lens=tuple(past),
+                slots=tuple(slots),
                 device=model.device,
             )
             if isinstance(kv, PagedKVCache):
@@ -169,9 +172,9 @@ def generate(
         chosen = (
             sampler(logits) if model.comm.rank == 0 else torch.empty(len(order), dtype=torch.long, device=model.device)
         )
-        chosen = model.comm.broadcast(chosen.contiguous(), root=0).tolist()
+        chosen_ids: list[int] = model.comm.broadcast(chosen.contiguous(), root=0).tolist()
         fresh.clear()
-        for r, tok in zip(order, chosen, strict=True):
+        for r, tok in zip(order, chosen_ids, strict=True):
             tokens[r].append(tok)
             new = len(tokens[r]) - len(ids[r])
             if tok in stops or new == max_new_tokens:
@@ -181,7 +184,7 @@ def generate(
                     kv.free(slot)
                 free_slots.append(slot)
         t += 1
-    return done
+    return [done[r] for r in range(n)]
 
 
 def _graph_step(model: DecoderModel, kv, graphs: OrderedDict, ids: torch.Tensor, slots: list[int], past: list[int]):

@@ -54,6 +54,7 @@ def load_model(
         {"tensors": fingerprint_text(ckpt.fingerprint()), "config": fingerprint_text(repr(cfg))},
         device,
     )
+    model: DecoderModel | BertEncoder
     if family is bert:
         ckpt.base_prefix = bert.BASE_PREFIX
         model = BertEncoder(cfg, comm=comm, device=device)
