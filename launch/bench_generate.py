@@ -62,6 +62,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats; compile only at batch 1")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip HF's static cache + torch.compile baseline (its compile takes minutes; it fails on some stacks)",
+    )
     args = parser.parse_args()
     import transformers as t
 
@@ -92,7 +97,7 @@ def main() -> None:
                 return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
 
         row["hf_eager"] = decode_rate(hf_run, b, new, repeats)
-        if b == 1 or not args.quick:
+        if not args.no_compile and (b == 1 or not args.quick):
             eager_forward = hf.forward
             try:
                 hf.forward = torch.compile(eager_forward, mode="reduce-overhead", fullgraph=True)
