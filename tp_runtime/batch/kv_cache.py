@@ -93,10 +93,14 @@ class _CacheBase:
     def reserve(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         """Make room for every sequence of ``step`` to reach its length after the step (all or
         nothing); a freed slot starts a new sequence here."""
-        lengths = step.total_lens if lengths is None else lengths
-        self._check_slots(step.slots)
-        self._grow(dict(zip(step.slots, lengths, strict=True)))
-        self.freed[list(step.slots)] = False
+        self.reserve_slots(step.slots, step.total_lens if lengths is None else lengths)
+
+    def reserve_slots(self, slots, lengths) -> None:
+        """``reserve`` by slot: make room for ``lengths`` tokens in ``slots`` (all or nothing)."""
+        slots = tuple(int(x) for x in slots)
+        self._check_slots(slots)
+        self._grow(dict(zip(slots, (int(n) for n in lengths), strict=True)))
+        self.freed[list(slots)] = False
 
     def free(self, slot: int) -> None:
         """End the sequence in ``slot``: its positions are forgotten (and a paged slot's blocks go back

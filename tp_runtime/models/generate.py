@@ -166,8 +166,7 @@ def generate(
                 slots=tuple(slots),
                 device=model.device,
             )
-            if isinstance(kv, PagedKVCache):
-                kv.reserve(step)
+            kv.reserve(step)
             logits = model(ids_dev, step, kv)
         chosen = (
             sampler(logits) if model.comm.rank == 0 else torch.empty(len(order), dtype=torch.long, device=model.device)
@@ -180,8 +179,7 @@ def generate(
             if tok in stops or new == max_new_tokens:
                 done[r] = tokens[r][len(ids[r]) :]
                 slot = running.pop(r)
-                if isinstance(kv, PagedKVCache):
-                    kv.free(slot)
+                kv.free(slot)
                 free_slots.append(slot)
         t += 1
     return [done[r] for r in range(n)]
@@ -190,8 +188,7 @@ def generate(
 def _graph_step(model: DecoderModel, kv, graphs: OrderedDict, ids: torch.Tensor, slots: list[int], past: list[int]):
     """One all-decode step through a replayed graph of the blocks: ``ids [B]`` -> logits ``[B, V]``."""
     key = tuple(slots)
-    if isinstance(kv, PagedKVCache):
-        kv.allocator.reserve({s: p + 1 for s, p in zip(slots, past, strict=True)})
+    kv.reserve_slots(slots, [p + 1 for p in past])
     graph = graphs.pop(key, None)
     if graph is None:
         graph = DecodeGraph(
