@@ -191,3 +191,22 @@ def test_bert_takes_left_and_right_padding_and_empty_rows():
     with pytest.raises(ValueError, match="input_lengths"):
         layer(x, [3, 4, 1, 2], attention_mask=mask)  # lengths that disagree with the mask
     assert (layer(x, attention_mask=torch.zeros(4, 5, dtype=torch.long)) == 0).all()
+
+
+def test_bert_takes_numpy_lengths():
+    import numpy as np
+
+    layer = _bert()
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(layer(x, np.array([2, 3])), layer(x, [2, 3]))
+    with pytest.raises(ValueError, match="input_lengths"):
+        layer(x, [2.5, 2.5])
+
+
+def test_embed_refuses_token_ids_outside_the_vocabulary(minilm_dir):
+    """An id no rank owns would embed as zeros (vocabulary-parallel rows): refused instead."""
+    from tp_runtime import embed, load_model
+
+    model = load_model(minilm_dir, comm=NoComm(), device="cpu")
+    with pytest.raises(ValueError, match=r"sentences\[1\]: token ids \[-1\] outside \[0, vocab_size=30522\)"):
+        embed(model, [[101, 2023, 102], [101, -1, 102]])

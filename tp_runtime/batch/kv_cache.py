@@ -118,9 +118,14 @@ class _CacheBase:
         self.written[list(slots)] = np.asarray(lengths, dtype=np.int64)
 
     def slot_fingerprint(self, slots) -> int:
-        """One word for where ``slots`` live in the cache (their blocks, on a paged cache), to check
-        across ranks."""
-        return hash(tuple(self._blocks_of(x) for x in slots))  # ints only: the same hash on every rank
+        """One word for the state of ``slots`` (their blocks on a paged cache, how many positions each
+        holds, whether it was freed), to check across ranks before a step: a rank whose cache state
+        differs would otherwise fail its own checks alone while the others wait in a collective."""
+        idx = np.asarray(slots, dtype=np.int64)
+        inside = (idx >= 0) & (idx < self.num_slots)  # a slot outside the cache is refused after the check
+        at = np.where(inside, idx, 0)
+        held = (tuple(np.where(inside, self.written[at], -1).tolist()), tuple((self.freed[at] & inside).tolist()))
+        return hash((held, self._blocks_fingerprint(slots)))  # ints and bools only: the same hash on every rank
 
     def _check_slots(self, slots) -> None:
         bad = [x for x in slots if not 0 <= x < self.num_slots]
@@ -244,24 +249,23 @@ class KVCache(_CacheBase):
         return np.where((s >= 0) & (s < self.max_batch), self.max_seq_len, 0)
 
     def _check_capacity(self, step: Step, lengths: tuple[int, ...]) -> None:
-        for slot, n in zip(step.slots, lengths, strict=True):
+        self._check_lengths(zip(step.slots, lengths, strict=True))
+
+    def _check_lengths(self, slot_lengths) -> None:
+        for slot, n in slot_lengths:
             if n > self.max_seq_len:
                 raise CacheCapacityError(
                     f"slot {slot}: needs {n} cached tokens, the cache holds max_seq_len={self.max_seq_len}"
                 )
 
     def _grow(self, lengths: dict[int, int]) -> None:
-        for slot, n in lengths.items():
-            if n > self.max_seq_len:
-                raise CacheCapacityError(
-                    f"slot {slot}: needs {n} cached tokens, the cache holds max_seq_len={self.max_seq_len}"
-                )
+        self._check_lengths(lengths.items())
 
     def _release(self, slot: int) -> None:
         """A contiguous slot keeps its rows; only the bookkeeping forgets them."""
 
-    def _blocks_of(self, slot: int) -> tuple:
-        return ()  # a contiguous slot is its row
+    def _blocks_fingerprint(self, slots) -> int:
+        return 0  # a contiguous slot is its row
 
 
 class BlockAllocator:
@@ -369,8 +373,9 @@ class PagedKVCache(_CacheBase):
     def _release(self, slot: int) -> None:
         self.allocator.free(slot)
 
-    def _blocks_of(self, slot: int) -> tuple:
-        return tuple(self.allocator.owned.get(slot, ()))
+    def _blocks_fingerprint(self, slots) -> int:
+        owned = self.allocator.owned
+        return hash(tuple(tuple(owned.get(x, ())) for x in slots))
 
     def capacities(self, slots) -> np.ndarray:
         """Tokens each of ``slots`` can hold with the blocks it owns now (see ``KVCache.capacities``)."""

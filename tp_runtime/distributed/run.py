@@ -10,6 +10,9 @@ reports a failure once for the whole job instead of once per rank:
   with its traceback; the other failing ranks print nothing;
 - if every rank failed, every rank exits with status 1 (MPI finalised); otherwise the lowest
   failing rank aborts the job (``MPI_Abort``), which ends the ranks still waiting in a collective.
+
+One race is left: a lower rank failing just after a higher one reported (past its ``GRACE_S``) but
+before the abort reaches it reports too, so such a job prints two reports.
 """
 
 from __future__ import annotations

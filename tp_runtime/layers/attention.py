@@ -8,6 +8,7 @@ by the same head range as the weights.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import fields
 
 import torch
@@ -209,15 +210,15 @@ class _AttentionBase(torch.nn.Module):
         self.dense.load_shard(dense_weight, dense_bias)
 
     def _agree(self, step: Step, kv_cache=None) -> None:
-        """Once per step and group, before anything is written: every rank holds the same step (and
-        the same blocks for its slots), else ``StepMismatch`` on every rank. A host exchange of one
-        word: the device is not synchronized, and every later layer of the step skips it."""
+        """Once per step and group, before anything is written: every rank holds the same step (and the
+        same cache state for its slots: blocks, positions held), else ``StepMismatch`` on every rank. A
+        host exchange of one word: the device is not synchronized, and every later layer skips it."""
         key = ("agreement", id(self.comm))
         if self.comm.size == 1 or key in step.checked:
             return
         fields = step.fingerprint()
         if kv_cache is not None:
-            fields["block_tables"] = kv_cache.slot_fingerprint(step.slots)
+            fields["cache_slots"] = kv_cache.slot_fingerprint(step.slots)
         check_step_agreement(self.comm, fields)
         step.checked.add(key)
 
@@ -476,8 +477,11 @@ class BertAttention(_AttentionBase):
     def _pack_encoder(self, hidden: torch.Tensor, lengths, attention_mask):
         """-> packed ``[T, hidden]``, the flat indices to unpack (None when packed) and the lengths."""
         if lengths is not None:
-            bad = [n for n in lengths if not isinstance(n, int) or n < 0]
-            if bad:
+            try:
+                lengths = tuple(operator.index(n) for n in lengths)  # numpy ints too; 2.5 is refused
+            except TypeError:
+                raise ValueError(f"input_lengths: expected ints >= 0, got {list(lengths)}") from None
+            if min(lengths, default=0) < 0:
                 raise ValueError(f"input_lengths: expected ints >= 0, got {list(lengths)}")
         if hidden.dim() == 2:
             if attention_mask is not None:

@@ -61,9 +61,6 @@ class Checkpoint:
             f"(looked for {list(names)} in {sorted(set(self.files.values()))})"
         )
 
-    def has(self, name: str) -> bool:
-        return any(n in self.files for n in self._candidates(name))
-
     def _slice(self, name: str):
         file = self.files[name]
         if file not in self._open:
@@ -102,6 +99,9 @@ class Checkpoint:
     def fingerprint(self) -> str:
         """A digest of the checkpoint's identity (config, tensor names, their files' sizes): the same on
         every rank that reads the same checkpoint, cheap (no tensor data read)."""
+        missing = [f for f in sorted(set(self.files.values())) if not (self.folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.folder}: files {missing} (from {INDEX}) do not exist")
         sizes = {f: (self.folder / f).stat().st_size for f in sorted(set(self.files.values()))}
         text = json.dumps([self.config, sorted(self.files.items()), sizes], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .bert import BertEncoder
+from .tokenizer import token_ids
 
 
 def embed(model: BertEncoder, sentences: Sequence) -> torch.Tensor:
@@ -14,14 +15,4 @@ def embed(model: BertEncoder, sentences: Sequence) -> torch.Tensor:
     the checkpoint's ``tokenizer.json`` and its truncation, or a token id list) mean-pooled over its tokens."""
     if not isinstance(model, BertEncoder):
         raise ValueError(f"model: embed needs a BERT encoder, got {type(model).__name__}")
-    if not isinstance(sentences, (list, tuple)) or not sentences:
-        raise ValueError(f"sentences: expected a non-empty list, got {type(sentences).__name__}")
-    ids = []
-    for i, s in enumerate(sentences):
-        if isinstance(s, str):
-            if model.tokenizer is None:
-                raise ValueError(f"sentences[{i}]: a string needs the checkpoint's tokenizer.json")
-            ids.append(model.tokenizer.encode(s).ids)
-        else:
-            ids.append([int(t) for t in s])
-    return model.embed(ids)
+    return model.embed(token_ids(model.tokenizer, model.config.vocab_size, sentences, "sentences"))

@@ -24,6 +24,7 @@ from ..batch.step import Step
 from ..distributed.consistency import check_same, fingerprint_text
 from .decoder import DecoderModel
 from .sampling import Sampler, Sampling
+from .tokenizer import token_ids
 
 MAX_GRAPHS = 8
 GRAPH_DECODE_SPLITS = 4  # key splits of the decode kernel inside a graph (fixed: a graph's launch shapes are)
@@ -31,27 +32,7 @@ CACHES = ("paged", "contiguous")
 
 
 def _token_ids(model: DecoderModel, prompts: Sequence) -> list[list[int]]:
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(
-            f"prompts: expected a non-empty list of strings or token id lists, got {type(prompts).__name__}"
-        )
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if model.tokenizer is None:
-                raise ValueError(
-                    f"prompts[{i}]: a string needs the checkpoint's tokenizer.json; pass token ids instead"
-                )
-            ids = model.tokenizer.encode(p).ids
-        else:
-            ids = [int(t) for t in p]
-        if not ids:
-            raise ValueError(f"prompts[{i}]: expected at least one token, got none")
-        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}]: token ids {bad[:5]} outside [0, vocab_size={model.config.vocab_size})")
-        out.append(ids)
-    return out
+    return token_ids(model.tokenizer, model.config.vocab_size, prompts, "prompts")
 
 
 def _make_cache(model: DecoderModel, kind: str, max_batch: int, max_len: int, block_size: int):
@@ -102,6 +83,15 @@ def generate(
     ``stop_token_ids``: None for the checkpoint's ``eos_token_id``, ``()`` for none. ``start_steps``: the
     step at which each request joins (default all at 0). ``cache``: "paged" or "contiguous".
     ``max_batch``: sequences in flight at once (default: all requests); later ones wait for a slot."""
+    # The ranks agree on the arguments (and on having a tokenizer) before any of them is validated, so
+    # that a bad argument raises on every rank alike, never on one while the others wait.
+    request = dict(
+        prompts=prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=stop_token_ids,
+        start_steps=start_steps, cache=cache, max_batch=max_batch, block_size=block_size, cuda_graphs=cuda_graphs,
+        tokenizer=model.tokenizer is not None,
+    )  # fmt: skip
+    given = {name: fingerprint_text(repr(value)) for name, value in request.items()}
+    check_same(model.comm, "generate() arguments", given, model.device)
     sampling = Sampling() if sampling is None else sampling
     if not isinstance(sampling, Sampling):
         raise ValueError(f"sampling: expected a Sampling, got {type(sampling).__name__}")
@@ -126,12 +116,6 @@ def generate(
     if max_len > limit and (model.config.sliding_window or model.config.learned_positions):
         what = "sliding_window" if model.config.sliding_window else "max_position_embeddings"
         raise ValueError(f"prompts + max_new_tokens: {max_len} tokens exceed the model's {what}={limit}")
-    request = dict(
-        prompts=ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=sorted(stops), starts=starts,
-        cache=cache, max_batch=max_batch, block_size=block_size,
-    )  # fmt: skip
-    given = {name: fingerprint_text(repr(value)) for name, value in request.items()}
-    check_same(model.comm, "generate() arguments", given, model.device)
 
     kv = _make_cache(model, cache, max_batch, max_len, block_size)
     sampler = Sampler(sampling)

@@ -18,7 +18,8 @@ from .spec import Activation, Norm
 
 
 class TPNorm(torch.nn.Module):
-    """LayerNorm (scale and shift) or RMSNorm (scale), replicated; computed in fp32."""
+    """LayerNorm (scale and shift) or RMSNorm (scale), replicated; RMSNorm computes in fp32, LayerNorm
+    in the input dtype (as HF does)."""
 
     def __init__(self, kind: Norm, size: int, eps: float, *, dtype, device):
         super().__init__()

@@ -12,7 +12,7 @@ from ..distributed.comm import Communicator
 from ..distributed.consistency import check_same, fingerprint_tensors, fingerprint_text
 from . import bert, bloom, falcon, gpt2, gpt_neox, llama
 from .bert import BertEncoder
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointError
 from .decoder import DecoderModel
 from .tokenizer import load_tokenizer
 
@@ -44,16 +44,21 @@ def load_model(
     Every rank checks that the group agrees on the checkpoint (config, tensor names, file sizes) before
     reading, and on the replicated tensors (norms) after: a mismatch raises on every rank. The model's
     ``tokenizer`` is the folder's ``tokenizer.json`` (``tokenizers``), or None."""
-    ckpt = Checkpoint(folder)
-    family = family_of(ckpt.config)
-    cfg = replace(family.config(ckpt.config), dtype=dtype)
     device = torch.device(device)
-    check_same(
-        comm,
-        f"checkpoint {folder}",
-        {"tensors": fingerprint_text(ckpt.fingerprint()), "config": fingerprint_text(repr(cfg))},
-        device,
-    )
+    error = None
+    try:  # what can fail on one rank alone (a file missing on one node) is told to all before they go on
+        ckpt = Checkpoint(folder)
+        family = family_of(ckpt.config)
+        cfg = replace(family.config(ckpt.config), dtype=dtype)
+        identity = {"tensors": fingerprint_text(ckpt.fingerprint()), "config": fingerprint_text(repr(cfg))}
+    except (CheckpointError, ValueError, OSError) as exc:
+        error = exc
+    failed = [rank for rank, row in enumerate(comm.host_allgather([int(error is not None)], "load_model")) if row[0]]
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"checkpoint {folder}: reading it failed on ranks {failed} of the group")
+    check_same(comm, f"checkpoint {folder}", identity, device)
     model: DecoderModel | BertEncoder
     if family is bert:
         ckpt.base_prefix = bert.BASE_PREFIX
@@ -64,7 +69,8 @@ def load_model(
         ckpt.base_prefix = names.base_prefix
         model = DecoderModel(cfg, comm=comm, device=device)
         replicated = model.load(ckpt, names)
-    check_same(comm, f"replicated weights read from {folder}", {"replicated": fingerprint_tensors(*replicated)}, device)
-    model.eval()
     model.tokenizer = load_tokenizer(folder)
+    agreed = {"replicated": fingerprint_tensors(*replicated), "tokenizer": int(model.tokenizer is not None)}
+    check_same(comm, f"replicated weights and tokenizer read from {folder}", agreed, device)
+    model.eval()
     return model
