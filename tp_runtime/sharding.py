@@ -107,12 +107,17 @@ def qkv_ranges(layout: HeadLayout, head_size: int) -> tuple[range, range, range]
     return q, kv, kv
 
 
-def qkv_rows(layout: HeadLayout, head_size: int) -> torch.Tensor:
-    """Row indices of the fused ``[Q | K | V]`` weight kept by this rank, as ``[Q_r | K_r | V_r]``."""
+def fused_qkv_ranges(layout: HeadLayout, head_size: int) -> tuple[range, range, range]:
+    """The rank's rows of the fused ``[Q | K | V]`` weight ``[(H + 2KV)·D, hidden]``, one range per block."""
     H, KV, D = layout.num_heads, layout.num_kv_heads, head_size
     q, k, v = qkv_ranges(layout, head_size)
-    offsets = (0, H * D, (H + KV) * D)
-    return torch.cat([off + torch.arange(r.start, r.stop) for off, r in zip(offsets, (q, k, v), strict=True)])
+    k_at, v_at = H * D, (H + KV) * D  # where the K and V blocks start
+    return q, range(k_at + k.start, k_at + k.stop), range(v_at + v.start, v_at + v.stop)
+
+
+def qkv_rows(layout: HeadLayout, head_size: int) -> torch.Tensor:
+    """Row indices of the fused ``[Q | K | V]`` weight kept by this rank, as ``[Q_r | K_r | V_r]``."""
+    return torch.cat([torch.arange(r.start, r.stop) for r in fused_qkv_ranges(layout, head_size)])
 
 
 def gate_up_rows(intermediate_size: int, tp_size: int, tp_rank: int) -> torch.Tensor:

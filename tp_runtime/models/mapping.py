@@ -14,7 +14,7 @@ from enum import Enum
 
 import torch
 
-from ..sharding import HeadLayout, even_range, qkv_ranges
+from ..sharding import HeadLayout, even_range, fused_qkv_ranges, qkv_ranges
 from .checkpoint import Checkpoint
 
 
@@ -94,11 +94,7 @@ def read_qkv(
     (src,) = sources
     total = (H + 2 * KV) * D
     if layout is QkvLayout.fused:
-        offsets = (0, H * D, (H + KV) * D)
-        parts = [
-            read_column(ckpt, src, (total, hidden), range(o + r.start, o + r.stop), bias=bias, dtype=dtype)
-            for o, r in zip(offsets, (q, k, v), strict=True)
-        ]
+        parts = [read_column(ckpt, src, (total, hidden), r, bias=bias, dtype=dtype) for r in fused_qkv_ranges(heads, D)]
         return torch.cat([w for w, _ in parts]), torch.cat([b for _, b in parts]) if bias else None
     if KV != H:
         raise ValueError(f"{src.name}: a head-interleaved QKV needs num_kv_heads == num_heads, got {KV} and {H}")
