@@ -66,11 +66,26 @@ def op_tables(fn, top: int) -> tuple[list[tuple[str, float]], list[tuple[str, fl
     return by_time(gpu), by_time(host)
 
 
+def raw_launch(dg: DecodeGraph):
+    """``cudaGraphLaunch`` of the same executable graph through CuPy, bypassing torch's ``replay()``
+    (timed beside it to see what torch adds to the launch), or None where torch or CuPy lacks it."""
+    try:
+        import cupy
+
+        graph_exec = dg.graph.raw_cuda_graph_exec()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    stream = torch.cuda.current_stream(dg.device).cuda_stream
+    return lambda: cupy.cuda.runtime.graphLaunch(graph_exec, stream)
+
+
 def replay_statements(dg: DecodeGraph, past: np.ndarray, replays: int) -> dict[str, float]:
     """Median host µs of each statement of a steady-state replay (the body of ``StepGraph._replay``,
-    with the input already in ``dg.x``), and of the whole ``dg(dg.x)`` call. Each block of ``BLOCK``
-    replays starts from ``past`` again (an untimed jump) so that the cache never fills."""
-    names = ("state.before", "graph.replay", "state.after", "whole call")
+    with the input already in ``dg.x``), of the whole ``dg(dg.x)`` call, and of a raw
+    ``cudaGraphLaunch`` where available. Each block of ``BLOCK`` iterations starts from ``past`` again
+    (an untimed jump) so that the cache never fills."""
+    launch = raw_launch(dg)
+    names = ("state.before", "graph.replay", "state.after", "whole call", "cudaGraphLaunch (CuPy)")
     ns: dict[str, list[int]] = {k: [] for k in names}
     clock = time.perf_counter_ns
     for _ in range(max(1, replays // BLOCK)):
@@ -87,10 +102,17 @@ def replay_statements(dg: DecodeGraph, past: np.ndarray, replays: int) -> dict[s
             dg(dg.x)
             t4 = clock()
             assert staged is None, "a steady-state replay stages nothing"
-            for k, v in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            for k, v in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=False):
                 ns[k].append(v)
+            if launch is not None:
+                dg.state.before(None)
+                t5 = clock()
+                launch()
+                t6 = clock()
+                dg.state.after()
+                ns[names[-1]].append(t6 - t5)
     torch.cuda.synchronize()
-    return {k: statistics.median(v) / 1e3 for k, v in ns.items()}
+    return {k: statistics.median(v) / 1e3 for k, v in ns.items() if v}
 
 
 def idle_share(dg: DecodeGraph, past: np.ndarray, samples: int = 10) -> tuple[float, float, float]:
@@ -115,8 +137,10 @@ def profile_case(model, world, group, batch: int, length: int, args) -> dict:
     dev, dtype = world.device, torch.float16
     cfg, layer = build(model, world, dtype)
     lay = layer.head_layout
-    # BLOCK positions of room past the benchmark's length: steady-state replays advance the lengths.
-    cache = KVCache(config=cfg, head_layout=lay, num_layers=1, max_batch=batch, max_seq_len=length + BLOCK, device=dev)
+    # Room past the benchmark's length: steady-state replays advance the lengths (a jump back to
+    # ``past`` at least every 3·BLOCK/2 replays).
+    room = length + 2 * BLOCK
+    cache = KVCache(config=cfg, head_layout=lay, num_layers=1, max_batch=batch, max_seq_len=room, device=dev)
     cache.data.normal_()
     past = length - 1
     step = Step(new_lens=[1] * batch, past_lens=[past] * batch, device=dev)
@@ -136,9 +160,14 @@ def profile_case(model, world, group, batch: int, length: int, args) -> dict:
         base = BaselineLayer(cfg, layer, group)
         kc = torch.randn(batch, lay.num_kv_heads_per_rank, length, cfg.head_size, device=dev, dtype=dtype)
         vc = torch.randn_like(kc)
+
+        def graph_step():  # steady state, with a jump back to ``past`` every BLOCK - 1 replays
+            i = next(it)
+            return dg(xs[i % 4], pasts if i % (BLOCK - 1) == 0 else None)
+
         variants = {
             "ours eager": lambda: layer(xs[next(it) % 4], step, cache),
-            f"ours graph (splits {splits})": lambda: dg(xs[next(it) % 4], pasts),  # a jump back each call
+            f"ours graph (splits {splits})": graph_step,
             "baseline": lambda: base(xs[next(it) % 4], kc, vc, past, 1, batch),
         }
         for name, fn in variants.items():
