@@ -66,26 +66,13 @@ def op_tables(fn, top: int) -> tuple[list[tuple[str, float]], list[tuple[str, fl
     return by_time(gpu), by_time(host)
 
 
-def raw_launch(dg: DecodeGraph):
-    """``cudaGraphLaunch`` of the same executable graph through CuPy, bypassing torch's ``replay()``
-    (timed beside it to see what torch adds to the launch), or None where torch or CuPy lacks it."""
-    try:
-        import cupy
-
-        graph_exec = dg.graph.raw_cuda_graph_exec()
-    except (ImportError, AttributeError, RuntimeError):
-        return None
-    stream = torch.cuda.current_stream(dg.device).cuda_stream
-    return lambda: cupy.cuda.runtime.graphLaunch(graph_exec, stream)
-
-
 def replay_statements(dg: DecodeGraph, past: np.ndarray, replays: int) -> dict[str, float]:
     """Median host µs of each statement of a steady-state replay (the body of ``StepGraph._replay``,
-    with the input already in ``dg.x``), of the whole ``dg(dg.x)`` call, and of a raw
-    ``cudaGraphLaunch`` where available. Each block of ``BLOCK`` iterations starts from ``past`` again
-    (an untimed jump) so that the cache never fills."""
-    launch = raw_launch(dg)
-    names = ("state.before", "graph.replay", "state.after", "whole call", "cudaGraphLaunch (CuPy)")
+    with the input already in ``dg.x``), of the whole ``dg(dg.x)`` call, and of torch's
+    ``graph.replay()`` in place of the launch ``graph_launcher`` chose (for comparison; the same when
+    it chose replay). Each block of ``BLOCK`` iterations starts from ``past`` again (an untimed jump)
+    so that the cache never fills."""
+    names = ("state.before", "launch", "state.after", "whole call", "torch replay()")
     ns: dict[str, list[int]] = {k: [] for k in names}
     clock = time.perf_counter_ns
     for _ in range(max(1, replays // BLOCK)):
@@ -95,24 +82,22 @@ def replay_statements(dg: DecodeGraph, past: np.ndarray, replays: int) -> dict[s
             t0 = clock()
             staged = dg.state.before(None)
             t1 = clock()
-            dg.graph.replay()
+            dg._launch()
             t2 = clock()
             dg.state.after()
             t3 = clock()
             dg(dg.x)
             t4 = clock()
+            dg.state.before(None)
+            t5 = clock()
+            dg.graph.replay()
+            t6 = clock()
+            dg.state.after()
             assert staged is None, "a steady-state replay stages nothing"
-            for k, v in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=False):
+            for k, v in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t6 - t5), strict=True):
                 ns[k].append(v)
-            if launch is not None:
-                dg.state.before(None)
-                t5 = clock()
-                launch()
-                t6 = clock()
-                dg.state.after()
-                ns[names[-1]].append(t6 - t5)
     torch.cuda.synchronize()
-    return {k: statistics.median(v) / 1e3 for k, v in ns.items() if v}
+    return {k: statistics.median(v) / 1e3 for k, v in ns.items()}
 
 
 def idle_share(dg: DecodeGraph, past: np.ndarray, samples: int = 10) -> tuple[float, float, float]:
@@ -185,11 +170,12 @@ def profile_case(model, world, group, batch: int, length: int, args) -> dict:
                 for k, us in host_ops[: args.top // 2]:
                     print(f"   {us:9.1f} µs host  {k[:110]}")
     row["replay_host_us"] = replay_statements(dg, pasts, args.replays)
+    row["launcher"] = launcher = "torch replay()" if dg._launch == dg.graph.replay else "cudaGraphLaunch (CuPy)"
     busy, wall, idle = idle_share(dg, pasts)
     row.update(graph_busy_us=busy, graph_wall_us=wall, graph_idle_pct=100 * idle)
     if world.rank == 0:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in row["replay_host_us"].items())
-        print(f"\n== {head} | graph replay host µs (median): {parts}")
+        print(f"\n== {head} | graph replay host µs (median, launch by {launcher}): {parts}")
         print(f"   back to back: GPU busy {busy:.1f} µs, wall {wall:.1f} µs per step, GPU idle {100 * idle:.1f}%")
     torch.cuda.empty_cache()
     return row

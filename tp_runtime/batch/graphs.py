@@ -48,10 +48,31 @@ def check_graphable(config: AttentionConfig) -> None:
         raise ValueError("DecodeGraph: check_finite reads the output on the host, which a graph cannot capture")
 
 
+def graph_launcher(graph: torch.cuda.CUDAGraph, device: torch.device) -> Callable[[], object]:
+    """What a replay calls to launch ``graph`` on ``device``'s current stream: ``cudaGraphLaunch`` of
+    its executable graph through CuPy where torch exposes the handle, else ``graph.replay()``.
+
+    Why not always ``replay()``: besides the launch, it sets the device and refreshes every random
+    generator registered with the capture (torch registers the default one with every capture; on
+    some versions that is two fill kernels per replay, whether the graph draws random numbers or
+    not): host time and GPU nodes that a decode step drawing no random numbers does not need. The
+    steps captured here draw none (a raw launch would not advance torch's generator).
+    ``launch/profile_step.py`` times both."""
+    try:
+        import cupy
+
+        launch, raw_stream = cupy.cuda.runtime.graphLaunch, torch._C._cuda_getCurrentRawStream
+        graph_exec = graph.raw_cuda_graph_exec()
+    except (ImportError, AttributeError, RuntimeError):
+        return graph.replay
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return lambda: launch(graph_exec, raw_stream(index))
+
+
 class StepGraph:
     """One decode step for the fixed ``slots`` of ``cache``, captured once and replayed; a subclass says
-    what the step computes (``_body``, also run eagerly for warm-up) and what it writes back for the
-    next replay (``_commit``, captured only)."""
+    what the step computes (``_body``, also run eagerly for warm-up; it must draw no random numbers,
+    see ``graph_launcher``) and what it writes back for the next replay (``_commit``, captured only)."""
 
     def __init__(self, *, config: AttentionConfig, slots: Sequence[int], cache, device, warmup: int = 2):
         check_graphable(config)
@@ -66,6 +87,7 @@ class StepGraph:
         self._jump_events = (torch.cuda.Event(), torch.cuda.Event())  # one per staging buffer
         self.step: Step | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._launch: Callable[[], object] | None = None
 
     def _body(self):
         raise NotImplementedError
@@ -78,7 +100,7 @@ class StepGraph:
         staged = self.state.before(past_lens)
         if staged is not None:  # lengths jumped: one copy from pinned memory, on this stream
             self._load(staged)
-        self.graph.replay()
+        self._launch()
         self.state.after()
 
     def _load(self, staged: torch.Tensor) -> None:
@@ -106,7 +128,7 @@ class StepGraph:
             self.step.advance_decode_lengths()  # the next replay is the next step
         # Kept only once captured: after a failed capture the next call captures again instead of
         # replaying an empty graph.
-        self.graph = graph
+        self.graph, self._launch = graph, graph_launcher(graph, self.device)
         self.state.reset(past)  # the step was built with these lengths: nothing to stage
         self._replay(None)
         return out
