@@ -138,3 +138,20 @@ def test_check_step_agrees_on_a_step_it_accepts():
     state = captured(cache, [0, 1], [3, 5])
     state.before(None)
     cache.check_step(Step(new_lens=[1, 1], past_lens=[3, 5], slots=[0, 1]))
+
+
+@pytest.mark.parametrize("make", [contiguous, paged])
+def test_the_cache_epoch_moves_with_slot_state_not_with_steps(make):
+    """A replay re-checks only when the epoch moves: reserve, free and set_written move it; a step's
+    own writes (which only raise ``written``) do not."""
+    cache = make()
+    seen = [cache.epoch]
+    cache.reserve_slots([0], [4])
+    cache.set_written([0], [2])
+    cache.free(0)
+    seen += [cache.epoch]
+    assert seen[1] == seen[0] + 3
+    cache.reserve_slots([1], [4])
+    before = cache.epoch
+    cache.check_step_once(Step(new_lens=[3], slots=[1]))
+    assert cache.epoch == before and cache.written[1] == 3
