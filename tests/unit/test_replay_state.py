@@ -146,12 +146,24 @@ def test_the_cache_epoch_moves_with_slot_state_not_with_steps(make):
     own writes (which only raise ``written``) do not."""
     cache = make()
     seen = [cache.epoch]
-    cache.reserve_slots([0], [4])
-    cache.set_written([0], [2])
-    cache.free(0)
-    seen += [cache.epoch]
-    assert seen[1] == seen[0] + 3
+    for change in (lambda: cache.reserve_slots([0], [4]), lambda: cache.set_written([0], [2]), lambda: cache.free(0)):
+        change()
+        seen.append(cache.epoch)
+    assert seen == sorted(set(seen)), f"every change moves the epoch forward: {seen}"
     cache.reserve_slots([1], [4])
     before = cache.epoch
     cache.check_step_once(Step(new_lens=[3], slots=[1]))
     assert cache.epoch == before and cache.written[1] == 3
+
+
+def test_blocks_taken_back_behind_the_cache_s_back_are_seen():
+    """Blocks freed through the allocator itself (not ``cache.free``) still move the epoch: the next
+    replay re-checks and refuses the lost capacity."""
+    cache = paged()
+    cache.reserve_slots([0], [8])
+    state = captured(cache, [0], [3])
+    state.before(None)
+    state.after()
+    cache.allocator.free(0)
+    with pytest.raises(CacheCapacityError, match="slot 0: needs 5 cached tokens, 0 reserved"):
+        state.before(None)

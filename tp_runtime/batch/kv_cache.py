@@ -89,9 +89,14 @@ class _CacheBase:
         self.num_slots = num_slots
         self.written = np.zeros(num_slots, dtype=np.int64)  # positions written per slot (host)
         self.freed = np.zeros(num_slots, dtype=bool)  # freed and not reserved since
-        # Bumped by every change of the slots' state other than a step's writes (reserve, free,
-        # set_written): a replayed graph re-runs its cache checks only when this moves.
-        self.epoch = 0
+        self._slot_epoch = 0  # bumped by reserve, free, set_written (see ``epoch``)
+
+    @property
+    def epoch(self) -> int:
+        """Moves with every change of the slots' state other than a step's writes (reserve, free,
+        set_written, and a paged cache's blocks changing hands by any route): a replayed graph re-runs
+        its cache checks only when this moves. Both terms only grow, so their sum moves when either does."""
+        return self._slot_epoch + self.version
 
     def reserve(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         """Make room for every sequence of ``step`` to reach its length after the step (all or
@@ -104,7 +109,7 @@ class _CacheBase:
         self._check_slots(slots)
         self._grow(dict(zip(slots, (int(n) for n in lengths), strict=True)))
         self.freed[list(slots)] = False
-        self.epoch += 1
+        self._slot_epoch += 1
 
     def free(self, slot: int) -> None:
         """End the sequence in ``slot``: its positions are forgotten (and a paged slot's blocks go back
@@ -113,7 +118,7 @@ class _CacheBase:
         self._release(slot)
         self.written[slot] = 0
         self.freed[slot] = True
-        self.epoch += 1
+        self._slot_epoch += 1
 
     def set_written(self, slots, lengths) -> None:
         """Declare that ``slots`` hold ``lengths`` positions written by other means than a step (a
@@ -121,7 +126,7 @@ class _CacheBase:
         slots = tuple(int(x) for x in slots)
         self._check_slots(slots)
         self.written[list(slots)] = np.asarray(lengths, dtype=np.int64)
-        self.epoch += 1
+        self._slot_epoch += 1
 
     def slot_fingerprint(self, slots) -> int:
         """One word for the state of ``slots`` (their blocks on a paged cache, how many positions each

@@ -17,7 +17,7 @@ each, so refilling one waits only for the copy two jumps back (in practice never
 
 The checks the layers make per step (capacity, a freed slot, a past beyond what was written) are not
 run by a replay, so they are kept here, cheaply: the full vectorized check runs when the cache's
-slot state changes (``cache.epoch``: reserve, free, set_written) or the lengths jump; it also
+slot state changes (``cache.epoch``: reserve, free, set_written, blocks changing hands) or the lengths jump; it also
 computes how many more replays fit in the reserved capacity (``headroom``), so a steady-state replay
 checks one counter. Between full checks nothing can make them fail: capacity only grows by reserve,
 ``written`` only shrinks by free (both change the epoch), and each replay records what it writes.
