@@ -254,8 +254,8 @@ class KVCache(_CacheBase):
 
     def capacities(self, slots) -> np.ndarray:
         """Tokens each of ``slots`` can hold now (0 for a slot the cache lacks): the vectorized form
-        of ``check_step``'s test, for callers (``ReplayState``, for replayed graphs) whose Python time per step is GPU
-        idle time; they call ``check_step`` for its message only when this says no."""
+        of ``check_step``'s test, for callers (``ReplayState``, for replayed graphs) whose Python time
+        per step is GPU idle time; they call ``check_step`` for its message only when this says no."""
         s = np.asarray(slots, dtype=np.int64)
         return np.where((s >= 0) & (s < self.max_batch), self.max_seq_len, 0)
 
