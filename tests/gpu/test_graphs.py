@@ -1,6 +1,7 @@
 """DecodeGraph on a GPU: replayed decode steps equal eager steps of the same layers, step after step,
-over a paged cache that grows block by block while the graph is replayed; and replays queued back
-to back, with no host synchronization between them, still see each step's own lengths."""
+over a paged cache that grows block by block while the graph is replayed; replays queued back to
+back, with no host synchronization between them, still see each step's own lengths; lengths advanced
+on the device and jumps both hold, and the host never waits for the GPU in a replay."""
 
 import numpy as np
 import pytest
@@ -106,3 +107,48 @@ def test_queued_replays_equal_eager():
         step = Step(new_lens=[1] * batch, past_lens=(prompts + t).tolist(), device=dev)
         eager = stack(xs[t], step, caches[1])
         torch.testing.assert_close(replayed[t], eager, rtol=1e-3, atol=1e-3, msg=f"queued decode step {t}")
+
+
+def test_replays_advance_on_the_device_and_never_wait():
+    """``past_lens`` None (one further than the last call) and jumps (back, after eager steps) both
+    equal eager steps; replays queued behind a sleeping kernel all return before it ends: the replay
+    path neither synchronizes nor waits on an event."""
+    dev, dt = torch.device("cuda", torch.cuda.current_device()), torch.float16
+    cfg = AttentionConfig(hidden_size=512, num_heads=8, num_kv_heads=2, position_embedding="rope_gpt_neox", dtype=dt)
+    g = torch.Generator(device=dev).manual_seed(2)
+    layers = _layers(cfg, 2, dev, g)
+    batch = 5
+    caches = [
+        KVCache(
+            config=cfg, head_layout=layers[0].head_layout, num_layers=2, max_batch=batch, max_seq_len=128, device=dev
+        )
+        for _ in range(2)
+    ]
+
+    def stack(x, step, cache):
+        for layer in layers:
+            x = x + layer(x, step, cache, decode_splits=2)
+        return x
+
+    prompts = np.array([9, 30, 1, 17, 4])
+    x0 = torch.randn(int(prompts.sum()), 512, device=dev, generator=g).to(dt)
+    for c in caches:
+        stack(x0, Step(new_lens=prompts.tolist(), device=dev), c)
+    graph = DecodeGraph(
+        lambda x, s: stack(x, s, caches[0]), config=cfg, slots=range(batch), cache=caches[0], device=dev
+    )
+    # steps 1-9 advancing, then a jump back to step 3 (rewrites positions already written), on to 12
+    plan = [(t, t == 3 and i == 9) for i, t in enumerate([*range(1, 10), *range(3, 13)])]
+    xs = {t: torch.randn(batch, 512, device=dev, generator=g).to(dt) for t in range(13)}
+    replayed = {0: graph(xs[0], prompts).clone()}  # the capture (its warm-up may wait for the GPU)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(5e8))  # ~0.25 s of GPU time ahead of every replay
+    asleep = torch.cuda.Event()
+    asleep.record()
+    for t, jump in plan:
+        replayed[t] = graph(xs[t], prompts + t if jump else None).clone()
+    assert not asleep.query(), "the host waited for the GPU during the replays"
+    for t in range(13):
+        eager = stack(xs[t], Step(new_lens=[1] * batch, past_lens=(prompts + t).tolist(), device=dev), caches[1])
+        torch.testing.assert_close(replayed[t], eager, rtol=1e-3, atol=1e-3, msg=f"decode step {t}")
+    assert caches[0].written.tolist() == (prompts + 13).tolist()

@@ -5,7 +5,8 @@ the reference backend on the GPU).
 Tolerances (stated): prefill logits within the accuracy rule of tests/gpu/conftest.py, i.e. at most
 twice HF's own error in the same dtype against HF in fp32, plus one unit of the dtype at the largest
 logit; greedy generation (CUDA-graph decode steps) equal to HF's greedy generation in fp32 for the
-first 4 tokens of every prompt (random O(1) weights keep the top logits far apart); MiniLM cosine to
+first 4 tokens of every prompt (random O(1) weights keep the top logits far apart), and equal to our
+eager greedy steps token for token (the same kernels; a graph only replays them); MiniLM cosine to
 HF >= 0.99999.
 """
 
@@ -87,6 +88,31 @@ def test_greedy_generation_with_graphs_follows_hf(llama, dtype, cache):
     assert [g[:4] for g in got] == want, f"{dtype} {cache}: {got} vs HF fp32 {want}"
     eager = generate(model, PROMPTS, max_new_tokens=12, stop_token_ids=(), cache=cache, cuda_graphs=False)
     assert [g[:4] for g in eager] == want
+
+
+@pytest.mark.parametrize("cache", ["paged", "contiguous"])
+def test_one_graph_greedy_steps_equal_eager_steps(llama, cache, monkeypatch):
+    """The whole greedy step in one graph (embedding to argmax, tokens fed back on the device, read back
+    per chunk) gives eager generation's tokens, with stop tokens inside chunks, arrivals and a slot
+    shortage; and the graph path did run."""
+    import importlib
+
+    gen = importlib.import_module("tp_runtime.models.generate")
+    made = []
+    real = gen._greedy_graph
+    monkeypatch.setattr(gen, "_greedy_graph", lambda *a: made.append(1) or real(*a))
+    hf, folder = llama
+    model = load_model(folder, comm=NoComm(), device=DEV, dtype=torch.float16)
+    prompts = [*PROMPTS, [3, 1, 4, 1, 5, 9, 2, 6]]
+    kw = dict(max_new_tokens=40, cache=cache, start_steps=[0, 0, 5, 21], max_batch=3)
+    free = generate(model, prompts, stop_token_ids=(), cuda_graphs=False, **kw)
+    assert generate(model, prompts, stop_token_ids=(), **kw) == free
+    assert made, "greedy decode steps ran eagerly"
+    stops = sorted({free[0][9], free[1][20]})  # stops mid-chunk (chunks of 16 after the prefill token)
+    eager = generate(model, prompts, stop_token_ids=stops, cuda_graphs=False, **kw)
+    assert generate(model, prompts, stop_token_ids=stops, **kw) == eager
+    assert eager != free and all(g[-1] in stops or len(g) == 40 for g in eager)
+    assert [g[:4] for g in free[:3]] == [checkpoints.hf_greedy(hf, p, 4) for p in PROMPTS]
 
 
 def test_minilm_fp32_on_the_gpu(minilm_dir):

@@ -299,7 +299,7 @@ def test_paged_capacity_errors_change_nothing():
 
 
 def test_capacities_agree_with_check_step():
-    """``capacities`` (DecodeGraph's vectorized test) says no exactly where ``check_step`` raises."""
+    """``capacities`` (ReplayState's vectorized test) says no exactly where ``check_step`` raises."""
     c, _ = small_layer()
     lay = head_layout(2, 2, 1, 0)
     contiguous = KVCache(config=c, head_layout=lay, num_layers=1, max_batch=3, max_seq_len=6)

@@ -195,7 +195,7 @@ def test_decode_lengths_load_with_one_copy():
     """A decode step's past, positions and total_len are refreshed from one host buffer filled from
     each sequence's past (how a CUDA graph replays a step); the kernels then read the new lengths."""
     step = Step(new_lens=[1, 1, 1], past_lens=[4, 9, 2], slots=[2, 0, 5])
-    buf = torch.empty(3, 3, dtype=torch.int32)  # as Step.decode_lengths_buffer, unpinned on the CPU
+    buf = torch.empty(3, 3, dtype=torch.int32)  # as ReplayState's staging buffers, unpinned on the CPU
     Step.fill_decode_lengths(buf.numpy(), np.array([7, 1, 3]))
     step.load_decode_lengths(buf)
     assert step.past.tolist() == [7, 1, 3] and step.positions.tolist() == [7, 1, 3]
@@ -203,3 +203,15 @@ def test_decode_lengths_load_with_one_copy():
     assert step.cu_seqlens.tolist() == [0, 1, 2, 3] and step.token_seq.tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="load_decode_lengths"):
         Step(new_lens=[2, 1], past_lens=[0, 3]).load_decode_lengths(buf)
+
+
+def test_decode_lengths_advance_by_one():
+    """What a replayed graph does at the end of each step: past, positions and total_len all move one
+    token on (seq_total, read only by the context kernel, is not in the block)."""
+    step = Step(new_lens=[1, 1], past_lens=[4, 9], slots=[1, 0])
+    step.advance_decode_lengths()
+    step.advance_decode_lengths()
+    assert step.past.tolist() == [6, 11] and step.positions.tolist() == [6, 11] and step.total_len.tolist() == [7, 12]
+    assert step.slot.tolist() == [1, 0] and step.cu_seqlens.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="advance_decode_lengths"):
+        Step(new_lens=[2, 1], past_lens=[0, 3]).advance_decode_lengths()

@@ -89,6 +89,14 @@ class _CacheBase:
         self.num_slots = num_slots
         self.written = np.zeros(num_slots, dtype=np.int64)  # positions written per slot (host)
         self.freed = np.zeros(num_slots, dtype=bool)  # freed and not reserved since
+        self._slot_epoch = 0  # bumped by reserve, free, set_written (see ``epoch``)
+
+    @property
+    def epoch(self) -> int:
+        """Moves with every change of the slots' state other than a step's writes (reserve, free,
+        set_written, and a paged cache's blocks changing hands by any route): a replayed graph re-runs
+        its cache checks only when this moves. Both terms only grow, so their sum moves when either does."""
+        return self._slot_epoch + self.version
 
     def reserve(self, step: Step, lengths: tuple[int, ...] | None = None) -> None:
         """Make room for every sequence of ``step`` to reach its length after the step (all or
@@ -101,6 +109,7 @@ class _CacheBase:
         self._check_slots(slots)
         self._grow(dict(zip(slots, (int(n) for n in lengths), strict=True)))
         self.freed[list(slots)] = False
+        self._slot_epoch += 1
 
     def free(self, slot: int) -> None:
         """End the sequence in ``slot``: its positions are forgotten (and a paged slot's blocks go back
@@ -109,6 +118,7 @@ class _CacheBase:
         self._release(slot)
         self.written[slot] = 0
         self.freed[slot] = True
+        self._slot_epoch += 1
 
     def set_written(self, slots, lengths) -> None:
         """Declare that ``slots`` hold ``lengths`` positions written by other means than a step (a
@@ -116,6 +126,7 @@ class _CacheBase:
         slots = tuple(int(x) for x in slots)
         self._check_slots(slots)
         self.written[list(slots)] = np.asarray(lengths, dtype=np.int64)
+        self._slot_epoch += 1
 
     def slot_fingerprint(self, slots) -> int:
         """One word for the state of ``slots`` (their blocks on a paged cache, how many positions each
@@ -243,8 +254,8 @@ class KVCache(_CacheBase):
 
     def capacities(self, slots) -> np.ndarray:
         """Tokens each of ``slots`` can hold now (0 for a slot the cache lacks): the vectorized form
-        of ``check_step``'s test, for callers (``DecodeGraph``) whose Python time per step is GPU
-        idle time; they call ``check_step`` for its message only when this says no."""
+        of ``check_step``'s test, for callers (``ReplayState``, for replayed graphs) whose Python time
+        per step is GPU idle time; they call ``check_step`` for its message only when this says no."""
         s = np.asarray(slots, dtype=np.int64)
         return np.where((s >= 0) & (s < self.max_batch), self.max_seq_len, 0)
 

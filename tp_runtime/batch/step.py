@@ -43,7 +43,8 @@ class Step:
       (dynamic NTK scaling).
       ``encoder [B]``: cross attention's keys per sequence, or None.
     A decode step (one new token per sequence) keeps ``past``, ``positions`` and ``total_len``
-    adjacent, so that a replayed CUDA graph updates them with one copy (``load_decode_lengths``).
+    adjacent, so that a replayed CUDA graph updates them with one copy (``load_decode_lengths``) or
+    advances them with one increment (``advance_decode_lengths``).
 
     ``plans`` holds what a backend derives from the step once and every layer reuses (its typed
     plan, keyed by the layer description it serves); ``checked`` the once-per-step checks already
@@ -162,14 +163,9 @@ class Step:
         return all(n == 1 for n in self.new_lens)
 
     @staticmethod
-    def decode_lengths_buffer(num_seqs: int) -> torch.Tensor:
-        """A pinned host buffer for ``fill_decode_lengths`` / ``load_decode_lengths``."""
-        return torch.empty(3, num_seqs, dtype=torch.int32).pin_memory()
-
-    @staticmethod
     def fill_decode_lengths(buffer: np.ndarray, past: np.ndarray) -> None:
         """Write a decode step's lengths, given each sequence's past, into ``buffer`` (a numpy view of
-        ``decode_lengths_buffer``): its past, its new token's position (= past), its total (past + 1)."""
+        a ``[3, B]`` int32 tensor): its past, its new token's position (= past), its total (past + 1)."""
         buffer[0] = past
         buffer[1] = past
         buffer[2] = past + 1
@@ -180,6 +176,13 @@ class Step:
         if self._decode_lengths is None:
             raise ValueError("Step.load_decode_lengths: only for steps of one new token per sequence")
         self._decode_lengths.copy_(buffer, non_blocking=True)
+
+    def advance_decode_lengths(self) -> None:
+        """Add one to this decode step's device lengths (past, position, total), on the current stream:
+        captured at the end of a graph's step, it makes each replay the step after the previous one."""
+        if self._decode_lengths is None:
+            raise ValueError("Step.advance_decode_lengths: only for steps of one new token per sequence")
+        self._decode_lengths.add_(1)
 
     def plan(self, key, build):
         """The plan a backend derives from this step for ``key`` (a frozen description), built by

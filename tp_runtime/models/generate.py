@@ -3,12 +3,23 @@
 Each step packs the prompts of the requests joining now (whole prompt, past 0) with one token of
 every running request (past = its length so far), runs the model once, chooses one token per
 sequence on the group's rank 0 (``Sampler``) and broadcasts them, so every rank appends the same
-token. A request leaves when it emits a stop token (kept in its output, as HF ``generate`` does) or
+token (greedy graph steps, below, need no broadcast: every rank takes the same argmax). A request
+leaves when it emits a stop token (kept in its output, as HF ``generate`` does) or
 reaches ``max_new_tokens``; its cache slot (and, paged, its blocks) goes to the next waiting request.
 ``start_steps`` lets requests join at later steps (arrivals), so batches mix prefill and decode.
 
-On CUDA, steps where every sequence decodes run as a replayed ``DecodeGraph`` of the blocks (one per
-set of slots, the most recent ``MAX_GRAPHS`` kept); the embeddings and the head run eagerly around it.
+A request's cache is reserved for its whole length (prompt + ``max_new_tokens``) when it joins, so
+that decode steps reserve nothing.
+
+On CUDA, steps where every sequence decodes run as replayed graphs (one per set of slots, the most
+recent ``MAX_GRAPHS`` kept). Greedy: a ``GreedyDecodeGraph`` of the whole step (embedding to argmax,
+the token fed back on the device), replayed in chunks of up to ``GRAPH_CHUNK`` steps with one
+read-back per chunk; stop tokens are checked when the chunk is read (``accept``), and tokens after
+a stop are dropped, as are those past ``max_new_tokens`` (a chunk never runs past the smallest
+remaining budget, nor past the next arrival, so requests join at their step). A request that stops
+mid-chunk keeps its slot until the chunk ends: a request waiting for a slot may join up to
+``GRAPH_CHUNK - 1`` steps later than it would eagerly (its tokens are the same). Sampling: a
+``DecodeGraph`` of the blocks, with the embeddings, the head and rank 0's choice run eagerly around it.
 """
 
 from __future__ import annotations
@@ -18,16 +29,20 @@ from collections.abc import Sequence
 
 import torch
 
-from ..batch.graphs import DecodeGraph, check_graphable
+from ..batch.graphs import DecodeGraph, StepGraph, check_graphable
 from ..batch.kv_cache import KVCache, PagedKVCache
 from ..batch.step import Step
 from ..distributed.consistency import check_same, fingerprint_text
 from .decoder import DecoderModel
+from .greedy_graph import GreedyDecodeGraph
 from .sampling import Sampler, Sampling
 from .tokenizer import token_ids
 
 MAX_GRAPHS = 8
 GRAPH_DECODE_SPLITS = 4  # key splits of the decode kernel inside a graph (fixed: a graph's launch shapes are)
+# Greedy graph steps per read-back: the host syncs once per chunk. Longer chunks sync less but may run
+# a stopped request up to GRAPH_CHUNK - 1 wasted steps (and hold its slot that long).
+GRAPH_CHUNK = 16
 CACHES = ("paged", "contiguous")
 
 
@@ -119,7 +134,7 @@ def generate(
 
     kv = _make_cache(model, cache, max_batch, max_len, block_size)
     sampler = Sampler(sampling)
-    graphs: OrderedDict[tuple[int, ...], DecodeGraph] = OrderedDict()
+    graphs: OrderedDict[tuple[int, ...], StepGraph] = OrderedDict()
     use_graphs = _graphable(model, cuda_graphs)
     tokens = [list(p) for p in ids]
     done: dict[int, list[int]] = {}  # request -> its new tokens, once it has left
@@ -127,11 +142,22 @@ def generate(
     free_slots = list(range(max_batch - 1, -1, -1))
     running: dict[int, int] = {}  # request -> slot, in joining order
     fresh: set[int] = set()  # requests whose prompt has not run yet
+
+    def accept(r: int, tok: int) -> None:
+        """Append ``tok`` to request ``r``; it leaves on a stop token or at ``max_new_tokens``."""
+        tokens[r].append(tok)
+        if tok in stops or len(tokens[r]) - len(ids[r]) == max_new_tokens:
+            done[r] = tokens[r][len(ids[r]) :]
+            slot = running.pop(r)
+            kv.free(slot)
+            free_slots.append(slot)
+
     t = 0
     while waiting or running:
         while waiting and starts[waiting[0]] <= t and free_slots:
             r = waiting.popleft()
             running[r] = free_slots.pop()
+            kv.reserve_slots([running[r]], [len(ids[r]) + max_new_tokens])  # its whole life, once
             fresh.add(r)
         if not running:
             t = starts[waiting[0]]
@@ -139,6 +165,18 @@ def generate(
         order = list(running)
         slots = [running[r] for r in order]
         past = [0 if r in fresh else len(tokens[r]) - 1 for r in order]
+        if use_graphs and not fresh and sampling.greedy:
+            steps = min(GRAPH_CHUNK, *(max_new_tokens - (len(tokens[r]) - len(ids[r])) for r in order))
+            if waiting and free_slots:
+                steps = min(steps, starts[waiting[0]] - t)  # the next arrival joins at its step
+            graph = _cached(graphs, slots, lambda slots=slots: _greedy_graph(model, kv, slots))
+            chosen = graph.run([tokens[r][-1] for r in order], past, steps)  # [steps, B]
+            for row in chosen.tolist():
+                for r, tok in zip(order, row, strict=True):
+                    if r in running:  # tokens after a request's stop (or its last) are dropped
+                        accept(r, tok)
+            t += steps
+            continue
         step_ids = [tok for r in order for tok in (tokens[r] if r in fresh else tokens[r][-1:])]
         ids_dev = torch.tensor(step_ids, dtype=torch.long, device=model.device)
         if use_graphs and not fresh:
@@ -150,40 +188,46 @@ def generate(
                 slots=tuple(slots),
                 device=model.device,
             )
-            kv.reserve(step)
             logits = model(ids_dev, step, kv)
-        chosen = (
+        chosen_dev = (
             sampler(logits) if model.comm.rank == 0 else torch.empty(len(order), dtype=torch.long, device=model.device)
         )
-        chosen_ids: list[int] = model.comm.broadcast(chosen.contiguous(), root=0).tolist()
+        chosen_ids: list[int] = model.comm.broadcast(chosen_dev.contiguous(), root=0).tolist()
         fresh.clear()
         for r, tok in zip(order, chosen_ids, strict=True):
-            tokens[r].append(tok)
-            new = len(tokens[r]) - len(ids[r])
-            if tok in stops or new == max_new_tokens:
-                done[r] = tokens[r][len(ids[r]) :]
-                slot = running.pop(r)
-                kv.free(slot)
-                free_slots.append(slot)
+            accept(r, tok)
         t += 1
     return [done[r] for r in range(n)]
 
 
-def _graph_step(model: DecoderModel, kv, graphs: OrderedDict, ids: torch.Tensor, slots: list[int], past: list[int]):
-    """One all-decode step through a replayed graph of the blocks: ``ids [B]`` -> logits ``[B, V]``."""
+def _cached(graphs: OrderedDict, slots: list[int], make):
+    """The graph for ``slots`` (made by ``make()`` the first time), most recently used last."""
     key = tuple(slots)
-    kv.reserve_slots(slots, [p + 1 for p in past])
     graph = graphs.pop(key, None)
     if graph is None:
-        graph = DecodeGraph(
-            lambda x, s: model.layers(x, s, kv, decode_splits=GRAPH_DECODE_SPLITS),
-            config=model.attention_config,
-            slots=key,
-            cache=kv,
-            device=model.device,
-        )
+        graph = make()
         if len(graphs) >= MAX_GRAPHS:
             graphs.popitem(last=False)
     graphs[key] = graph
+    return graph
+
+
+def _greedy_graph(model: DecoderModel, kv, slots: list[int]) -> GreedyDecodeGraph:
+    return GreedyDecodeGraph(model, slots=slots, cache=kv, chunk=GRAPH_CHUNK, decode_splits=GRAPH_DECODE_SPLITS)
+
+
+def _graph_step(model: DecoderModel, kv, graphs: OrderedDict, ids: torch.Tensor, slots: list[int], past: list[int]):
+    """One all-decode step through a replayed graph of the blocks: ``ids [B]`` -> logits ``[B, V]``."""
+    graph = _cached(
+        graphs,
+        slots,
+        lambda: DecodeGraph(
+            lambda x, s: model.layers(x, s, kv, decode_splits=GRAPH_DECODE_SPLITS),
+            config=model.attention_config,
+            slots=slots,
+            cache=kv,
+            device=model.device,
+        ),
+    )
     x = model.embed_tokens(ids, torch.tensor(past, device=model.device))
     return model.head(graph(x, past))
