@@ -64,7 +64,7 @@ def _exit_if_failed() -> None:
 
 
 class NcclWatchdog:
-    """Deadlines for NCCL collectives without stalling the host.
+    """Deadlines for NCCL collectives (and the custom all-reduce's kernels) without stalling the host.
 
     Each collective records a CUDA event behind it on the stream; a daemon thread polls the
     oldest events and the communicator's asynchronous error. A collective unfinished after
@@ -80,13 +80,16 @@ class NcclWatchdog:
         self._thread = threading.Thread(target=self._run, name="tp_runtime-nccl-watchdog", daemon=True)
         self._thread.start()
 
-    def watch(self, what: str) -> None:
+    def watch(self, what: str, grace_s: float = 0.0) -> None:
+        """Watch the work just enqueued on the current stream: ``what`` names it (``NcclComm.all_reduce``);
+        its deadline is the collective deadline plus ``grace_s`` (for a kernel that reports its own
+        timeout first, more precisely)."""
         if torch.cuda.is_current_stream_capturing():
             return
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self._comm.device))
         with self._lock:
-            self._pending.append((event, what, time.monotonic() + _timeout_s))
+            self._pending.append((event, what, time.monotonic() + _timeout_s + grace_s))
 
     def _run(self) -> None:
         torch.cuda.set_device(self._comm.device)
@@ -98,11 +101,13 @@ class NcclWatchdog:
                 late = self._pending[0] if self._pending and time.monotonic() > self._pending[0][2] else None
             if late is not None:
                 self._fail(
-                    f"NcclComm.{late[1]} did not complete within {_timeout_s:g} s: a peer died, skipped it "
+                    f"{late[1]} did not complete within {_timeout_s:g} s: a peer died, skipped it "
                     f"or is stuck ({TIMEOUT_ENV} sets the deadline)"
                 )
             try:
                 self._comm.check_async_error()
+            except CollectiveTimeout as exc:  # a custom all-reduce kernel gave up waiting for a peer
+                self._fail(str(exc))
             except Exception as exc:  # an NCCL error on this communicator: nothing will complete now
                 self._fail(f"NCCL reported an error: {exc}")
 

@@ -153,7 +153,8 @@ class ColumnLinear(_ShardedLinear):
 
 class RowLinear(_ShardedLinear):
     """``y = all_reduce(x_r · W[:, cols_r]ᵀ + [r == 0] · b)``: input is this rank's slice of the
-    features; the bias enters once, through rank 0's GEMM."""
+    features; the bias enters once, through rank 0's GEMM, or through the all-reduce's fused
+    epilogue where the communicator has one (the custom CUDA all-reduce)."""
 
     def __init__(
         self,
@@ -178,5 +179,7 @@ class RowLinear(_ShardedLinear):
         return bias  # whole on every rank; only rank 0's GEMM adds it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local] -> [..., out]
+        if self.comm.fuses_epilogue:  # the all-reduce kernel adds the bias once, to the fp32 sum
+            return self.comm.all_reduce(self.matmul(x).contiguous(), bias=self.bias)
         bias = self.bias if self.comm.rank == 0 else None
         return self.comm.all_reduce(self.matmul(x, bias).contiguous())

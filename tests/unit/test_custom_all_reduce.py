@@ -1,0 +1,110 @@
+"""The custom all-reduce's host logic on the CPU: routing, the start-up agreement, the grid, the
+environment switch, and the fused epilogue's fallback on transports that do not fuse it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tp_runtime.distributed import custom_all_reduce as car
+from tp_runtime.distributed.comm import NoComm
+from tp_runtime.distributed.custom_all_reduce import Limits, Route, agree, route
+
+MiB, KiB = car.MiB, car.KiB
+LIMITS = Limits(one_shot_max=1 * MiB, two_shot_max=8 * MiB)
+
+
+@pytest.mark.parametrize(
+    "nbytes, expected",
+    [
+        (2, Route.ONE_SHOT),
+        (8 * KiB, Route.ONE_SHOT),
+        (1 * MiB, Route.ONE_SHOT),
+        (1 * MiB + 2, Route.TWO_SHOT),
+        (8 * MiB, Route.TWO_SHOT),
+        (8 * MiB + 2, Route.NCCL),
+        (512 * MiB, Route.NCCL),
+    ],
+)
+def test_route_by_size(nbytes, expected):
+    assert route(nbytes, torch.bfloat16, 2, True, LIMITS) is expected
+
+
+def test_route_fallbacks():
+    assert route(64, torch.float16, 1, False, LIMITS) is Route.IDENTITY  # tp 1: nothing at all
+    assert route(64, torch.float16, 1, True, LIMITS) is Route.IDENTITY
+    assert route(64, torch.float16, 4, False, LIMITS) is Route.NCCL  # switched off / no peer access
+    assert route(64, torch.int32, 4, True, LIMITS) is Route.NCCL  # the kernel sums floats only
+    assert route(64, torch.int64, 2, True, LIMITS) is Route.NCCL
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert route(64, dtype, 8, True, LIMITS) is Route.ONE_SHOT
+
+
+def test_default_limits():
+    assert car.default_limits(2, 8 * MiB) == Limits(2 * MiB, 8 * MiB)  # 2 ranks: one-shot longer
+    assert car.default_limits(4, 8 * MiB) == Limits(512 * KiB, 8 * MiB)
+    assert car.default_limits(8, 256 * KiB) == Limits(256 * KiB, 256 * KiB)  # never past the buffer
+
+
+def test_environment_switch():
+    assert car.enabled_by_env({})
+    assert car.enabled_by_env({car.CUSTOM_ENV: "1"})
+    assert not car.enabled_by_env({car.CUSTOM_ENV: "0"})
+    with pytest.raises(ValueError, match=r"TP_RUNTIME_CUSTOM_ALLREDUCE: expected 0 or 1, got 'off'"):
+        car.enabled_by_env({car.CUSTOM_ENV: "off"})
+
+
+def test_peer_reasons():
+    visible = {"0000:1b:00.0", "0000:2c:00.0"}
+    can = lambda bus: bus in visible  # noqa: E731
+    assert car.peer_reasons("0000:1b:00.0", ["0000:1b:00.0", "0000:1b:00.0"], lambda bus: False) == []  # one GPU
+    assert car.peer_reasons("0000:1b:00.0", ["0000:1b:00.0", "0000:2c:00.0"], can) == []
+    why = car.peer_reasons("0000:1b:00.0", ["0000:1b:00.0", "0000:9d:00.0"], can)
+    assert why == ["no peer access from GPU 0000:1b:00.0 to rank 1's GPU 0000:9d:00.0"]
+
+
+def test_agreement_is_one_verdict_from_every_rank_facts():
+    fine = (True, [])
+    assert agree(4, [fine] * 4) is None
+    assert agree(2, [fine, (False, [])]) == "TP_RUNTIME_CUSTOM_ALLREDUCE=0 on ranks [1]"
+    assert agree(3, [fine, (True, ["no peer access x"]), fine]) == "rank 1: no peer access x"
+    assert "at most 8" in agree(16, [fine] * 16)
+
+
+def test_grid_is_a_function_of_the_message_only():
+    assert car.grid_blocks(1, 2, 2, Route.ONE_SHOT) == 1  # a few bytes: one block (the tail)
+    assert car.grid_blocks(4096, 2, 2, Route.ONE_SHOT) == 1  # 8 KiB = 512 packs
+    assert car.grid_blocks(4097 * 8, 2, 2, Route.ONE_SHOT) == 9
+    assert car.grid_blocks(1 << 22, 2, 2, Route.ONE_SHOT) == car.MAX_BLOCKS  # capped
+    # two-shot: a rank's slice (rounded to 8 packs) sets the work
+    assert car.grid_blocks(3 * 512 * 8, 2, 3, Route.TWO_SHOT) == 1
+    assert car.grid_blocks(3 * 512 * 8 + 8, 2, 3, Route.TWO_SHOT) == 2
+
+
+def test_epilogue_on_a_transport_that_does_not_fuse_it():
+    comm = NoComm()
+    assert not comm.fuses_epilogue
+    x, bias, res = torch.randn(3, 5), torch.randn(5), torch.randn(3, 5)
+    expected = x + bias + res
+    out = comm.all_reduce(x, bias=bias, residual=res)
+    assert out is x and torch.equal(out, expected)
+
+
+def test_row_linear_hands_its_bias_to_a_fusing_all_reduce():
+    from tp_runtime.layers.linear import RowLinear
+
+    class Fusing(NoComm):  # a group of one whose all-reduce fuses the epilogue
+        fuses_epilogue = True
+        seen: list = []
+
+        def all_reduce(self, tensor, bias=None, residual=None):
+            self.seen.append(bias)
+            return super().all_reduce(tensor, bias, residual)
+
+    plain, fusing = RowLinear(6, 4, comm=NoComm()), RowLinear(6, 4, comm=Fusing())
+    w, b = torch.randn(4, 6), torch.randn(4)
+    plain.load_weights(w, b)
+    fusing.load_weights(w, b)
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(fusing(x), plain(x))
+    assert Fusing.seen and Fusing.seen[0] is fusing.bias
