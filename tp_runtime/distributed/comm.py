@@ -329,6 +329,7 @@ class NcclComm(Communicator):
     def barrier(self) -> None:
         """Return once every rank's work enqueued so far on its current stream has finished."""
         torch.cuda.current_stream(self.device).synchronize()
+        self.custom.check_async_error()  # a custom all-reduce that gave up: say so here, not later
         self._host.barrier()  # with the same deadline as every collective
 
     def host_allgather(self, values: list[int], what: str) -> list[list[int]]:

@@ -55,6 +55,7 @@ SLICE_ALIGN_PACKS = 8
 PACK_BYTES = 16
 _SIGNAL_BYTES = 2 * MAX_BLOCKS * MAX_RANKS * 4  # struct Signal: gen and flag
 _TIMED_OUT = 1
+_HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped
 
 _KERNEL_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
@@ -234,10 +235,11 @@ class CustomAllReduce:
         self._signal = runtime.malloc(_SIGNAL_BYTES)
         runtime.memset(self._signal, 0, _SIGNAL_BYTES)  # generations and flags start at 0 on every rank
         runtime.deviceSynchronize()  # zeroed before any peer can signal into it (the next allgather)
-        # Error word in host memory the kernel can write (mapped): [code, awaited rank, generation, -].
-        self._error_host = runtime.hostAlloc(16, runtime.hostAllocMapped)
+        # Error word in pinned host memory the kernel writes: [code, awaited rank, generation, -].
+        # cudaHostAllocMapped; with unified addressing (every 64-bit CUDA platform) the host pointer
+        # is also the device pointer.
+        self._error_host = runtime.hostAlloc(16, _HOST_ALLOC_MAPPED)
         ctypes.memset(self._error_host, 0, 16)
-        self._error_dev = runtime.hostGetDevicePointer(self._error_host, 0)
         self._error = (ctypes.c_uint32 * 4).from_address(self._error_host)
         memory = cupy.cuda.UnownedMemory(self._data, nbytes, self, self.device.index)
         self._staging = torch.as_tensor(
@@ -330,7 +332,7 @@ class CustomAllReduce:
             np.int64(tensor.numel()),
             np.int32(out.data_ptr() % PACK_BYTES == 0),
             np.uint64(int(timeout_s * 1e9)),
-            np.uint64(self._error_dev),
+            np.uint64(self._error_host),
         )
         with _stream(self.device):
             self._kernels[(tensor.dtype, kind)]((grid,), (THREADS,), args)
