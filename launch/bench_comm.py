@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
             count = max(2, min(8, (2 << 30) // nbytes))
             g = torch.Generator().manual_seed(group.rank)
             buffers = [torch.randn(numel, generator=g).to(dtype).to(group.device) for _ in range(count)]
-            row: dict = {"bytes": nbytes, "dtype": str(dtype).removeprefix("torch."), "route": path.value}
+            route = path.value if group.device.type == "cuda" else "mpi"  # the CPU's MpiComm
+            row: dict = {"bytes": nbytes, "dtype": str(dtype).removeprefix("torch."), "route": route}
             ops = {"ours": group.ours, "nccl": group.nccl, "torch": group.torch}
             for name, op in ops.items():
                 if op is None or (name == "nccl" and path is Route.NCCL and not args.smoke):

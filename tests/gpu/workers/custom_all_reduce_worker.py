@@ -117,6 +117,11 @@ def correct(ar: CustomAllReduce, n: int, device) -> None:
     assert off.route(torch.empty(4, device=device)) is Route.NCCL
 
 
+def capture(g: torch.cuda.CUDAGraph):
+    """Capture into ``g``; thread-local mode: the watchdog thread may query an event meanwhile."""
+    return torch.cuda.graph(g, capture_error_mode="thread_local")
+
+
 def graph(ar: CustomAllReduce, n: int, device) -> None:
     for dtype, shape, expected in (
         (torch.bfloat16, (16, 2048), Route.ONE_SHOT),
@@ -128,7 +133,7 @@ def graph(ar: CustomAllReduce, n: int, device) -> None:
         ar.all_reduce(static, bias=bias, residual=res)  # warm-up, outside the graph
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with capture(g):
             ar.all_reduce(static, bias=bias, residual=res)
         for i in range(100):
             static.copy_(inputs(ar.rank, shape, dtype, 1000 + i, device))
@@ -146,7 +151,7 @@ def skip(ar: CustomAllReduce, n: int, device, in_graph: bool) -> None:
     if in_graph:
         g = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(g):
+        with capture(g):
             ar.all_reduce(x)
         run = g.replay
     run()  # every rank: a good call first
