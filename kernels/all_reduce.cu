@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     long long chunk = (npacks + nranks - 1) / nranks;
     chunk = (chunk + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
     const long long mine = static_cast<long long>(rank) * chunk;
-    const long long mine_end = min(mine + chunk, npacks);
+    const long long mine_end = mine + chunk < npacks ? mine + chunk : npacks;
     int4* own = reinterpret_cast<int4*>(peers.data[rank]);
     for (long long k = first; mine + k < mine_end; k += stride) {
       float acc[E];

@@ -347,6 +347,8 @@ class CustomAllReduce:
             return
         if not isinstance(operand, torch.Tensor):
             raise TypeError(f"custom all_reduce: {name}: expected a torch.Tensor, got {type(operand).__name__}")
+        if operand.data_ptr() == tensor.data_ptr():  # the kernel reads operands through the read-only cache
+            raise ValueError(f"custom all_reduce: {name}: expected a tensor apart from the one reduced, got the same")
         if (
             operand.dtype != tensor.dtype
             or operand.device != tensor.device
