@@ -55,12 +55,13 @@ def test_environment_switch():
 
 
 def test_peer_reasons():
-    visible = {"0000:1b:00.0", "0000:2c:00.0"}
-    can = lambda bus: bus in visible  # noqa: E731
-    assert car.peer_reasons("0000:1b:00.0", ["0000:1b:00.0", "0000:1b:00.0"], lambda bus: False) == []  # one GPU
-    assert car.peer_reasons("0000:1b:00.0", ["0000:1b:00.0", "0000:2c:00.0"], can) == []
-    why = car.peer_reasons("0000:1b:00.0", ["0000:1b:00.0", "0000:9d:00.0"], can)
-    assert why == ["no peer access from GPU 0000:1b:00.0 to rank 1's GPU 0000:9d:00.0"]
+    a, b, far = ("n1", "0000:1b:00.0"), ("n1", "0000:2c:00.0"), ("n1", "0000:9d:00.0")
+    can = lambda bus: bus in {a[1], b[1]}  # noqa: E731
+    assert car.peer_reasons(a, [a, a, a], lambda bus: False) == []  # one GPU shared by the ranks
+    assert car.peer_reasons(a, [a, b], can) == []
+    assert car.peer_reasons(a, [a, far], can) == ["no peer access from GPU 0000:1b:00.0 to rank 1's GPU 0000:9d:00.0"]
+    # The same bus id on another host is another GPU
+    assert car.peer_reasons(a, [a, ("n2", a[1])], can) == ["rank 1 runs on another host (n2)"]
 
 
 def test_agreement_is_one_verdict_from_every_rank_facts():

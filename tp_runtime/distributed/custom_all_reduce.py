@@ -105,14 +105,17 @@ def enabled_by_env(environ) -> bool:
     return value == "1"
 
 
-def peer_reasons(my_bus: str, buses: list[str], can_access) -> list[str]:
-    """Why this rank cannot reach each peer's memory ([] if it can reach all). ``buses``: every rank's
-    GPU PCI bus id; ``can_access(bus)``: whether this process's GPU has peer access to that GPU (the
-    same GPU needs none: several ranks on one device share its memory through IPC)."""
+def peer_reasons(mine: tuple[str, str], gpus: list[tuple[str, str]], can_access) -> list[str]:
+    """Why this rank cannot reach each peer's memory ([] if it can reach all). ``mine``, ``gpus``: this
+    rank's and every rank's (host name, GPU PCI bus id); ``can_access(bus)``: whether this process's GPU
+    has peer access to that GPU of this host (the same GPU needs none: several ranks on one device
+    share its memory through IPC; another host's GPU is out of reach)."""
     reasons = []
-    for peer, bus in enumerate(buses):
-        if bus != my_bus and not can_access(bus):
-            reasons.append(f"no peer access from GPU {my_bus} to rank {peer}'s GPU {bus}")
+    for peer, (host, bus) in enumerate(gpus):
+        if host != mine[0]:
+            reasons.append(f"rank {peer} runs on another host ({host})")
+        elif bus != mine[1] and not can_access(bus):
+            reasons.append(f"no peer access from GPU {mine[1]} to rank {peer}'s GPU {bus}")
     return reasons
 
 
@@ -186,15 +189,17 @@ class CustomAllReduce:
 
         runtime = cupy.cuda.runtime
         cupy.cuda.Device(self.device.index).use()
-        my_bus = runtime.deviceGetPCIBusId(self.device.index)
+        from mpi4py import MPI
+
+        mine = (MPI.Get_processor_name(), runtime.deviceGetPCIBusId(self.device.index))
         enabled, error = False, None
         try:
             enabled = enabled_by_env(os.environ)
         except ValueError as exc:  # a bad value on one rank must stop every rank, not leave them waiting
             error = str(exc)
         raise_if_any(mpi_comm, error, "custom all-reduce setup")
-        buses = mpi_comm.allgather(my_bus)
-        facts = mpi_comm.allgather((enabled, peer_reasons(my_bus, buses, self._can_access)))
+        gpus = mpi_comm.allgather(mine)
+        facts = mpi_comm.allgather((enabled, peer_reasons(mine, gpus, self._can_access)))
         self.why_not = agree(self.size, facts)
         if self.why_not is not None:
             return
