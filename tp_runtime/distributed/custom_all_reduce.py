@@ -286,7 +286,8 @@ class CustomAllReduce:
     def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor in this rank's registered buffer for a producer (a GEMM's ``out=``) to write its
         partial sums into: ``all_reduce`` of it skips the copy-in and returns the sum in a new tensor
-        (the buffer itself is the peers' input). Valid until the next all-reduce is enqueued."""
+        (the buffer itself is the peers' input; its contents are undefined after the call). Write it
+        only after the previous all-reduce was enqueued, on the same stream."""
         if not self.usable:
             raise RuntimeError(f"all_reduce_buffer: the custom all-reduce is off ({self.why_not})")
         numel = int(np.prod(shape))
