@@ -86,20 +86,20 @@ def correct(ar: CustomAllReduce, n: int, device) -> None:
     for dtype in DTYPES:
         for shape, expected in cases(ar, dtype):
             numel = shape[0] * shape[1]
-            for epilogue in ("plain", "bias", "bias_residual"):
-                for offset in (0, 1):  # offset 1 element: an output not 16-byte aligned
-                    seed += 1
-                    what = f"{n} ranks {dtype} {shape} {epilogue} offset {offset}"
-                    bias, res = operands(shape, dtype, seed, device, epilogue)
-                    room = torch.full((numel + 40,), float("nan"), dtype=dtype, device=device)
-                    x = room[offset : offset + numel].view(shape)
-                    x.copy_(inputs(ar.rank, shape, dtype, seed, device))
-                    assert ar.route(x) is expected, f"{what}: routed to {ar.route(x)}, expected {expected}"
-                    out = ar.all_reduce(x, bias=bias, residual=res)
-                    assert out is x, f"{what}: not in place"
-                    check(out, n, shape, dtype, seed, device, bias, res, what)
-                    outside = torch.cat([room[:offset], room[offset + numel :]])
-                    assert torch.isnan(outside).all(), f"{what}: wrote outside the message"
+            # offset 1 element: an output not 16-byte aligned
+            for epilogue, offset in (("plain", 0), ("bias", 1), ("bias_residual", 0)):
+                seed += 1
+                what = f"{n} ranks {dtype} {shape} {epilogue} offset {offset}"
+                bias, res = operands(shape, dtype, seed, device, epilogue)
+                room = torch.full((numel + 40,), float("nan"), dtype=dtype, device=device)
+                x = room[offset : offset + numel].view(shape)
+                x.copy_(inputs(ar.rank, shape, dtype, seed, device))
+                assert ar.route(x) is expected, f"{what}: routed to {ar.route(x)}, expected {expected}"
+                out = ar.all_reduce(x, bias=bias, residual=res)
+                assert out is x, f"{what}: not in place"
+                check(out, n, shape, dtype, seed, device, bias, res, what)
+                outside = torch.cat([room[:offset], room[offset + numel :]])
+                assert torch.isnan(outside).all(), f"{what}: wrote outside the message"
             # A producer writing straight into the registered buffer: no copy-in, a new output.
             seed += 1
             bias, res = operands(shape, dtype, seed, device, "bias_residual")
