@@ -109,3 +109,52 @@ def test_row_linear_hands_its_bias_to_a_fusing_all_reduce():
     x = torch.randn(2, 6)
     torch.testing.assert_close(fusing(x), plain(x))
     assert Fusing.seen and Fusing.seen[0] is fusing.bias
+
+
+def test_mpi_comm_adds_the_epilogue_after_the_sum():
+    from mpi4py import MPI
+
+    from tp_runtime.distributed.comm import MpiComm
+
+    x, bias, res = torch.randn(2, 4).half(), torch.randn(4).half(), torch.randn(2, 4).half()
+    expected = x + bias + res
+    assert torch.equal(MpiComm(MPI.COMM_SELF).all_reduce(x, bias, res), expected)
+
+
+_KERNEL_TIMEOUT = """
+import time
+import torch
+torch.cuda.set_device = lambda device: None  # the watchdog thread sets the device: none on the CPU
+from mpi4py import MPI
+from tp_runtime.distributed.watchdog import CollectiveTimeout, NcclWatchdog
+
+class Comm:  # stands in for a CustomAllReduce whose kernel gave up waiting for rank 1
+    rank, size, device = 0, 2, None
+    def check_async_error(self):
+        raise CollectiveTimeout("custom all_reduce of the TP group timed out after 3 s waiting for rank 1")
+    def abort(self):
+        pass
+
+NcclWatchdog(Comm())
+time.sleep(20)
+print("MAIN WENT ON", flush=True)
+"""
+
+
+def test_a_kernel_timeout_ends_the_process_through_the_watchdog_naming_the_collective():
+    """The custom kernel's error word reaches the host through ``check_async_error``, which the
+    watchdog thread polls: its message is printed as is and the process ends (status 3), as for NCCL."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _KERNEL_TIMEOUT], capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "MAIN WENT ON" not in out, out
+    assert (
+        "rank 0 (TP rank 0/2): custom all_reduce of the TP group timed out after 3 s waiting for rank 1; "
+        "aborting the job" in out
+    ), out
+    assert time.monotonic() - start < 15, out
