@@ -111,6 +111,66 @@ def test_row_linear_hands_its_bias_to_a_fusing_all_reduce():
     assert Fusing.seen and Fusing.seen[0] is fusing.bias
 
 
+class _Buffered(NoComm):
+    """A group of one with a fused epilogue and a registered buffer (one per dtype) the producer
+    may write into: records each message's storage and the bias it was handed."""
+
+    fuses_epilogue = True
+
+    def __init__(self):
+        self.buffers: dict = {}
+        self.seen: list = []
+
+    def all_reduce_buffer(self, shape, dtype):
+        buf = self.buffers.setdefault(dtype, torch.full((4096,), float("nan"), dtype=dtype))
+        return buf[: int(torch.tensor(shape).prod())].view(shape)
+
+    def all_reduce(self, tensor, bias=None, residual=None):
+        self.seen.append((tensor.data_ptr(), bias))
+        return super().all_reduce(tensor.clone(), bias, residual)  # the sum in a new tensor, as the kernel
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_row_linear_gemm_writes_into_the_registered_buffer(fp8):
+    """Where the communicator offers its registered buffer, RowLinear's GEMM writes the partial sums
+    there (the custom path then skips its copy-in) and the bias goes to the fused epilogue; the
+    result equals the layer on a communicator without a buffer. FP8's scaled GEMM has no ``out=``:
+    it copies its result there."""
+    from tp_runtime.layers.fp8 import FP8RowLinear
+    from tp_runtime.layers.linear import RowLinear
+
+    torch.manual_seed(3)
+    kind = FP8RowLinear if fp8 else RowLinear
+    dtype = torch.bfloat16 if fp8 else torch.float32
+    w, b, x = torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype), torch.randn(2, 3, 40).to(dtype)
+    comm = _Buffered()
+    plain, buffered = kind(40, 24, comm=NoComm(), dtype=dtype), kind(40, 24, comm=comm, dtype=dtype)
+    plain.load_weights(w, b)
+    buffered.load_weights(w, b)
+    got = buffered(x)
+    assert comm.seen == [(comm.buffers[dtype].data_ptr(), buffered.bias)]
+    assert got.shape == (2, 3, 24)
+    torch.testing.assert_close(got, plain(x))  # the bias added after the GEMM, not inside it: one rounding apart
+    assert torch.isnan(comm.buffers[dtype][2 * 3 * 24 :]).all()  # nothing written past the message
+
+
+def test_matmul_into_out_takes_no_bias():
+    from tp_runtime.layers.linear import RowLinear
+
+    layer = RowLinear(8, 4, comm=NoComm())
+    with pytest.raises(ValueError, match="out= takes no bias"):
+        layer.matmul(torch.randn(2, 8), layer.bias, out=torch.empty(2, 4))
+
+
+def test_communicators_without_a_registered_buffer_offer_none():
+    from mpi4py import MPI
+
+    from tp_runtime.distributed.comm import MpiComm
+
+    for comm in (NoComm(), MpiComm(MPI.COMM_SELF)):
+        assert comm.all_reduce_buffer((2, 3), torch.float32) is None
+
+
 def test_mpi_comm_adds_the_epilogue_after_the_sum():
     from mpi4py import MPI
 

@@ -40,6 +40,14 @@ class Communicator:
         CUDA all-reduce fuses both into its kernel, the other paths add them after the sum."""
         raise NotImplementedError
 
+    def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Where the producer of the next ``all_reduce`` of a ``shape`` ``dtype`` message may write it
+        (a GEMM's ``out=``) to spare the copy into the transport's registered buffer, or None where
+        there is none (then it makes its own tensor, as always). ``all_reduce`` of that tensor returns
+        the sum in a new tensor; write it only after the previous ``all_reduce`` was enqueued, on the
+        same stream, and pass it to the very next one."""
+        return None
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[size, *tensor.shape]``: every rank's tensor, in rank order."""
         raise NotImplementedError
@@ -299,15 +307,13 @@ class NcclComm(Communicator):
         self._watchdog.watch("NcclComm.all_reduce")
         return tensor
 
-    def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Where a producer (a GEMM's ``out=``) may write what it then all-reduces: the custom path's
-        registered buffer when the message routes there (no copy-in; ``all_reduce`` then returns the
-        sum in a new tensor), else a fresh tensor."""
-        probe = torch.empty(0, dtype=dtype)
-        nbytes = int(np.prod(shape)) * probe.element_size()
+    def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The custom path's registered buffer where the message routes there, else None (NCCL
+        reduces the producer's own tensor in place)."""
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         if route(nbytes, dtype, self.size, self.custom.usable, self.custom.limits) in (Route.ONE_SHOT, Route.TWO_SHOT):
             return self.custom.all_reduce_buffer(shape, dtype)
-        return torch.empty(shape, dtype=dtype, device=self.device)
+        return None
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         check_tensor("NcclComm.all_gather", tensor, self.device)
@@ -344,3 +350,10 @@ class NcclComm(Communicator):
     def abort(self) -> None:
         """Abandon the communicator without waiting for peers (after an error; it is unusable then)."""
         self._nccl.abort()
+
+    def close(self) -> None:
+        """Collective: stop and join the watchdog thread (after the collectives it watches finished),
+        then release the custom all-reduce's buffers. Interpreter exit stops the watchdog by itself
+        (``watchdog``): a job that never calls this still ends cleanly."""
+        self._watchdog.close()
+        self.custom.close()

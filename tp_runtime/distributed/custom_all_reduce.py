@@ -176,6 +176,7 @@ class CustomAllReduce:
         from .comm import raise_if_any
 
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        self._mpi, self._watched = mpi_comm, watched
         self.device = torch.device(device)
         if buffer_bytes <= 0 or buffer_bytes % PACK_BYTES:
             raise ValueError(f"buffer_bytes: expected a positive multiple of {PACK_BYTES}, got {buffer_bytes}")
@@ -380,3 +381,33 @@ class CustomAllReduce:
 
     def abort(self) -> None:
         """Nothing to abandon: every kernel already returned at its deadline (the watchdog's hook)."""
+
+    def close(self) -> None:
+        """Collective (every rank, after its last call): stop and join the watchdog this object made
+        (``watched``), wait for this rank's kernels, unmap the peers' buffers, then -- once no peer
+        maps them any more -- free this rank's. Unusable afterwards (``route`` gives NCCL); idempotent.
+        Interpreter exit stops every watchdog by itself (``watchdog``), so a job that never calls it
+        still ends cleanly; the driver frees the memory with the process."""
+        if self._watched and self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
+        if not self.usable:
+            return
+        import cupy
+
+        from .comm import MpiComm
+
+        runtime = cupy.cuda.runtime
+        torch.cuda.synchronize(self.device)  # this rank's last kernel finished: it reads no peer any more
+        self.check_async_error()  # one that gave up says so (and frees nothing a peer may still use)
+        self.usable, self.why_not = False, "closed"
+        pointers = self._peers.view(np.uint64).reshape(2, MAX_RANKS)  # [data, signal] x rank
+        for peer in range(self.size):
+            if peer != self.rank:
+                runtime.ipcCloseMemHandle(int(pointers[0, peer]))
+                runtime.ipcCloseMemHandle(int(pointers[1, peer]))
+        MpiComm(self._mpi).barrier()  # every peer has unmapped this rank's buffers (under the deadline)
+        del self._staging  # tensors from all_reduce_buffer must not outlive the buffer
+        runtime.free(self._data)
+        runtime.free(self._signal)
+        runtime.freeHost(self._error_host)

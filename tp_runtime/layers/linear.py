@@ -109,9 +109,18 @@ class _ShardedLinear(torch.nn.Module):
         del full
         self.weight.copy_(local)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x · W_localᵀ (+ bias)``: [..., in_local] -> [..., out_local]."""
-        return torch.nn.functional.linear(x, self.weight, bias)
+    def matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x · W_localᵀ (+ bias)``: [..., in_local] -> [..., out_local]. ``out`` (contiguous, that
+        shape, no bias): the GEMM writes there and returns it (a communicator's registered buffer)."""
+        if out is None:
+            return torch.nn.functional.linear(x, self.weight, bias)
+        if bias is not None:
+            raise ValueError("matmul: out= takes no bias (the fused all-reduce adds it)")
+        # [rows, in_local] x [in_local, out_local] straight into out's memory
+        torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out=out.view(-1, out.shape[-1]))
+        return out
 
 
 class ColumnLinear(_ShardedLinear):
@@ -180,6 +189,9 @@ class RowLinear(_ShardedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local] -> [..., out]
         if self.comm.fuses_epilogue:  # the all-reduce kernel adds the bias once, to the fp32 sum
-            return self.comm.all_reduce(self.matmul(x).contiguous(), bias=self.bias)
+            # The GEMM writes its partial sums straight into the communicator's registered buffer
+            # where the message takes the custom path (no copy-in); None: a tensor of its own.
+            buffer = self.comm.all_reduce_buffer((*x.shape[:-1], self.out_features), self.dtype)
+            return self.comm.all_reduce(self.matmul(x, out=buffer).contiguous(), bias=self.bias)
         bias = self.bias if self.comm.rank == 0 else None
         return self.comm.all_reduce(self.matmul(x, bias).contiguous())

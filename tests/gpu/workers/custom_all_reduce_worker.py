@@ -8,8 +8,10 @@ usage: custom_all_reduce_worker.py MODE
                bias + residual}, in place on an aligned and an unaligned view inside a NaN-filled
                tensor (nothing outside the message may change), and through ``all_reduce_buffer``;
                against the fp64 sum of every rank's fresh random input; the same bits on every rank;
-               then TP_RUNTIME_CUSTOM_ALLREDUCE=0 turns it off on every rank
-  graph        one-shot and two-shot captured in a CUDA graph, 100 replays with new inputs each
+               RowLinear's GEMM writing into the registered buffer (bias fused); then
+               TP_RUNTIME_CUSTOM_ALLREDUCE=0 turns it off on every rank; close() at the end
+  graph        one-shot and two-shot captured in a CUDA graph, 100 replays with new inputs each;
+               no close(): interpreter exit must stop the watchdog thread by itself
   skip         one-shot; the last rank skips one call: the others must end the job naming it
   skip_graph   two-shot in a graph; the last rank skips one replay: the same
 Every rank regenerates every rank's input from its seed, so each checks against the full sum itself.
@@ -24,8 +26,10 @@ import time
 import torch
 from mpi4py import MPI
 
+from tp_runtime.distributed.comm import Communicator
 from tp_runtime.distributed.custom_all_reduce import CustomAllReduce, Route
 from tp_runtime.distributed.watchdog import set_collective_timeout
+from tp_runtime.layers.linear import RowLinear
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -110,11 +114,54 @@ def correct(ar: CustomAllReduce, n: int, device) -> None:
             check(out, n, shape, dtype, seed, device, bias, res, f"{n} ranks {dtype} {shape} all_reduce_buffer")
     torch.cuda.synchronize()
     ar.check_async_error()
+    row_linear(ar, n, device)
 
     os.environ["TP_RUNTIME_CUSTOM_ALLREDUCE"] = "0" if ar.rank == n - 1 else "1"  # off on one rank: off on all
     off = CustomAllReduce(MPI.COMM_WORLD, device, buffer_bytes=1 * MiB)
     assert not off.usable and off.why_not == f"TP_RUNTIME_CUSTOM_ALLREDUCE=0 on ranks [{n - 1}]", off.why_not
     assert off.route(torch.empty(4, device=device)) is Route.NCCL
+
+
+class Custom(Communicator):
+    """The layers' view of the custom path alone (NcclComm needs one GPU per rank): a fused epilogue
+    and the registered buffer; records whether each message arrived in that buffer."""
+
+    fuses_epilogue = True
+
+    def __init__(self, ar: CustomAllReduce):
+        self.ar, self.rank, self.size, self.in_buffer = ar, ar.rank, ar.size, []
+
+    def all_reduce(self, tensor, bias=None, residual=None):
+        self.in_buffer.append(tensor.data_ptr() == self.ar.all_reduce_buffer((1,), tensor.dtype).data_ptr())
+        return self.ar.all_reduce(tensor, bias, residual)
+
+    def all_reduce_buffer(self, shape, dtype):
+        return self.ar.all_reduce_buffer(shape, dtype)
+
+
+def row_linear(ar: CustomAllReduce, n: int, device) -> None:
+    """RowLinear's GEMM writes its partial sums straight into the registered buffer, the bias fused
+    into the all-reduce: against the fp64 layer on the full input."""
+    comm = Custom(ar)
+    for dtype, lead in ((torch.bfloat16, (3, 5)), (torch.float32, (37,)), (torch.bfloat16, (1500,))):  # one-, two-shot
+        layer = RowLinear(1000, 776, comm=comm, bias=True, dtype=dtype, device=device)
+        g = torch.Generator(device=device).manual_seed(11)
+        w = torch.randn(776, 1000, generator=g, device=device).to(dtype)
+        b = torch.randn(776, generator=g, device=device).to(dtype)
+        x = torch.randn(*lead, 1000, generator=g, device=device).to(dtype)
+        layer.load_weights(w, b)
+        got = layer(x[..., layer.cols.start : layer.cols.stop])
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        scale = torch.nn.functional.linear(x.double().abs(), w.double().abs(), b.double().abs())
+        tol = (n + 4) * torch.finfo(dtype).eps * scale + 1e-30  # each rank's GEMM rounds once, then the sum
+        err = (got.double() - ref).abs()
+        what = f"{n} ranks RowLinear {dtype} {lead}"
+        assert comm.in_buffer[-1], f"{what}: the GEMM did not write into the registered buffer"
+        assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} elements off, max error {err.max().item():.3e}"
+        digests = MPI.COMM_WORLD.allgather(
+            hashlib.sha256(got.view(INT_VIEW[dtype]).cpu().numpy().tobytes()).hexdigest()
+        )
+        assert len(set(digests)) == 1, f"{what}: ranks disagree bit for bit"
 
 
 def capture(g: torch.cuda.CUDAGraph):
@@ -179,6 +226,8 @@ def main() -> None:
     assert ar.usable, ar.why_not
     if mode == "correct":
         correct(ar, n, device)
+        ar.close()  # collective: the watchdog joined, the buffers released (graph mode leaves it to exit)
+        assert not ar.usable and ar.watchdog is None
     elif mode == "graph":
         graph(ar, n, device)
     elif mode in ("skip", "skip_graph"):
