@@ -39,8 +39,10 @@ KiB, MiB = 1 << 10, 1 << 20
 GPU_SIZES = [8 * KiB * 4**i for i in range(9)]  # 8 KiB .. 512 MiB, powers of 4
 QUICK_MAX = 8 * MiB
 SHARED_GPU_NOTE = (
-    "several ranks share one GPU (time-sliced, CUDA IPC within the device): these figures test the path, "
-    "they are not multi-GPU latencies; NCCL and torch.distributed cannot run several ranks on one GPU"
+    "several ranks share one GPU (CUDA IPC within the device): these figures test the path, they are not "
+    "multi-GPU latencies. Each barrier waits until the GPU time-slices to the other ranks' processes "
+    "(milliseconds a slice), so a call takes ms at every size whatever the kernel does; NCCL and "
+    "torch.distributed cannot run several ranks on one GPU"
 )
 
 

@@ -40,6 +40,13 @@ def test_route_fallbacks():
         assert route(64, dtype, 8, True, LIMITS) is Route.ONE_SHOT
 
 
+def test_route_table_is_one_table_covering_every_group_the_kernel_serves():
+    assert sorted(car.ROUTE_TABLE) == list(range(2, car.MAX_RANKS + 1))
+    assert all(0 < one <= two for one, two in car.ROUTE_TABLE.values())
+    assert car.DEFAULT_BUFFER_BYTES == max(two for _, two in car.ROUTE_TABLE.values())
+    assert car.default_limits(9, 8 * MiB) == Limits(0, 0)  # past the kernel: nothing for the custom path
+
+
 def test_default_limits():
     assert car.default_limits(2, 8 * MiB) == Limits(2 * MiB, 8 * MiB)  # 2 ranks: one-shot longer
     assert car.default_limits(4, 8 * MiB) == Limits(512 * KiB, 8 * MiB)

@@ -310,7 +310,7 @@ class NcclComm(Communicator):
     def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """The custom path's registered buffer where the message routes there, else None (NCCL
         reduces the producer's own tensor in place)."""
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         if route(nbytes, dtype, self.size, self.custom.usable, self.custom.limits) in (Route.ONE_SHOT, Route.TWO_SHOT):
             return self.custom.all_reduce_buffer(shape, dtype)
         return None

@@ -45,7 +45,24 @@ from .watchdog import TIMEOUT_ENV, CollectiveTimeout, NcclWatchdog
 
 CUSTOM_ENV = "TP_RUNTIME_CUSTOM_ALLREDUCE"
 KiB, MiB = 1 << 10, 1 << 20
-DEFAULT_BUFFER_BYTES = 8 * MiB  # the largest message the custom path takes (two-shot up to here)
+
+# THE routing table -- every threshold of the custom path is here and nowhere else.
+# Group size -> (one-shot up to, two-shot up to) bytes; NCCL above; the registered buffer is the
+# largest two-shot size. One-shot reads n-1 whole peer buffers per rank, two-shot 2(n-1)/n of one
+# plus a barrier more, so one-shot's range shrinks as the group grows.
+# OPEN until measured on several GPUs: these are vLLM's and TensorRT-LLM's published crossovers
+# (PERF_NOTES section 3), not ours. The one-GPU runs time-slice the ranks on one device and say
+# nothing about them; set the table from launch/bench_comm on 2, 4 and 8 NVLink-connected GPUs.
+ROUTE_TABLE: dict[int, tuple[int, int]] = {
+    2: (2 * MiB, 8 * MiB),
+    3: (512 * KiB, 8 * MiB),
+    4: (512 * KiB, 8 * MiB),
+    5: (512 * KiB, 8 * MiB),
+    6: (512 * KiB, 8 * MiB),
+    7: (512 * KiB, 8 * MiB),
+    8: (512 * KiB, 8 * MiB),
+}
+DEFAULT_BUFFER_BYTES = max(two_shot for _, two_shot in ROUTE_TABLE.values())
 
 # Mirrors of the kernel's constants (kernels/all_reduce.cu).
 MAX_RANKS = 8
@@ -76,12 +93,10 @@ class Limits:
 
 
 def default_limits(size: int, buffer_bytes: int) -> Limits:
-    """One-shot reads n-1 whole peer buffers per rank, two-shot 2(n-1)/n of one, plus a barrier
-    more: at 2 ranks one-shot wins up to a few MB, at 4-8 ranks from ~512 KB two-shot does
-    (vLLM's and TensorRT-LLM's published crossovers, PERF_NOTES section 3). Two-shot is capped by the
-    registered buffer."""
-    one_shot = 2 * MiB if size <= 2 else 512 * KiB
-    return Limits(one_shot_max=min(one_shot, buffer_bytes), two_shot_max=buffer_bytes)
+    """``ROUTE_TABLE``'s row for ``size`` ranks (2..MAX_RANKS), both limits capped by the registered
+    buffer; a group the kernel cannot serve gets nothing (every message goes to NCCL)."""
+    one_shot, two_shot = ROUTE_TABLE.get(size, (0, 0))
+    return Limits(one_shot_max=min(one_shot, buffer_bytes), two_shot_max=min(two_shot, buffer_bytes))
 
 
 def route(nbytes: int, dtype: torch.dtype, size: int, usable: bool, limits: Limits) -> Route:
@@ -292,7 +307,7 @@ class CustomAllReduce:
         if not self.usable:
             raise RuntimeError(f"all_reduce_buffer: the custom all-reduce is off ({self.why_not})")
         numel = int(np.prod(shape))
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if dtype not in _KERNEL_TYPES or nbytes > self.limits.two_shot_max:
             raise ValueError(
                 f"all_reduce_buffer: expected a dtype in {list(_KERNEL_TYPES)} and at most "
