@@ -5,8 +5,10 @@ its output is this rank's slice. ``RowLinear`` keeps the matching input columns:
 GEMM gives a partial sum, which is all-reduced over the group; the bias is added once, by
 rank 0's GEMM (cuBLAS's bias epilogue; the FP8 layers add it after their scaled GEMM), so the
 reduced sum carries it exactly once. Adding it after the reduce instead would cost every rank one
-more kernel launch per layer and step; the two differ only in where one rounding falls. Both
-allocate only their shard and load it from the full weight.
+more kernel launch per layer and step; the two differ only in where one rounding falls. Where the
+communicator fuses that epilogue (the custom CUDA all-reduce) the bias goes to the all-reduce, and
+the GEMM writes its partial sums straight into the communicator's registered buffer (no copy-in).
+Both allocate only their shard and load it from the full weight.
 Subclasses (``layers/fp8.py``) change how the shard is stored and multiplied, not how it is chosen.
 """
 
