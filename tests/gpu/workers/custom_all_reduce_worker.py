@@ -144,11 +144,12 @@ def row_linear(ar: CustomAllReduce, n: int, device) -> None:
     into the all-reduce: against the fp64 layer on the full input."""
     comm = Custom(ar)
     for dtype, lead in ((torch.bfloat16, (3, 5)), (torch.float32, (37,)), (torch.bfloat16, (1500,))):  # one-, two-shot
-        layer = RowLinear(1000, 776, comm=comm, bias=True, dtype=dtype, device=device)
+        # in_features 1200: divisible by 2, 3 and 4 ranks
+        layer = RowLinear(1200, 776, comm=comm, bias=True, dtype=dtype, device=device)
         g = torch.Generator(device=device).manual_seed(11)
-        w = torch.randn(776, 1000, generator=g, device=device).to(dtype)
+        w = torch.randn(776, 1200, generator=g, device=device).to(dtype)
         b = torch.randn(776, generator=g, device=device).to(dtype)
-        x = torch.randn(*lead, 1000, generator=g, device=device).to(dtype)
+        x = torch.randn(*lead, 1200, generator=g, device=device).to(dtype)
         layer.load_weights(w, b)
         got = layer(x[..., layer.cols.start : layer.cols.stop])
         ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
