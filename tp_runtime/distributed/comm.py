@@ -3,7 +3,8 @@
 ``Communicator`` is what layers see. Implementations:
   - ``NoComm``: group of size 1, no communication at all.
   - ``MpiComm``: CPU tensors, over an mpi4py communicator.
-  - ``NcclComm``: CUDA tensors, NCCL through ``cupy.cuda.nccl``, on torch's current stream.
+  - ``NcclComm``: CUDA tensors, NCCL through ``cupy.cuda.nccl``, on torch's current stream; small and
+    medium all-reduces through the custom CUDA-IPC kernel (``custom_all_reduce``) where it applies.
 All collectives act in place where the result has the input's shape and return a tensor.
 Every collective of ``MpiComm`` and ``NcclComm`` checks its tensor first (device, dtype,
 contiguity) and raises ``ValueError``/``TypeError`` naming what it expected and what it got.
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from . import watchdog
+from .custom_all_reduce import CustomAllReduce, Route, route
 from .watchdog import TIMEOUT_ENV, CollectiveTimeout, NcclWatchdog, world_rank
 
 
@@ -26,10 +28,25 @@ class Communicator:
 
     rank: int = 0
     size: int = 1
+    # Whether ``all_reduce``'s bias/residual are fused into the reduction (one rounding, no extra
+    # kernel): then a row-parallel layer hands its bias to the all-reduce instead of rank 0's GEMM.
+    fuses_epilogue: bool = False
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the group, in place; returns it."""
+    def all_reduce(
+        self, tensor: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sum ``tensor`` over the group, in place; returns it. ``bias`` (``[tensor.shape[-1]]``, the same
+        on every rank) is added once to the sum, then ``residual`` (``tensor``'s shape): the custom
+        CUDA all-reduce fuses both into its kernel, the other paths add them after the sum."""
         raise NotImplementedError
+
+    def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Where the producer of the next ``all_reduce`` of a ``shape`` ``dtype`` message may write it
+        (a GEMM's ``out=``) to spare the copy into the transport's registered buffer, or None where
+        there is none (then it makes its own tensor, as always). ``all_reduce`` of that tensor returns
+        the sum in a new tensor; write it only after the previous ``all_reduce`` was enqueued, on the
+        same stream, and pass it to the very next one."""
+        return None
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[size, *tensor.shape]``: every rank's tensor, in rank order."""
@@ -48,11 +65,23 @@ class Communicator:
         raise NotImplementedError
 
 
+def add_epilogue(tensor: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """``tensor += bias; tensor += residual`` (each optional), in place: the epilogue of an all-reduce
+    whose transport does not fuse it."""
+    if bias is not None:
+        tensor.add_(bias)
+    if residual is not None:
+        tensor.add_(residual)
+    return tensor
+
+
 class NoComm(Communicator):
     """A group of one rank: every collective is the identity."""
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+    def all_reduce(
+        self, tensor: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return add_epilogue(tensor, bias, residual)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.unsqueeze(0).clone()
@@ -162,14 +191,16 @@ class MpiComm(Communicator):
             time.sleep(pause)  # then back off (CPU); the shortest sleep the OS gives is ~50 µs
             pause = min(pause + 1e-5, 1e-3)
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(
+        self, tensor: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         check_tensor("MpiComm.all_reduce", tensor, torch.device("cpu"))
         if tensor.dtype in (torch.float16, torch.bfloat16):
             wide = tensor.float()
             self._wait(self._comm.Iallreduce(self._in_place, wide.numpy(), op=self._sum), "all_reduce")
-            return tensor.copy_(wide)
+            return add_epilogue(tensor.copy_(wide), bias, residual)
         self._wait(self._comm.Iallreduce(self._in_place, self._buffer(tensor), op=self._sum), "all_reduce")
-        return tensor
+        return add_epilogue(tensor, bias, residual)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         check_tensor("MpiComm.all_gather", tensor, torch.device("cpu"))
@@ -234,8 +265,11 @@ class NcclComm(Communicator):
             error = f"{type(exc).__name__}: {exc}"
         unique_id = raise_if_any(mpi_comm, error, "NcclComm setup", payload=unique_id)
 
+        # The custom CUDA-IPC all-reduce for small and medium messages (NCCL serves the rest);
+        # collective, like everything here. Its kernels report timeouts through this watchdog.
+        self.custom = CustomAllReduce(mpi_comm, self.device, watched=False)
         self._nccl = nccl.NcclCommunicator(self.size, unique_id, self.rank)
-        self._watchdog = NcclWatchdog(self)
+        self._watchdog = self.custom.watchdog = NcclWatchdog(self)
         self._dtypes = {
             torch.float32: nccl.NCCL_FLOAT32,
             torch.float16: nccl.NCCL_FLOAT16,
@@ -251,15 +285,35 @@ class NcclComm(Communicator):
         if probe.item() != self.size:
             raise RuntimeError(f"NcclComm: warm-up all_reduce of ones gave {probe.item()}, expected {self.size}")
 
+    @property
+    def fuses_epilogue(self) -> bool:  # type: ignore[override]
+        return self.custom.usable
+
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(
+        self, tensor: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         check_tensor("NcclComm.all_reduce", tensor, self.device)
+        if self.custom.route(tensor) in (Route.ONE_SHOT, Route.TWO_SHOT):
+            return self.custom.all_reduce(tensor, bias, residual)
+        return add_epilogue(self.nccl_all_reduce(tensor), bias, residual)
+
+    def nccl_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``all_reduce`` through NCCL whatever the size (the fallback; benchmarks compare with it)."""
         ptr = tensor.data_ptr()
         self._nccl.allReduce(ptr, ptr, tensor.numel(), self._dtypes[tensor.dtype], self._sum, self._stream())
-        self._watchdog.watch("all_reduce")
+        self._watchdog.watch("NcclComm.all_reduce")
         return tensor
+
+    def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The custom path's registered buffer where the message routes there, else None (NCCL
+        reduces the producer's own tensor in place)."""
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if route(nbytes, dtype, self.size, self.custom.usable, self.custom.limits) in (Route.ONE_SHOT, Route.TWO_SHOT):
+            return self.custom.all_reduce_buffer(shape, dtype)
+        return None
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         check_tensor("NcclComm.all_gather", tensor, self.device)
@@ -267,7 +321,7 @@ class NcclComm(Communicator):
         self._nccl.allGather(
             tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype], self._stream()
         )
-        self._watchdog.watch("all_gather")
+        self._watchdog.watch("NcclComm.all_gather")
         return out
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -275,21 +329,31 @@ class NcclComm(Communicator):
         check_root("NcclComm.broadcast", root, self.size)
         ptr = tensor.data_ptr()
         self._nccl.broadcast(ptr, ptr, tensor.numel(), self._dtypes[tensor.dtype], root, self._stream())
-        self._watchdog.watch("broadcast")
+        self._watchdog.watch("NcclComm.broadcast")
         return tensor
 
     def barrier(self) -> None:
         """Return once every rank's work enqueued so far on its current stream has finished."""
         torch.cuda.current_stream(self.device).synchronize()
+        self.custom.check_async_error()  # a custom all-reduce that gave up: say so here, not later
         self._host.barrier()  # with the same deadline as every collective
 
     def host_allgather(self, values: list[int], what: str) -> list[list[int]]:
         return self._host.host_allgather(values, what)
 
     def check_async_error(self) -> None:
-        """Raise if NCCL reported an asynchronous error on this communicator (the watchdog polls it)."""
+        """Raise if NCCL reported an asynchronous error on this communicator, or a custom all-reduce
+        kernel gave up waiting for a peer (the watchdog polls it)."""
+        self.custom.check_async_error()
         self._nccl.check_async_error()
 
     def abort(self) -> None:
         """Abandon the communicator without waiting for peers (after an error; it is unusable then)."""
         self._nccl.abort()
+
+    def close(self) -> None:
+        """Collective: stop and join the watchdog thread (after the collectives it watches finished),
+        then release the custom all-reduce's buffers. Interpreter exit stops the watchdog by itself
+        (``watchdog``): a job that never calls this still ends cleanly."""
+        self._watchdog.close()
+        self.custom.close()

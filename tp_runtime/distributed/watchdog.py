@@ -54,9 +54,22 @@ _failed = threading.Event()  # a watchdog gave up on a collective: this process 
 _aborted = threading.Event()  # ... and has aborted the NCCL communicator (or given up on that)
 
 
+_live: set[NcclWatchdog] = set()  # watchdogs whose thread runs (closed ones leave)
+_exiting = threading.Event()  # interpreter exit began: no exception is raised into the main thread any more
+
+
 @atexit.register
-def _exit_if_failed() -> None:
-    """Runs before MPI_Finalize (mpi4py's C-level exit hook), while daemon threads still run."""
+def _at_exit() -> None:
+    """Runs before MPI_Finalize (mpi4py's C-level exit hook) and before torch's own exit hooks (this
+    module imports torch first), while daemon threads still run. Every watchdog thread is stopped and
+    joined here: one left polling would call into torch/CUDA while the interpreter finalises, and a
+    daemon thread that takes the GIL back then is ended with a forced unwind that aborts the process
+    ("terminate called without an active exception") inside torch's C++ frames. A watchdog that gave
+    up on a collective (now or while draining) ends the process before MPI_Finalize could wait for
+    peers that never come."""
+    _exiting.set()
+    for dog in list(_live):
+        dog.close()
     if _failed.is_set():
         _aborted.wait(3.0)
         sys.stderr.flush()
@@ -64,7 +77,7 @@ def _exit_if_failed() -> None:
 
 
 class NcclWatchdog:
-    """Deadlines for NCCL collectives without stalling the host.
+    """Deadlines for NCCL collectives (and the custom all-reduce's kernels) without stalling the host.
 
     Each collective records a CUDA event behind it on the stream; a daemon thread polls the
     oldest events and the communicator's asynchronous error. A collective unfinished after
@@ -76,35 +89,63 @@ class NcclWatchdog:
     def __init__(self, comm):
         self._comm = comm
         self._pending: deque = deque()  # (event, what, deadline), oldest first
+        self._spare: list = []  # events of finished collectives, recorded again by later ones
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tp_runtime-nccl-watchdog", daemon=True)
+        _live.add(self)
         self._thread.start()
 
-    def watch(self, what: str) -> None:
+    def close(self) -> None:
+        """Stop the thread once the collectives watched so far have finished, and join it: each
+        still unfinished keeps its deadline (a late one ends the job as always, so this returns
+        within the latest deadline). Idempotent; the interpreter's exit calls it for every
+        watchdog still running, and the owning communicator's ``close`` does."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        _live.discard(self)
+
+    def watch(self, what: str, grace_s: float = 0.0) -> None:
+        """Watch the work just enqueued on the current stream: ``what`` names it (``NcclComm.all_reduce``);
+        its deadline is the collective deadline plus ``grace_s`` (for a kernel that reports its own
+        timeout first, more precisely)."""
         if torch.cuda.is_current_stream_capturing():
             return
-        event = torch.cuda.Event()
+        if self._stop.is_set():
+            raise RuntimeError(f"{what}: the communicator was closed")
+        with self._lock:
+            event = self._spare.pop() if self._spare else torch.cuda.Event()  # no event made per call
         event.record(torch.cuda.current_stream(self._comm.device))
         with self._lock:
-            self._pending.append((event, what, time.monotonic() + _timeout_s))
+            self._pending.append((event, what, time.monotonic() + _timeout_s + grace_s))
 
     def _run(self) -> None:
         torch.cuda.set_device(self._comm.device)
         while True:
-            time.sleep(0.05)
+            if self._stop.is_set():
+                time.sleep(0.01)  # closed, draining: poll without spinning
+            else:
+                self._stop.wait(0.05)
+            stopping = self._stop.is_set()
             with self._lock:
                 while self._pending and self._done(self._pending[0][0]):
-                    self._pending.popleft()
+                    self._spare.append(self._pending.popleft()[0])
                 late = self._pending[0] if self._pending and time.monotonic() > self._pending[0][2] else None
+                drained = not self._pending
             if late is not None:
                 self._fail(
-                    f"NcclComm.{late[1]} did not complete within {_timeout_s:g} s: a peer died, skipped it "
+                    f"{late[1]} did not complete within {_timeout_s:g} s: a peer died, skipped it "
                     f"or is stuck ({TIMEOUT_ENV} sets the deadline)"
                 )
             try:
                 self._comm.check_async_error()
+            except CollectiveTimeout as exc:  # a custom all-reduce kernel gave up waiting for a peer
+                self._fail(str(exc))
             except Exception as exc:  # an NCCL error on this communicator: nothing will complete now
                 self._fail(f"NCCL reported an error: {exc}")
+            if stopping and drained:  # closed, nothing left to watch, and the last check above was clean
+                return
 
     @staticmethod
     def _done(event: torch.cuda.Event) -> bool:
@@ -130,9 +171,10 @@ class NcclWatchdog:
             file=sys.stderr,
             flush=True,
         )
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(threading.main_thread().ident), ctypes.py_object(CollectiveTimeout)
-        )
+        if not _exiting.is_set():  # at exit the main thread is in the exit hook, which ends the process
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(threading.main_thread().ident), ctypes.py_object(CollectiveTimeout)
+            )
         from mpi4py import MPI
 
         # Each step gets a bounded time: neither a wedged NCCL abort nor MPI may keep the job alive.

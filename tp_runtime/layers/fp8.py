@@ -75,8 +75,12 @@ class _Fp8Mixin:
         self.weight_scale.copy_(scale)
         self.weight.copy_(quantize_e4m3(local.to(self.weight.device), scale[:, None]))
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """[..., in_local] -> [..., out_local], the bias (if any) added in the layer's dtype."""
+    def matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[..., in_local] -> [..., out_local], the bias (if any) added in the layer's dtype. ``out``:
+        the result is copied there (the scaled FP8 GEMM has no output argument; the copy is the one
+        the all-reduce would make of it otherwise)."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         s_x = None
@@ -91,7 +95,8 @@ class _Fp8Mixin:
         y = self.backend.fp8_matmul(
             xq, s_x, self.weight, self.weight_scale, per_channel=per_channel, out_dtype=self.dtype
         )
-        return (y if bias is None else y + bias).reshape(*lead, -1)
+        y = (y if bias is None else y + bias).reshape(*lead, -1)
+        return y if out is None else out.copy_(y)
 
 
 class FP8ColumnLinear(_Fp8Mixin, ColumnLinear):

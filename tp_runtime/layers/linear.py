@@ -5,8 +5,10 @@ its output is this rank's slice. ``RowLinear`` keeps the matching input columns:
 GEMM gives a partial sum, which is all-reduced over the group; the bias is added once, by
 rank 0's GEMM (cuBLAS's bias epilogue; the FP8 layers add it after their scaled GEMM), so the
 reduced sum carries it exactly once. Adding it after the reduce instead would cost every rank one
-more kernel launch per layer and step; the two differ only in where one rounding falls. Both
-allocate only their shard and load it from the full weight.
+more kernel launch per layer and step; the two differ only in where one rounding falls. Where the
+communicator fuses that epilogue (the custom CUDA all-reduce) the bias goes to the all-reduce, and
+the GEMM writes its partial sums straight into the communicator's registered buffer (no copy-in).
+Both allocate only their shard and load it from the full weight.
 Subclasses (``layers/fp8.py``) change how the shard is stored and multiplied, not how it is chosen.
 """
 
@@ -109,9 +111,18 @@ class _ShardedLinear(torch.nn.Module):
         del full
         self.weight.copy_(local)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x · W_localᵀ (+ bias)``: [..., in_local] -> [..., out_local]."""
-        return torch.nn.functional.linear(x, self.weight, bias)
+    def matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x · W_localᵀ (+ bias)``: [..., in_local] -> [..., out_local]. ``out`` (contiguous, that
+        shape, no bias): the GEMM writes there and returns it (a communicator's registered buffer)."""
+        if out is None:
+            return torch.nn.functional.linear(x, self.weight, bias)
+        if bias is not None:
+            raise ValueError("matmul: out= takes no bias (the fused all-reduce adds it)")
+        # [rows, in_local] x [in_local, out_local] straight into out's memory
+        torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out=out.view(-1, out.shape[-1]))
+        return out
 
 
 class ColumnLinear(_ShardedLinear):
@@ -153,7 +164,8 @@ class ColumnLinear(_ShardedLinear):
 
 class RowLinear(_ShardedLinear):
     """``y = all_reduce(x_r · W[:, cols_r]ᵀ + [r == 0] · b)``: input is this rank's slice of the
-    features; the bias enters once, through rank 0's GEMM."""
+    features; the bias enters once, through rank 0's GEMM, or through the all-reduce's fused
+    epilogue where the communicator has one (the custom CUDA all-reduce)."""
 
     def __init__(
         self,
@@ -178,5 +190,10 @@ class RowLinear(_ShardedLinear):
         return bias  # whole on every rank; only rank 0's GEMM adds it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local] -> [..., out]
+        if self.comm.fuses_epilogue:  # the all-reduce kernel adds the bias once, to the fp32 sum
+            # The GEMM writes its partial sums straight into the communicator's registered buffer
+            # where the message takes the custom path (no copy-in); None: a tensor of its own.
+            buffer = self.comm.all_reduce_buffer((*x.shape[:-1], self.out_features), self.dtype)
+            return self.comm.all_reduce(self.matmul(x, out=buffer).contiguous(), bias=self.bias)
         bias = self.bias if self.comm.rank == 0 else None
         return self.comm.all_reduce(self.matmul(x, bias).contiguous())
