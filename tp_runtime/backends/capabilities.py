@@ -55,9 +55,24 @@ CAPABILITIES: dict[str, Capability] = {
     # bias + RoPE + K/V cache write: elementwise, any even head size
     "prepare": Capability(dtypes=HALF_DTYPES),
     "context": Capability(dtypes=HALF_DTYPES, head_sizes=HEAD_SIZES),
+    # the sm_90a context kernel (wgmma + TMA, kernels/context_hopper.cu), chosen on Hopper where it
+    # serves the case; the rest (D 80/96/256, ALiBi and relative tables, bidirectional masks, cross
+    # attention, paged or int8/fp8 caches, beams) stays on "context": HOPPER_CONTEXT says which
+    "context_hopper": Capability(
+        dtypes=HALF_DTYPES,
+        head_sizes=(64, 128),
+        cache_dtypes=(KVCacheDType.auto,),
+        cache_layouts=(CacheLayout.contiguous,),
+        min_capability=(9, 0),
+    ),
     "decode": Capability(dtypes=HALF_DTYPES, head_sizes=HEAD_SIZES),
     "fp8_quantize": Capability(dtypes=HALF_DTYPES, min_capability=(8, 9)),
 }
+
+
+# What the Hopper context kernel serves beyond its Capability row (the launcher checks these per step).
+HOPPER_CONTEXT_MASKS = ("causal", "padding")  # the kernel's mask: causal, or every key of the sequence
+HOPPER_CONTEXT_BIASES = ("none",)  # no ALiBi or relative table yet
 
 
 def check(family: str, **request) -> None:

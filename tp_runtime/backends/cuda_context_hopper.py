@@ -1,0 +1,91 @@
+"""Launcher of ``kernels/context_hopper.cu``: the sm_90a context (prefill) kernel (wgmma + TMA +
+warp specialisation), chosen by ``cuda_context.context`` on Hopper GPUs for the cases
+``capabilities.CAPABILITIES["context_hopper"]`` and ``HOPPER_CONTEXT_*`` list; every other case
+stays on the ``mma.sync`` kernel. ``TP_RUNTIME_HOPPER_CONTEXT=0`` keeps everything there.
+
+Same interface and semantics as ``cuda_context.context`` for the cases it serves: ``out [T, H_r,
+D]`` and ``lse [T, H_r]`` written at the rows of the sequences ``ids``. The tensor maps of q and
+of the cache are encoded per call (``cuda_tma.tiled_map``; a cache of them is a next step).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..batch.kv_cache import LayerKV
+from ..batch.step import Step
+from .base import AttentionSpec
+from .capabilities import CAPABILITIES, HOPPER_CONTEXT_BIASES, HOPPER_CONTEXT_MASKS
+from .compile import get_kernel
+from .cuda_common import f32, i32, launch, ptr
+from .cuda_plan import context_tiles, route
+from .cuda_tma import tiled_map
+
+ENV = "TP_RUNTIME_HOPPER_CONTEXT"
+BLOCK_M = 128  # query rows per CTA: two consumer warpgroups of 64
+BLOCK_N = 128  # keys per K/V block (kernels/context_hopper.cu)
+THREADS = 384  # producer warpgroup + two consumers
+
+
+def enabled() -> bool:
+    """False when ``TP_RUNTIME_HOPPER_CONTEXT=0`` forces the ``mma.sync`` kernel."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+def shared_bytes(head_size: int) -> int:
+    """Dynamic shared memory: Q (128 rows), 2 stages of K and V (BLOCK_N rows), 7 mbarriers."""
+    return (2 * 64 + 4 * BLOCK_N) * head_size * 2 + 64
+
+
+def serves(q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: str, bias: str) -> bool:
+    """Whether the Hopper kernel serves this call (else the ``mma.sync`` kernel does)."""
+    if not enabled() or q.device.type != "cuda" or spec.cross or step.beam_width > 1:
+        return False
+    if mask not in HOPPER_CONTEXT_MASKS or bias not in HOPPER_CONTEXT_BIASES:
+        return False
+    cap = CAPABILITIES["context_hopper"]
+    why = cap.problem(
+        dtype=q.dtype,
+        head_size=q.shape[2],
+        cache_dtype=kv.cache_dtype,
+        cache_layout=kv.cache_layout,
+        capability=torch.cuda.get_device_capability(q.device),
+    )
+    if why is not None or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False  # sm_90a code runs on compute capability 9.0 only
+    d, e = q.shape[2], q.element_size()
+    # TMA: 16-byte aligned base addresses and byte strides, D contiguous
+    return q.stride(2) == 1 and q.stride(1) == d and (q.stride(0) * e) % 16 == 0 and q.data_ptr() % 16 == 0
+
+
+def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...], mask: str, out, lse):
+    """Context attention of the sequences ``ids`` on the Hopper kernel (``serves`` said yes)."""
+    t, h_r, d = q.shape
+    kv_r = kv.num_kv_heads
+    plan = route(step, spec.cross)
+    tiles = context_tiles(step, ids, BLOCK_M, mask == "causal", spec.cross)
+    if tiles.shape[0] > 65535:
+        raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
+    e = q.element_size()
+    # q [T, H, D] as {D, H, T}; box: 64 elements of one head for 64 tokens
+    map_q = tiled_map(q.data_ptr(), q.dtype, (d, h_r, t), (d * e, q.stride(0) * e), (64, 1, 64))
+    # cache [B, 2, KV, S_max, D] as {D, S_max, B·2·KV}; box: 64 elements of BLOCK_N positions
+    rows, _, _, s_max, _ = kv.data.shape
+    map_kv = tiled_map(
+        kv.data.data_ptr(), q.dtype, (d, s_max, rows * 2 * kv_r), (d * e, s_max * d * e), (64, BLOCK_N, 1)
+    )
+    kernel = get_kernel("context_hopper", dtype=q.dtype, head_size=d, mask=mask)
+    scale_log2 = spec.softmax_scale * math.log2(math.e)
+    # fmt: off
+    args = (
+        map_q, map_kv,                                # tensor maps, by value
+        ptr(out), i32(out.stride(0)), ptr(lse),       # out [T, H, D] token stride; lse [T, H]
+        ptr(tiles),                                   # [num_tiles, 2] (sequence, first query row)
+        ptr(step.cu_seqlens), ptr(step.past), ptr(plan.n_keys_dev), ptr(step.slot),
+        i32(h_r), i32(kv_r), f32(scale_log2),
+    )
+    # fmt: on
+    launch(kernel, (h_r, tiles.shape[0], 1), (THREADS, 1, 1), args, q.device, shared_mem=shared_bytes(d))
