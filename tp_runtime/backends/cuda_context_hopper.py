@@ -32,7 +32,7 @@ THREADS = 384  # producer warpgroup + two consumers
 
 def enabled() -> bool:
     """False when ``TP_RUNTIME_HOPPER_CONTEXT=0`` forces the ``mma.sync`` kernel."""
-    return os.environ.get(ENV, "1") != "0"
+    return os.environ.get("TP_RUNTIME_HOPPER_CONTEXT", "1") != "0"
 
 
 def shared_bytes(head_size: int) -> int:
@@ -40,22 +40,29 @@ def shared_bytes(head_size: int) -> int:
     return (2 * 64 + 4 * BLOCK_N) * head_size * 2 + 64
 
 
+def hopper_gpu(capability: tuple[int, int]) -> bool:
+    """Whether the Hopper kernel may run on a GPU of this compute capability (and is not switched off)."""
+    return enabled() and tuple(capability)[0] == 9  # sm_90a code runs on compute capability 9.x only
+
+
+def variant(dtype: torch.dtype, head_size: int, mask: str, bias: str, cache_dtype, cache_layout) -> dict | None:
+    """The ``context_hopper`` compile-table variant serving this layer shape, or None (mma.sync)."""
+    cap = CAPABILITIES["context_hopper"]
+    if mask not in HOPPER_CONTEXT_MASKS or bias not in HOPPER_CONTEXT_BIASES:
+        return None
+    if cap.problem(dtype=dtype, head_size=head_size, cache_dtype=cache_dtype, cache_layout=cache_layout):
+        return None
+    return {"dtype": dtype, "head_size": head_size, "mask": mask}
+
+
 def serves(q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: str, bias: str) -> bool:
     """Whether the Hopper kernel serves this call (else the ``mma.sync`` kernel does)."""
-    if not enabled() or q.device.type != "cuda" or spec.cross or step.beam_width > 1:
+    if q.device.type != "cuda" or spec.cross or step.beam_width > 1:
         return False
-    if mask not in HOPPER_CONTEXT_MASKS or bias not in HOPPER_CONTEXT_BIASES:
+    if not hopper_gpu(torch.cuda.get_device_capability(q.device)):
         return False
-    cap = CAPABILITIES["context_hopper"]
-    why = cap.problem(
-        dtype=q.dtype,
-        head_size=q.shape[2],
-        cache_dtype=kv.cache_dtype,
-        cache_layout=kv.cache_layout,
-        capability=torch.cuda.get_device_capability(q.device),
-    )
-    if why is not None or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False  # sm_90a code runs on compute capability 9.0 only
+    if variant(q.dtype, q.shape[2], mask, bias, kv.cache_dtype, kv.cache_layout) is None:
+        return False
     d, e = q.shape[2], q.element_size()
     # TMA: 16-byte aligned base addresses and byte strides, D contiguous
     return q.stride(2) == 1 and q.stride(1) == d and (q.stride(0) * e) % 16 == 0 and q.data_ptr() % 16 == 0
