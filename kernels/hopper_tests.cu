@@ -95,19 +95,19 @@ template <typename T>
 __global__ void __launch_bounds__(128, 1) tma_load_kernel(const __grid_constant__ TensorMap map, int rows, int c0,
                                                           int c1, T* out) {
 #if TP_HOPPER_ENABLED
-  extern __shared__ __align__(1024) unsigned char smem[];
-  __shared__ __align__(8) uint64_t bar;
+  extern __shared__ __align__(1024) unsigned char smem[];  // [rows][128 B] tile, then the barrier
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + rows * 128);
   if (threadIdx.x == 0) {
-    mbar_init(&bar, 1);
+    mbar_init(bar, 1);
     mbar_init_fence();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     tma_prefetch_map(&map);
-    mbar_arrive_expect_tx(&bar, static_cast<uint32_t>(rows * 128));
-    tma_load_2d(smem, &map, &bar, c0, c1);
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(rows * 128));
+    tma_load_2d(smem, &map, bar, c0, c1);
   }
-  mbar_wait(&bar, 0);
+  mbar_wait(bar, 0);
   for (int i = threadIdx.x; i < rows * 64; i += blockDim.x) {
     out[i] = *reinterpret_cast<const T*>(smem + swizzle128(i / 64, i % 64));
   }

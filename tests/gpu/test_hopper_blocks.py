@@ -1,0 +1,103 @@
+"""Each Hopper building block of kernels/hopper.cuh alone, bit-exact against torch
+(kernels/hopper_tests.cu): a wrong wgmma descriptor, swizzle or tensor map shows up here, named,
+before it hides inside the context kernel. Skipped unless the GPU is compute capability 9.x.
+
+Bit-exact: the matrix inputs are small integers (exact in fp16 and bf16) so every product and
+partial sum is exact in fp32 whatever the summation order; a mismatch is a layout error, and the
+message gives the max error and the first mismatching index (row, column).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU (sm_90)"
+)
+
+from tp_runtime.backends.compile import kernel_options  # noqa: E402
+from tp_runtime.resources import kernels_dir  # noqa: E402
+
+CPP = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+DTYPES = [torch.float16, torch.bfloat16]
+_modules: dict = {}
+
+
+def _kernel(expr: str):
+    if expr not in _modules:
+        code = (kernels_dir() / "hopper_tests.cu").read_text()
+        module = cupy.RawModule(code=code, options=kernel_options("sm_90a"), name_expressions=[expr])
+        _modules[expr] = module.get_function(expr)
+    return _modules[expr]
+
+
+def _run(kernel, args, smem: int) -> None:
+    kernel.max_dynamic_shared_size_bytes = smem
+    torch.cuda.synchronize()  # inputs written by torch, then the kernel on CuPy's stream
+    kernel((1,), (128,), args, shared_mem=smem)
+    cupy.cuda.Device().synchronize()
+
+
+def _ptr(t: torch.Tensor):
+    return cupy.uint64(t.data_ptr())
+
+
+def _ints(*shape, dtype, lo=-3, hi=4) -> torch.Tensor:
+    return torch.randint(lo, hi, shape, device="cuda").to(dtype)
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    diff = (got.float() - want.float()).abs()
+    bad = diff.isnan() | (diff > 0)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ, max error {diff.nan_to_num(1e30).max():.4g}, "
+            f"first at {first}: got {got[first].item()}, want {want[first].item()}"
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize("n,d", [(64, 64), (128, 128), (128, 64), (64, 128)])
+def test_wgmma_ss_q_kt(dtype, n, d):
+    """S [64, N] = Q [64, D] · K [N, D]ᵀ, both K-major from 128B-swizzled shared memory."""
+    q, k = _ints(64, d, dtype=dtype), _ints(n, d, dtype=dtype)
+    s = torch.full((64, n), float("nan"), device="cuda")
+    kern = _kernel(f"tp::hopper_tests::wgmma_ss_kernel<{CPP[dtype]}, {n}, {d}>")
+    _run(kern, (_ptr(q), _ptr(k), _ptr(s)), (64 + n) * d * 2)
+    _assert_same(s, q.float() @ k.float().T, f"wgmma SS m64n{n}k16 x{d // 16} ({dtype})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize("n,k", [(64, 64), (128, 64), (128, 128)])
+def test_wgmma_rs_p_v(dtype, n, k):
+    """O [64, N] = P [64, K] · V [K, N]: P from registers, V row-major read MN-major (transposed B)."""
+    p, v = _ints(64, k, dtype=dtype), _ints(k, n, dtype=dtype)
+    o = torch.full((64, n), float("nan"), device="cuda")
+    kern = _kernel(f"tp::hopper_tests::wgmma_rs_kernel<{CPP[dtype]}, {n}, {k}>")
+    _run(kern, (_ptr(p), _ptr(v), _ptr(o)), k * n * 2)
+    _assert_same(o, p.float() @ v.float(), f"wgmma RS m64n{n}k16 x{k // 16}, B MN-major ({dtype})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize(
+    "rows,cols,box_rows,c0,c1",
+    [(300, 192, 64, 64, 17), (100, 128, 128, 0, 0), (70, 64, 64, 0, 40)],  # the last box leaves the tensor
+)
+def test_tma_load_swizzled_tile(dtype, rows, cols, box_rows, c0, c1):
+    """One TMA load of a {64, box_rows} box at (c0, c1) of a [rows, cols] tensor into 128B-swizzled
+    shared memory, completing on an mbarrier; zeros where the box leaves the tensor."""
+    from tp_runtime.backends.cuda_tma import tiled_map
+
+    x = torch.randn(rows, cols, device="cuda").to(dtype)
+    e = x.element_size()
+    tmap = tiled_map(x.data_ptr(), dtype, (cols, rows), (cols * e,), (64, box_rows))
+    out = torch.full((box_rows, 64), float("nan"), device="cuda", dtype=dtype)
+    kern = _kernel(f"tp::hopper_tests::tma_load_kernel<{CPP[dtype]}>")
+    _run(kern, (tmap, cupy.int32(box_rows), cupy.int32(c0), cupy.int32(c1), _ptr(out)), box_rows * 128 + 8)
+    want = torch.zeros(box_rows, 64, device="cuda", dtype=dtype)
+    part = x[c1 : c1 + box_rows, c0 : c0 + 64]
+    want[: part.shape[0], : part.shape[1]] = part
+    _assert_same(out, want, f"TMA load box (64, {box_rows}) at ({c0}, {c1}) of [{rows}, {cols}] ({dtype})")
