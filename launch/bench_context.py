@@ -1,4 +1,4 @@
-"""Prefill attention throughput: our CUDA context kernel vs torch SDPA (flash and cuDNN backends).
+"""Prefill attention throughput: our CUDA context kernels vs torch SDPA (flash and cuDNN backends).
 
     PYTHONPATH=. python3 launch/bench_context.py [--out launch/results/bench_context.json]
         [--dtypes float16 bfloat16] [--head-sizes 64 128] [--seqlens 512 ... 16384]
@@ -8,16 +8,20 @@ Same process, same inputs: fp16/bf16, causal and not, ``tokens / S`` sequences o
 ``hidden / D`` heads. Our kernel reads K/V from a contiguous cache ``[B, 2, H, S, D]``; SDPA reads
 the same bytes (``cache[:, 0]`` is ``[B, H, S, D]``). FLOPs: ``4·B·H·S²·D``, halved for causal.
 Timing: CUDA events around ``inner`` back-to-back calls after warm-up, median of ``repeats``
-measurements, rotating among several input sets. Prints a table and writes JSON (GPU name,
-each figure, the baselines from the same run and the ratios). ``run(args)`` is the entry point
-for launch/bench_attention.py.
+measurements, rotating among several input sets. On a Hopper GPU "ours" is the sm_90a kernel
+where it serves the case (column ``kernel``: hopper or mma_sync), and the ``mma.sync`` kernel is
+timed as well in the same run (``TP_RUNTIME_HOPPER_CONTEXT=0``: columns ``mma_sync_*``). Prints a
+table and writes JSON (GPU name, each figure, the baselines from the same run and the ratios).
+``run(args)`` is the entry point for launch/bench_attention.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +55,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also time these context-kernel tile shapes (warps, m-tiles per warp, keys per tile)",
     )
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _mma_sync_only():
+    """Within: the context launcher keeps every case on the mma.sync kernel."""
+    old = os.environ.get("TP_RUNTIME_HOPPER_CONTEXT")
+    os.environ["TP_RUNTIME_HOPPER_CONTEXT"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TP_RUNTIME_HOPPER_CONTEXT"]
+        else:
+            os.environ["TP_RUNTIME_HOPPER_CONTEXT"] = old
+
+
+def _hopper_serves(dtype, d, causal) -> bool:
+    from tp_runtime.backends import cuda_context_hopper as ch
+    from tp_runtime.batch.kv_cache import CacheLayout
+    from tp_runtime.config import KVCacheDType
+
+    mask = "causal" if causal else "padding"
+    fits = ch.variant(dtype, d, mask, "none", KVCacheDType.auto, CacheLayout.contiguous) is not None
+    return fits and ch.hopper_gpu(torch.cuda.get_device_capability())
 
 
 def _sdpa_call(backend, q, k, v, causal):
@@ -93,9 +121,16 @@ def _one(dtype, d, s, causal, args) -> dict:
     }
     ours = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in sets]
     ms = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+    hopper = _hopper_serves(dtype, d, causal)
+    row["kernel"] = "hopper" if hopper else "mma_sync"
     chosen = cuda_context.tile_shape(d, causal=causal, max_new_len=s)
     row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]
     row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
+    if hopper:  # the fallback's figure in the same run
+        with _mma_sync_only():
+            ms_m = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+        row["mma_sync_ms"], row["mma_sync_tflops"] = ms_m, flops / ms_m / 1e9
+        row["ratio_vs_mma_sync"] = row["ours_tflops"] / row["mma_sync_tflops"]
     default, wide = cuda_context.TILES[d], cuda_context.TILES_WIDE.pop(d, None)
     try:
         for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
@@ -104,7 +139,8 @@ def _one(dtype, d, s, causal, args) -> dict:
                 continue
             cuda_context.TILES[d] = cfg
             try:
-                ms_t = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+                with _mma_sync_only():  # tile shapes are the mma.sync kernel's
+                    ms_t = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
                 row[f"tiles_{text}_tflops"] = flops / ms_t / 1e9
             except NotImplementedError:  # the tile shape does not fit this head size
                 pass
@@ -220,21 +256,23 @@ def _precompile(args) -> None:
                     except NotImplementedError:
                         continue
                     wanted.append(("context", v))
+                if _hopper_serves(getattr(torch, dt), d, c == "causal"):
+                    wanted.append(("context_hopper", {"dtype": dt, "head_size": d, "mask": v["mask"]}))
     kc.precompile(wanted)
 
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
         print(
-            f"{'dtype':9} {'D':>4} {'mask':6} {'S':>6} {'B':>3} {'H':>3} | {'ours':>7} {'flash':>7} {'cudnn':>7}"
-            f" | {'/flash':>6} {'/cudnn':>6}   (TFLOP/s)"
+            f"{'dtype':9} {'D':>4} {'mask':6} {'S':>6} {'B':>3} {'H':>3} | {'kernel':8} {'ours':>7} {'mma':>7}"
+            f" {'flash':>7} {'cudnn':>7} | {'/mma':>6} {'/flash':>6} {'/cudnn':>6}   (TFLOP/s)"
         )
     f = lambda k: f"{r[k]:7.1f}" if k in r else "    n/a"  # noqa: E731
     g = lambda k: f"{r[k]:6.2f}" if k in r else "   n/a"  # noqa: E731
     print(
         f"{r['dtype']:9} {r['head_size']:>4} {'causal' if r['causal'] else 'full':6} {r['seq_len']:>6} {r['batch']:>3}"
-        f" {r['heads']:>3} | {f('ours_tflops')} {f('flash_tflops')} {f('cudnn_tflops')} |"
-        f" {g('ratio_vs_flash')} {g('ratio_vs_cudnn')}"
+        f" {r['heads']:>3} | {r['kernel']:8} {f('ours_tflops')} {f('mma_sync_tflops')} {f('flash_tflops')}"
+        f" {f('cudnn_tflops')} | {g('ratio_vs_mma_sync')} {g('ratio_vs_flash')} {g('ratio_vs_cudnn')}"
         + "".join(f" {k[6:-7]}:{v:.0f}" for k, v in r.items() if k.startswith("tiles_")),
         flush=True,
     )
