@@ -17,7 +17,7 @@
 // This first version is correct-first: the softmax of block j does not yet overlap the wgmma of
 // block j+1, and the two consumers do not ping-pong (kernels/NOTES_context.md, "Hopper kernel").
 //
-// Shared memory (dynamic, 1024-byte aligned; layouts of kernels/hopper.cuh):
+// Shared memory (dynamic, aligned up to 1024 bytes in the kernel; layouts of kernels/hopper.cuh):
 //   sQ [2 consumers][D/64][64 rows][128 B]      128·D·2 bytes
 //   sK [2 stages][D/64][BN rows][128 B]         2·BN·D·2
 //   sV [2 stages][D/64][BN rows][128 B]         2·BN·D·2
@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(384, 1) context_hopper_kernel(
   constexpr float kLn2 = 0.6931471805599453f;
   static_assert(D == 64 || D == 128, "the Hopper context kernel serves D 64 and 128");
 
-  extern __shared__ __align__(1024) unsigned char smem[];
-  unsigned char* sQ = smem;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sQ = align_smem(smem_raw);
   unsigned char* sK = sQ + 2 * kQBytes;
   unsigned char* sV = sK + 2 * kKVBytes;
   uint64_t* bars = reinterpret_cast<uint64_t*>(sV + 2 * kKVBytes);

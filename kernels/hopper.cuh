@@ -41,6 +41,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// The first 1024-byte aligned byte at or after `p` (the start of dynamic shared memory is not
+// guaranteed to be 1024-byte aligned; the launcher allocates kSmemAlign extra bytes for this).
+constexpr int kSmemAlign = 1024;
+__device__ __forceinline__ unsigned char* align_smem(unsigned char* p) {
+  return p + ((kSmemAlign - (smem_addr(p) & (kSmemAlign - 1))) & (kSmemAlign - 1));
+}
+
 // Byte offset of element (row, col) of a swizzled tile of 64-element rows (see the file comment);
 // for 16-bit elements, col in [0, 64).
 __device__ __forceinline__ uint32_t swizzle128(int row, int col) {

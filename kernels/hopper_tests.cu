@@ -1,6 +1,7 @@
 // Micro-kernels that test ONE Hopper building block of kernels/hopper.cuh each, bit-exact against
 // torch (tests/gpu/test_hopper_blocks.py), so a wrong descriptor, swizzle or tensor map is caught
-// on its own before it hides inside the context kernel. One warpgroup (128 threads), one block.
+// on its own before it hides inside the context kernel. One warpgroup (128 threads), one block; the
+// launcher adds kSmemAlign bytes of dynamic shared memory for the in-kernel 1024-byte alignment.
 // Bodies exist only on sm_90a (TP_HOPPER_ENABLED); other targets compile empty kernels.
 #include "hopper.cuh"
 
@@ -39,9 +40,9 @@ __device__ void store_acc(const float (&d)[N / 2], float* out) {
 template <typename T, int N, int D>
 __global__ void __launch_bounds__(128, 1) wgmma_ss_kernel(const T* q, const T* k, float* s) {
 #if TP_HOPPER_ENABLED
-  extern __shared__ __align__(1024) unsigned char smem[];
-  unsigned char* sq = smem;                // [D/64][64 rows][128 B]
-  unsigned char* sk = smem + 64 * D * 2;   // [D/64][N rows][128 B]; 64·D·2 is a multiple of 1024
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sq = align_smem(smem_raw);                // [D/64][64 rows][128 B]
+  unsigned char* sk = sq + 64 * D * 2;   // [D/64][N rows][128 B]; 64·D·2 is a multiple of 1024
   to_swizzled<T, D>(q, 64, sq);
   to_swizzled<T, D>(k, N, sk);
   float d[N / 2];
@@ -63,7 +64,8 @@ __global__ void __launch_bounds__(128, 1) wgmma_ss_kernel(const T* q, const T* k
 template <typename T, int N, int K>
 __global__ void __launch_bounds__(128, 1) wgmma_rs_kernel(const T* p, const T* v, float* o) {
 #if TP_HOPPER_ENABLED
-  extern __shared__ __align__(1024) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = align_smem(smem_raw);
   to_swizzled<T, N>(v, K, smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -95,7 +97,8 @@ template <typename T>
 __global__ void __launch_bounds__(128, 1) tma_load_kernel(const __grid_constant__ TensorMap map, int rows, int c0,
                                                           int c1, T* out) {
 #if TP_HOPPER_ENABLED
-  extern __shared__ __align__(1024) unsigned char smem[];  // [rows][128 B] tile, then the barrier
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = align_smem(smem_raw);  // [rows][128 B] tile, then the barrier
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem + rows * 128);
   if (threadIdx.x == 0) {
     mbar_init(bar, 1);

@@ -36,8 +36,9 @@ def enabled() -> bool:
 
 
 def shared_bytes(head_size: int) -> int:
-    """Dynamic shared memory: Q (128 rows), 2 stages of K and V (BLOCK_N rows), 7 mbarriers."""
-    return (2 * 64 + 4 * BLOCK_N) * head_size * 2 + 64
+    """Dynamic shared memory: Q (128 rows), 2 stages of K and V (BLOCK_N rows), 7 mbarriers, and
+    1024 bytes to align the tiles (the start of dynamic shared memory is aligned less)."""
+    return (2 * 64 + 4 * BLOCK_N) * head_size * 2 + 64 + 1024
 
 
 def hopper_gpu(capability: tuple[int, int]) -> bool:

@@ -10,8 +10,6 @@ zero fill outside the tensor and 256-byte L2 promotion.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import torch
 
@@ -44,14 +42,15 @@ def tiled_map(
         raise ValueError(f"tiled_map: address and strides must be multiples of 16 bytes, got {address}, {strides}")
     from cuda.bindings import driver
 
+    u64, u32 = driver.cuuint64_t, driver.cuuint32_t  # the binding's own integer types, accepted by every version
     err, tmap = driver.cuTensorMapEncodeTiled(
         getattr(driver.CUtensorMapDataType, _DTYPES[dtype]),
         rank,
         address,
-        list(dims),
-        list(strides),
-        list(box),
-        [1] * rank,
+        [u64(x) for x in dims],
+        [u64(x) for x in strides],
+        [u32(x) for x in box],
+        [u32(1)] * rank,
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -61,5 +60,4 @@ def tiled_map(
         raise RuntimeError(
             f"cuTensorMapEncodeTiled failed ({err}) for dims={dims}, strides={strides}, box={box}, dtype={dtype}"
         )
-    raw = ctypes.string_at(tmap.getPtr(), 128)
-    return np.frombuffer(raw, dtype=np.dtype("V128")).copy()
+    return np.array(tmap.opaque, dtype=np.uint64).view(np.dtype((np.void, 128)))  # shape (1,): by value
