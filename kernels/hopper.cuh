@@ -26,6 +26,10 @@
 #else
 #define TP_HOPPER_ENABLED 0
 #endif
+// At run time (NVRTC, -DTP_NVRTC) an empty body would be a silent wrong answer: refuse to build it.
+#if defined(TP_NVRTC) && defined(__CUDA_ARCH__) && !TP_HOPPER_ENABLED
+#error "the Hopper kernels need -arch=sm_90a (compile.FAMILIES arch); this compile targets another architecture"
+#endif
 
 namespace tp {
 namespace hopper {
