@@ -22,15 +22,29 @@ from tp_runtime.resources import kernels_dir  # noqa: E402
 
 CPP = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 DTYPES = [torch.float16, torch.bfloat16]
-_modules: dict = {}
+SS_SHAPES = [(64, 64), (128, 128), (128, 64), (64, 128)]  # (N, D)
+RS_SHAPES = [(64, 64), (128, 64), (128, 128)]  # (N, K)
+_functions: dict = {}
+
+
+def _expressions() -> list[str]:
+    """Every instantiation the tests run (hopper_tests.cu instantiates the same set explicitly)."""
+    out = []
+    for t in CPP.values():
+        out += [f"tp::hopper_tests::wgmma_ss_kernel<{t}, {n}, {d}>" for n, d in SS_SHAPES]
+        out += [f"tp::hopper_tests::wgmma_rs_kernel<{t}, {n}, {k}>" for n, k in RS_SHAPES]
+        out.append(f"tp::hopper_tests::tma_load_kernel<{t}>")
+    return out
 
 
 def _kernel(expr: str):
-    if expr not in _modules:
+    """One NVRTC compile of hopper_tests.cu for all the tests (sm_90a), then a lookup."""
+    if not _functions:
         code = (kernels_dir() / "hopper_tests.cu").read_text()
-        module = cupy.RawModule(code=code, options=kernel_options("sm_90a"), name_expressions=[expr])
-        _modules[expr] = module.get_function(expr)
-    return _modules[expr]
+        exprs = _expressions()
+        module = cupy.RawModule(code=code, options=kernel_options("sm_90a"), name_expressions=exprs)
+        _functions.update({e: module.get_function(e) for e in exprs})
+    return _functions[expr]
 
 
 def _run(kernel, args, smem: int) -> None:
@@ -61,7 +75,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16"])
-@pytest.mark.parametrize("n,d", [(64, 64), (128, 128), (128, 64), (64, 128)])
+@pytest.mark.parametrize("n,d", SS_SHAPES)
 def test_wgmma_ss_q_kt(dtype, n, d):
     """S [64, N] = Q [64, D] · K [N, D]ᵀ, both K-major from 128B-swizzled shared memory."""
     q, k = _ints(64, d, dtype=dtype), _ints(n, d, dtype=dtype)
@@ -72,7 +86,7 @@ def test_wgmma_ss_q_kt(dtype, n, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16"])
-@pytest.mark.parametrize("n,k", [(64, 64), (128, 64), (128, 128)])
+@pytest.mark.parametrize("n,k", RS_SHAPES)
 def test_wgmma_rs_p_v(dtype, n, k):
     """O [64, N] = P [64, K] · V [K, N]: P from registers, V row-major read MN-major (transposed B)."""
     p, v = _ints(64, k, dtype=dtype), _ints(k, n, dtype=dtype)

@@ -133,3 +133,17 @@ def test_hopper_context_kernel_choice(monkeypatch):
     on_hopper = [p for f, p in cuda.variants(desc, hopper=True) if f == "context_hopper"]
     assert on_hopper == [{"dtype": torch.float16, "head_size": 128, "mask": "causal"}]
     assert not [f for f, _ in cuda.variants(desc) if f == "context_hopper"]
+
+
+def test_tensor_map_arguments_are_checked_before_the_driver():
+    """cuda_tma.tiled_map rejects what TMA cannot do with a message, before importing cuda.bindings."""
+    from tp_runtime.backends.cuda_tma import tiled_map
+
+    with pytest.raises(ValueError, match="innermost at most 64"):
+        tiled_map(0, torch.float16, (128, 10), (256,), (128, 10))  # 256-byte box row > 128-byte swizzle
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tiled_map(0, torch.bfloat16, (64, 10), (120,), (64, 10))
+    with pytest.raises(ValueError, match="rank-1 strides"):
+        tiled_map(0, torch.float16, (64, 10, 3), (128,), (64, 10, 1))
+    with pytest.raises(ValueError, match="not supported"):
+        tiled_map(0, torch.float32, (64, 10), (256,), (32, 10))
