@@ -45,6 +45,16 @@ KERNEL_VARIANTS = [
 ]  # fmt: skip
 
 
+def _fallback(dtype, d, layout, max_new):
+    from tp_runtime.backends.cuda_context import tile_shape
+
+    v = {"dtype": dtype, "head_size": d, "mask": "causal", "bias": "none", "layout": layout, "cache": "auto"}
+    return ("context", {**v, **tile_shape(d, causal=True, max_new_len=max_new)})
+
+
+KERNEL_VARIANTS += [_fallback(F16, 128, "contiguous", 1000), _fallback(F16, 64, "paged", 100)]  # the fallback tests
+
+
 @pytest.fixture
 def hopper_calls(monkeypatch):
     """Count the calls the Hopper kernel serves (the fallback must not take them silently)."""
