@@ -117,6 +117,72 @@ __global__ void __launch_bounds__(128, 1) tma_load_kernel(const __grid_constant_
 #endif
 }
 
+// S = Q·Kᵀ (SS wgmma) kept in registers, converted to T and fed back as the A operand of O = S·V
+// (RS wgmma, V MN-major): the context kernel's S -> P fragment reuse, without the softmax.
+template <typename T, int D, int BN>
+__global__ void __launch_bounds__(128, 1) qk_pv_kernel(const T* q, const T* k, const T* v, float* o) {
+#if TP_HOPPER_ENABLED
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sq = align_smem(smem_raw);  // [D/64][64][128 B]
+  unsigned char* sk = sq + 64 * D * 2;       // [D/64][BN][128 B]
+  unsigned char* sv = sk + BN * D * 2;       // [D/64][BN][128 B]
+  to_swizzled<T, D>(q, 64, sq);
+  to_swizzled<T, D>(k, BN, sk);
+  to_swizzled<T, D>(v, BN, sv);
+  float s[BN / 2];
+  fence_operands(s);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    Wgmma<BN, T>::ss(s, desc_k_major(smem_addr(sq), 64, kk), desc_k_major(smem_addr(sk), BN, kk), kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(s);
+  uint32_t p[BN / 16][4];
+#pragma unroll
+  for (int i = 0; i < BN / 2; i += 2) p[i >> 3][(i >> 1) & 3] = pack2<T>(s[i], s[i + 1]);
+  float d[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) d[i] = 0.f;
+  fence_operands(d);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    Wgmma<D, T>::template rs<1>(d, p[kk], desc_mn_major(smem_addr(sv), BN, kk), 1);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(d);
+  store_acc<D>(d, o);
+#endif
+}
+
+// One TMA load of a {64, 1, rows} box at (c0, c1, c2) of a 3-D tensor map (the context kernel's Q
+// map: {D, heads, tokens}); out [rows, 64] un-swizzled, zeros outside the tensor.
+template <typename T>
+__global__ void __launch_bounds__(128, 1) tma_load_3d_kernel(const __grid_constant__ TensorMap map, int rows, int c0,
+                                                             int c1, int c2, T* out) {
+#if TP_HOPPER_ENABLED
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = align_smem(smem_raw);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + rows * 128);
+  if (threadIdx.x == 0) {
+    mbar_init(bar, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(rows * 128));
+    tma_load_3d(smem, &map, bar, c0, c1, c2);
+  }
+  mbar_wait(bar, 0);
+  for (int i = threadIdx.x; i < rows * 64; i += blockDim.x) {
+    out[i] = *reinterpret_cast<const T*>(smem + swizzle128(i / 64, i % 64));
+  }
+#endif
+}
+
 }  // namespace hopper_tests
 }  // namespace tp
 
@@ -139,5 +205,11 @@ template __global__ void wgmma_rs_kernel<__nv_bfloat16, 64, 64>(const __nv_bfloa
 template __global__ void wgmma_rs_kernel<__nv_bfloat16, 128, 64>(const __nv_bfloat16*, const __nv_bfloat16*, float*);
 template __global__ void wgmma_rs_kernel<__nv_bfloat16, 128, 128>(const __nv_bfloat16*, const __nv_bfloat16*, float*);
 template __global__ void tma_load_kernel<__nv_bfloat16>(const __grid_constant__ TensorMap, int, int, int, __nv_bfloat16*);
+template __global__ void qk_pv_kernel<__half, 64, 128>(const __half*, const __half*, const __half*, float*);
+template __global__ void qk_pv_kernel<__half, 128, 128>(const __half*, const __half*, const __half*, float*);
+template __global__ void tma_load_3d_kernel<__half>(const __grid_constant__ TensorMap, int, int, int, int, __half*);
+template __global__ void qk_pv_kernel<__nv_bfloat16, 64, 128>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, float*);
+template __global__ void qk_pv_kernel<__nv_bfloat16, 128, 128>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, float*);
+template __global__ void tma_load_3d_kernel<__nv_bfloat16>(const __grid_constant__ TensorMap, int, int, int, int, __nv_bfloat16*);
 }  // namespace hopper_tests
 }  // namespace tp
