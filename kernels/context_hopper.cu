@@ -58,11 +58,11 @@ __global__ void __launch_bounds__(384, 1) context_hopper_kernel(
   unsigned char* sQ = align_smem(smem_raw);
   unsigned char* sK = sQ + 2 * kQBytes;
   unsigned char* sV = sK + 2 * kKVBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(sV + 2 * kKVBytes);
-  uint64_t* q_full = bars;
-  uint64_t* k_full = bars + 1;    // [2]
-  uint64_t* v_full = bars + 3;    // [2]
-  uint64_t* kv_empty = bars + 5;  // [2]
+  u64* bars = reinterpret_cast<u64*>(sV + 2 * kKVBytes);
+  u64* q_full = bars;
+  u64* k_full = bars + 1;    // [2]
+  u64* v_full = bars + 3;    // [2]
+  u64* kv_empty = bars + 5;  // [2]
 
   const int h = blockIdx.x;
   const int seq = tiles[2 * blockIdx.y], m0 = tiles[2 * blockIdx.y + 1];
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(384, 1) context_hopper_kernel(
     const int warp = t / 32, lane = t % 32;
     const int r0 = 64 * cw + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8 (tile rows)
     const int col = 2 * (lane % 4);                 // its first column inside each 8-column block
-    const uint32_t q_addr = smem_addr(sQ + cw * kQBytes);
+    const u32 q_addr = smem_addr(sQ + cw * kQBytes);
 
     float o[D / 2];
 #pragma unroll
@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(384, 1) context_hopper_kernel(
     mbar_wait(q_full, 0);
     for (int j = 0; j < n_kb; ++j) {
       const int s = j & 1;
-      const uint32_t phase = (j >> 1) & 1;
+      const u32 phase = (j >> 1) & 1;
       const int n0 = j * BN;
-      const uint32_t k_addr = smem_addr(sK + s * kKVBytes), v_addr = smem_addr(sV + s * kKVBytes);
+      const u32 k_addr = smem_addr(sK + s * kKVBytes), v_addr = smem_addr(sV + s * kKVBytes);
 
       // S [64, BN] = Q · K_jᵀ
       float sc[BN / 2];
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(384, 1) context_hopper_kernel(
         alpha[r] = exp2f(m_r[r] - base[r]);
         m_r[r] = m_new;
       }
-      uint32_t pa[BN / 16][4];
+      u32 pa[BN / 16][4];
 #pragma unroll
       for (int i = 0; i < BN / 2; i += 2) {
         const int r = (i >> 1) & 1;

@@ -18,7 +18,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <stdint.h>
 
 // wgmma / setmaxnreg are only assembled for sm_90a ("arch-specific features").
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -34,6 +33,10 @@
 namespace tp {
 namespace hopper {
 
+// Fixed-width names of our own: NVRTC has no C library headers (no <stdint.h>).
+using u32 = unsigned int;
+using u64 = unsigned long long;
+
 // The 128-byte CUtensorMap of the driver API, opaque here (encoded on the host by
 // cuTensorMapEncodeTiled and passed by value as a `const __grid_constant__` kernel parameter, so it
 // stays in the parameter space where the TMA unit can read it).
@@ -41,8 +44,8 @@ struct alignas(64) TensorMap {
   unsigned long long opaque[16];
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
 }
 
 // The first 1024-byte aligned byte at or after `p` (the start of dynamic shared memory is not
@@ -54,9 +57,9 @@ __device__ __forceinline__ unsigned char* align_smem(unsigned char* p) {
 
 // Byte offset of element (row, col) of a swizzled tile of 64-element rows (see the file comment);
 // for 16-bit elements, col in [0, 64).
-__device__ __forceinline__ uint32_t swizzle128(int row, int col) {
+__device__ __forceinline__ u32 swizzle128(int row, int col) {
   const int chunk = (col >> 3) ^ (row & 7);
-  return static_cast<uint32_t>(row * 128 + chunk * 16 + (col & 7) * 2);
+  return static_cast<u32>(row * 128 + chunk * 16 + (col & 7) * 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -77,22 +80,22 @@ __device__ __forceinline__ uint32_t swizzle128(int row, int col) {
 //   MN-major  ((64 elems, n), (8 k-rows, k)) : 64 MN-elements contiguous in a 128-byte row, one
 //             row per K index; LBO = byte distance between 64-element MN groups (the next tile:
 //             R·128 B), SBO = 1024 B between groups of 8 K-rows. Next k16 step: start + 16·128 B.
-__device__ __forceinline__ uint64_t desc_encode(uint32_t x) { return static_cast<uint64_t>((x & 0x3FFFF) >> 4); }
+__device__ __forceinline__ u64 desc_encode(u32 x) { return static_cast<u64>((x & 0x3FFFF) >> 4); }
 
-__device__ __forceinline__ uint64_t make_desc_sw128(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+__device__ __forceinline__ u64 make_desc_sw128(u32 smem_byte_addr, u32 lbo_bytes, u32 sbo_bytes) {
   return desc_encode(smem_byte_addr) | desc_encode(lbo_bytes) << 16 | desc_encode(sbo_bytes) << 32 |
-         static_cast<uint64_t>(1) << 62;
+         static_cast<u64>(1) << 62;
 }
 
 // K-major operand (Q or K rows, D contiguous): k16 step `k` of a tile of `rows` rows whose
 // 64-element column blocks lie rows·128 B apart.
-__device__ __forceinline__ uint64_t desc_k_major(uint32_t tile_addr, int rows, int k) {
+__device__ __forceinline__ u64 desc_k_major(u32 tile_addr, int rows, int k) {
   return make_desc_sw128(tile_addr + (k >> 2) * rows * 128 + (k & 3) * 32, 16, 1024);
 }
 
 // MN-major operand (V stored [keys][D]: N = D contiguous, K = keys): k16 step `k`, tile of `rows`
 // key rows whose 64-element D blocks lie rows·128 B apart (= LBO).
-__device__ __forceinline__ uint64_t desc_mn_major(uint32_t tile_addr, int rows, int k) {
+__device__ __forceinline__ u64 desc_mn_major(u32 tile_addr, int rows, int k) {
   return make_desc_sw128(tile_addr + k * 16 * 128, rows * 128, 1024);
 }
 
@@ -122,7 +125,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 template <int N>
-__device__ __forceinline__ void fence_operands(uint32_t (&d)[N]) {
+__device__ __forceinline__ void fence_operands(u32 (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
@@ -135,7 +138,7 @@ struct Wgmma;
 template <>
 struct Wgmma<64, __half> {
   // d[32] += A·B, A and B from shared-memory descriptors (both K-major: tnspA = tnspB = 0).
-  __device__ __forceinline__ static void ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void ss(float (&d)[32], u64 desc_a, u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
@@ -147,7 +150,7 @@ struct Wgmma<64, __half> {
   // d[32] += A·B, A from registers (a[4]: the m16n8k16 A fragment of the warp's 16 rows), B from a
   // descriptor; kTransB = 1: B is MN-major (e.g. V stored [keys][D] for P·V), 0: K-major.
   template <int kTransB>
-  __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void rs(float (&d)[32], const u32 (&a)[4], u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
@@ -161,7 +164,7 @@ struct Wgmma<64, __half> {
 template <>
 struct Wgmma<64, __nv_bfloat16> {
   // d[32] += A·B, A and B from shared-memory descriptors (both K-major: tnspA = tnspB = 0).
-  __device__ __forceinline__ static void ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void ss(float (&d)[32], u64 desc_a, u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
@@ -173,7 +176,7 @@ struct Wgmma<64, __nv_bfloat16> {
   // d[32] += A·B, A from registers (a[4]: the m16n8k16 A fragment of the warp's 16 rows), B from a
   // descriptor; kTransB = 1: B is MN-major (e.g. V stored [keys][D] for P·V), 0: K-major.
   template <int kTransB>
-  __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void rs(float (&d)[32], const u32 (&a)[4], u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
@@ -187,7 +190,7 @@ struct Wgmma<64, __nv_bfloat16> {
 template <>
 struct Wgmma<128, __half> {
   // d[64] += A·B, A and B from shared-memory descriptors (both K-major: tnspA = tnspB = 0).
-  __device__ __forceinline__ static void ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void ss(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
@@ -199,7 +202,7 @@ struct Wgmma<128, __half> {
   // d[64] += A·B, A from registers (a[4]: the m16n8k16 A fragment of the warp's 16 rows), B from a
   // descriptor; kTransB = 1: B is MN-major (e.g. V stored [keys][D] for P·V), 0: K-major.
   template <int kTransB>
-  __device__ __forceinline__ static void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void rs(float (&d)[64], const u32 (&a)[4], u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
@@ -213,7 +216,7 @@ struct Wgmma<128, __half> {
 template <>
 struct Wgmma<128, __nv_bfloat16> {
   // d[64] += A·B, A and B from shared-memory descriptors (both K-major: tnspA = tnspB = 0).
-  __device__ __forceinline__ static void ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void ss(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -225,7 +228,7 @@ struct Wgmma<128, __nv_bfloat16> {
   // d[64] += A·B, A from registers (a[4]: the m16n8k16 A fragment of the warp's 16 rows), B from a
   // descriptor; kTransB = 1: B is MN-major (e.g. V stored [keys][D] for P·V), 0: K-major.
   template <int kTransB>
-  __device__ __forceinline__ static void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  __device__ __forceinline__ static void rs(float (&d)[64], const u32 (&a)[4], u64 desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -238,22 +241,22 @@ struct Wgmma<128, __nv_bfloat16> {
 
 // Pack two fp32 into one b32 of two 16-bit T (low half = first), round to nearest.
 template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+__device__ __forceinline__ u32 pack2(float lo, float hi);
 template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+__device__ __forceinline__ u32 pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  return *reinterpret_cast<u32*>(&v);
 }
 template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+__device__ __forceinline__ u32 pack2<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  return *reinterpret_cast<u32*>(&v);
 }
 
 // ---------------------------------------------------------------------------------------------
 // mbarrier (64-bit shared-memory object, 8-byte aligned): `count` arrivals complete a phase, and
 // a transaction count lets TMA bytes complete it too. Waiters poll a phase parity bit.
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
 // Make initialised barriers visible to the async proxy (TMA) before any copy names them.
@@ -261,15 +264,15 @@ __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 // Arrive once and announce `bytes` of transactions (the TMA loads of this phase) in one step.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 // Block until the phase with parity `parity` (0 or 1) has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
   asm volatile(
       "{\n.reg .pred done;\n"
       "TP_MBAR_WAIT:\n"
@@ -284,20 +287,20 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // (its transaction count must have been raised by the box's bytes). Coordinates are in elements,
 // innermost first; out-of-range parts of the box are filled with zeros.
 __device__ __forceinline__ void tma_prefetch_map(const TensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(map)) : "memory");
 }
-__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1) {
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, u64* bar, int c0, int c1) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
           smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
       : "memory");
 }
-__device__ __forceinline__ void tma_load_3d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
+__device__ __forceinline__ void tma_load_3d(void* dst, const TensorMap* map, u64* bar, int c0, int c1, int c2) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
       "[%5];\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
       : "memory");
 }
 

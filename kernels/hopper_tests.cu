@@ -69,13 +69,13 @@ __global__ void __launch_bounds__(128, 1) wgmma_rs_kernel(const T* p, const T* v
   to_swizzled<T, N>(v, K, smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const uint32_t* p32 = reinterpret_cast<const uint32_t*>(p);  // pairs of T along a row
+  const u32* p32 = reinterpret_cast<const u32*>(p);  // pairs of T along a row
   const int row = 16 * warp + g;
   float d[N / 2];
   fence_operands(d);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[4];
+    u32 a[4];
     a[0] = p32[(row * K + 16 * kk + 2 * t) / 2];
     a[1] = p32[((row + 8) * K + 16 * kk + 2 * t) / 2];
     a[2] = p32[(row * K + 16 * kk + 8 + 2 * t) / 2];
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(128, 1) tma_load_kernel(const __grid_constant_
 #if TP_HOPPER_ENABLED
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = align_smem(smem_raw);  // [rows][128 B] tile, then the barrier
-  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + rows * 128);
+  u64* bar = reinterpret_cast<u64*>(smem + rows * 128);
   if (threadIdx.x == 0) {
     mbar_init(bar, 1);
     mbar_init_fence();
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(128, 1) tma_load_kernel(const __grid_constant_
   __syncthreads();
   if (threadIdx.x == 0) {
     tma_prefetch_map(&map);
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(rows * 128));
+    mbar_arrive_expect_tx(bar, static_cast<u32>(rows * 128));
     tma_load_2d(smem, &map, bar, c0, c1);
   }
   mbar_wait(bar, 0);
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(128, 1) qk_pv_kernel(const T* q, const T* k, c
   wgmma_commit();
   wgmma_wait<0>();
   fence_operands(s);
-  uint32_t p[BN / 16][4];
+  u32 p[BN / 16][4];
 #pragma unroll
   for (int i = 0; i < BN / 2; i += 2) p[i >> 3][(i >> 1) & 3] = pack2<T>(s[i], s[i + 1]);
   float d[D / 2];
@@ -166,14 +166,14 @@ __global__ void __launch_bounds__(128, 1) tma_load_3d_kernel(const __grid_consta
 #if TP_HOPPER_ENABLED
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = align_smem(smem_raw);
-  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + rows * 128);
+  u64* bar = reinterpret_cast<u64*>(smem + rows * 128);
   if (threadIdx.x == 0) {
     mbar_init(bar, 1);
     mbar_init_fence();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(rows * 128));
+    mbar_arrive_expect_tx(bar, static_cast<u32>(rows * 128));
     tma_load_3d(smem, &map, bar, c0, c1, c2);
   }
   mbar_wait(bar, 0);
