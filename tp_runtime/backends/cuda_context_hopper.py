@@ -25,9 +25,23 @@ from .cuda_plan import context_tiles, route
 from .cuda_tma import tiled_map
 
 ENV = "TP_RUNTIME_HOPPER_CONTEXT"
-BLOCK_M = 128  # query rows per CTA: two consumer warpgroups of 64
 BLOCK_N = 128  # keys per K/V block (kernels/context_hopper.cu)
-THREADS = 384  # producer warpgroup + two consumers
+
+
+def consumers(head_size: int) -> int:
+    """Consumer warpgroups of 64 query rows per CTA (``HopperConsumers`` in the kernel): 3 at D 64,
+    whose softmax outlasts its GEMMs, else 2."""
+    return 3 if head_size == 64 else 2
+
+
+def block_m(head_size: int) -> int:
+    """Query rows per CTA."""
+    return 64 * consumers(head_size)
+
+
+def threads(head_size: int) -> int:
+    """Threads per CTA: the producer warpgroup and the consumers."""
+    return 128 * (consumers(head_size) + 1)
 
 
 def enabled() -> bool:
@@ -36,9 +50,9 @@ def enabled() -> bool:
 
 
 def shared_bytes(head_size: int) -> int:
-    """Dynamic shared memory: Q (128 rows), 2 stages of K and V (BLOCK_N rows), 7 mbarriers, and
-    1024 bytes to align the tiles (the start of dynamic shared memory is aligned less)."""
-    return (2 * 64 + 4 * BLOCK_N) * head_size * 2 + 64 + 1024
+    """Dynamic shared memory: Q (block_m rows), 2 stages of K and V (BLOCK_N rows), 9 mbarriers (128
+    bytes kept), and 1024 bytes to align the tiles (the start of dynamic shared memory is aligned less)."""
+    return (block_m(head_size) + 4 * BLOCK_N) * head_size * 2 + 128 + 1024
 
 
 def hopper_gpu(capability: tuple[int, int]) -> bool:
@@ -60,6 +74,8 @@ def serves(q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: 
     """Whether the Hopper kernel serves this call (else the ``mma.sync`` kernel does)."""
     if q.device.type != "cuda" or spec.cross or step.beam_width > 1:
         return False
+    if not spec.softmax_scale > 0:  # the kernel keeps the running max in raw-score units
+        return False
     if not hopper_gpu(torch.cuda.get_device_capability(q.device)):
         return False
     if variant(q.dtype, q.shape[2], mask, bias, kv.cache_dtype, kv.cache_layout) is None:
@@ -74,7 +90,7 @@ def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[i
     t, h_r, d = q.shape
     kv_r = kv.num_kv_heads
     plan = route(step, spec.cross)
-    tiles = context_tiles(step, ids, BLOCK_M, mask == "causal", spec.cross)
+    tiles = context_tiles(step, ids, block_m(d), mask == "causal", spec.cross)
     if tiles.shape[0] > 65535:
         raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
     e = q.element_size()
@@ -96,4 +112,4 @@ def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[i
         i32(h_r), i32(kv_r), f32(scale_log2),
     )
     # fmt: on
-    launch(kernel, (h_r, tiles.shape[0], 1), (THREADS, 1, 1), args, q.device, shared_mem=shared_bytes(d))
+    launch(kernel, (h_r, tiles.shape[0], 1), (threads(d), 1, 1), args, q.device, shared_mem=shared_bytes(d))
