@@ -1,7 +1,7 @@
 // Hopper (sm_90a) context (prefill) attention: wgmma + TMA + warp specialisation.
 //
 // Serves what capabilities.CAPABILITIES["context_hopper"] lists (fp16/bf16; D 64 and 128; causal
-// or padding mask; no position bias; contiguous fp16/bf16 cache; GQA/MQA by head mapping; cached
+// or padding mask; no position bias; contiguous or paged (page >= 8 tokens) fp16/bf16 cache; GQA/MQA by head mapping; cached
 // past allowed); every other case stays on kernels/context_attention.cu (mma.sync). Same
 // semantics as that kernel: out [T, H, D] and lse [T, H] (natural log, -inf for a row with no
 // key) at the rows of the tiles' sequences only.
@@ -33,7 +33,8 @@
 //   barriers: q_full, k_full[2], v_full[2], k_empty[2], v_empty[2]
 // Tensor maps (tp_runtime/backends/cuda_context_hopper.py):
 //   map_q  over q  [T, H, D] as 3-D {D, H, T}, box {64, 1, 64}: one consumer's 64 rows of one head
-//   map_kv over the contiguous cache [B, 2, KV, S_max, D] as 3-D {D, S_max, B·2·KV}, box {64, BN, 1}
+//   map_kv over the contiguous cache [B, 2, KV, S_max, D] as 3-D {D, S_max, B·2·KV}, box {64, BN, 1},
+//          or the paged pool [N, 2, KV, P, D] as {D, P, N·2·KV}, box {64, min(P, BN), 1} (P >= 8)
 // Keys past n_keys inside the last block hold whatever the cache holds there (possibly NaN): their
 // scores are replaced by -inf and their V rows zeroed in shared memory before P·V.
 #include "common.cuh"
@@ -143,7 +144,8 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     const __grid_constant__ hopper::TensorMap map_q, const __grid_constant__ hopper::TensorMap map_kv,
     T* __restrict__ out, int out_stride, float* __restrict__ lse, const int* __restrict__ tiles,
     const int* __restrict__ cu_seqlens, const int* __restrict__ past, const int* __restrict__ n_keys,
-    const int* __restrict__ slots, int num_heads, int num_kv_heads, float scale_log2) {
+    const int* __restrict__ slots, const int* __restrict__ block_table, int table_stride, int kv_box,
+    int log2_page, int num_heads, int num_kv_heads, float scale_log2) {
 #if TP_HOPPER_ENABLED
   using namespace hopper;
   constexpr int BN = 128;          // keys per K/V block
@@ -203,21 +205,38 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           tma_load_3d(sQ + c * kQBytes + k * 64 * 128, &map_q, q_full, 64 * k, h, tok0 + m0 + 64 * c);
         }
       }
-      const int k_plane = (slots[seq] * 2) * num_kv_heads + kvh;  // (slot, K, head) row block
-      const int v_plane = k_plane + num_kv_heads;                 // (slot, V, head)
+      // A K/V block of BN keys = BN / kv_box boxes of kv_box rows each, box r landing at row r of
+      // the tile (kv_box >= 8 rows = whole 1024-byte swizzle atoms, so the layout is the same as
+      // one box's). Contiguous: one box, plane (slot, K|V, head), row = position. Paged: one box
+      // per page (or per BN rows of a page larger than BN), plane (page, K|V, head) with the page
+      // from the block table, row = position inside the page. Positions past n_keys (inside the
+      // last block only) read the sequence's last page: finite data the mask and the V zeroing
+      // discard, and never a table entry the sequence does not own.
+      const int slot = slots[seq];
+      const int* table_row = block_table != nullptr ? block_table + (long long)slot * table_stride : nullptr;
+      auto tile_load = [&](unsigned char* dst, u64* bar, int j, int kv) {
+        for (int r = 0; r < BN; r += kv_box) {
+          const int pos = j * BN + r;
+          int plane = slot, row = pos;
+          if (table_row != nullptr) {
+            plane = __ldg(table_row + (min(pos, nk - 1) >> log2_page));
+            row = pos & ((1 << log2_page) - 1);
+          }
+          plane = (plane * 2 + kv) * num_kv_heads + kvh;
+          for (int k = 0; k < kChunks; ++k) {
+            tma_load_3d(dst + k * BN * 128 + r * 128, &map_kv, bar, 64 * k, row, plane);
+          }
+        }
+      };
       for (int j = 0; j < n_kb; ++j) {
         const int s = j & 1;
         const u32 parity = ((j >> 1) - 1) & 1;  // the release of block j - 2 (same stage)
         if (j >= 2) mbar_wait(&k_empty[s], parity);
         mbar_arrive_expect_tx(&k_full[s], kKVBytes);
-        for (int k = 0; k < kChunks; ++k) {
-          tma_load_3d(sK + s * kKVBytes + k * BN * 128, &map_kv, &k_full[s], 64 * k, j * BN, k_plane);
-        }
+        tile_load(sK + s * kKVBytes, &k_full[s], j, 0);
         if (j >= 2) mbar_wait(&v_empty[s], parity);
         mbar_arrive_expect_tx(&v_full[s], kKVBytes);
-        for (int k = 0; k < kChunks; ++k) {
-          tma_load_3d(sV + s * kKVBytes + k * BN * 128, &map_kv, &v_full[s], 64 * k, j * BN, v_plane);
-        }
+        tile_load(sV + s * kKVBytes, &v_full[s], j, 1);
       }
     }
   } else {  // ----------------------------------------------------------------------- consumers

@@ -24,18 +24,23 @@ from tp_runtime.config import AttentionMaskType  # noqa: E402
 
 F16, BF16 = torch.float16, torch.bfloat16
 
-# (id, dtype, D, H, KV, mask, new_lens, past_lens)
+# (id, dtype, D, H, KV, mask, new_lens, past_lens, page size: None = contiguous cache)
 # fmt: off
 CASES = [
-    ("f16-d128-causal-odd", F16, 128, 4, 4, "causal", [1, 63, 129, 1000], None),
-    ("bf16-d128-causal-gqa", BF16, 128, 8, 2, "causal", [1000, 129, 1], None),
-    ("f16-d64-causal-mqa", F16, 64, 4, 1, "causal", [63, 1000, 1], None),
-    ("bf16-d64-causal", BF16, 64, 2, 2, "causal", [129, 7, 300], None),
-    ("f16-d128-padding", F16, 128, 4, 2, "padding", [1, 63, 129, 1000], None),
-    ("bf16-d64-padding-mqa", BF16, 64, 4, 1, "padding", [1000, 65], None),
-    ("bf16-d128-causal-past", BF16, 128, 4, 2, "causal", [97, 1, 300], [50, 1000, 3]),
-    ("f16-d64-padding-past", F16, 64, 2, 2, "padding", [33, 200], [129, 0]),
-    ("bf16-d128-causal-4097", BF16, 128, 2, 1, "causal", [4097], None),
+    ("f16-d128-causal-odd", F16, 128, 4, 4, "causal", [1, 63, 129, 1000], None, None),
+    ("bf16-d128-causal-gqa", BF16, 128, 8, 2, "causal", [1000, 129, 1], None, None),
+    ("f16-d64-causal-mqa", F16, 64, 4, 1, "causal", [63, 1000, 1], None, None),
+    ("bf16-d64-causal", BF16, 64, 2, 2, "causal", [129, 7, 300], None, None),
+    ("f16-d128-padding", F16, 128, 4, 2, "padding", [1, 63, 129, 1000], None, None),
+    ("bf16-d64-padding-mqa", BF16, 64, 4, 1, "padding", [1000, 65], None, None),
+    ("bf16-d128-causal-past", BF16, 128, 4, 2, "causal", [97, 1, 300], [50, 1000, 3], None),
+    ("f16-d64-padding-past", F16, 64, 2, 2, "padding", [33, 200], [129, 0], None),
+    ("bf16-d128-causal-4097", BF16, 128, 2, 1, "causal", [4097], None, None),
+    # paged: 16 pages per key block, a page per block (64: two), a block inside a larger page
+    ("bf16-d128-causal-paged16-past", BF16, 128, 4, 2, "causal", [97, 1, 300], [50, 1000, 3], 16),
+    ("f16-d64-causal-paged8-gqa", F16, 64, 8, 2, "causal", [1000, 129, 1], None, 8),
+    ("f16-d128-padding-paged64", F16, 128, 4, 4, "padding", [1, 63, 129, 1000], None, 64),
+    ("bf16-d64-causal-paged256-past", BF16, 64, 2, 1, "causal", [200, 33], [129, 300], 256),
 ]
 # fmt: on
 
@@ -74,15 +79,15 @@ def hopper_calls(monkeypatch):
 def _run(case, gpu, seed):
     from tp_runtime.backends import cuda_common, cuda_context
 
-    name, dtype, d, h, kv_h, mask, new, past = case
+    name, dtype, d, h, kv_h, mask, new, past, page = case
     gen = torch.Generator().manual_seed(seed)
     n = len(new)
     slots = tuple(torch.randperm(n + 2, generator=gen)[:n].tolist())
     step = Step(new_lens=new, past_lens=past, slots=slots, device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType(mask), softmax_scale=1.0 / math.sqrt(d))
     kv = gpu.make_kv(
-        layout="contiguous", cache_dtype="auto", dtype=dtype, kv_heads=kv_h, head_size=d, slots=slots,
-        lengths=step.total_lens,
+        layout="contiguous" if page is None else "paged", cache_dtype="auto", dtype=dtype, kv_heads=kv_h,
+        head_size=d, slots=slots, lengths=step.total_lens, block_size=page or 16,
     )  # fmt: skip
     q = (torch.randn(step.num_tokens, h, d, device="cuda") * 1.5).to(dtype)
     out = cuda_common.new(q.shape, q.dtype, q.device)
@@ -111,14 +116,14 @@ def test_switch_forces_the_fallback(gpu, poison_outputs, hopper_calls, monkeypat
 
 
 def test_unserved_case_stays_on_the_fallback(gpu, poison_outputs, hopper_calls):
-    """A paged cache is not served by the Hopper kernel yet: mma.sync takes it, correctly."""
+    """Pages of fewer than 8 tokens are not served by the Hopper kernel: mma.sync takes them, correctly."""
     from tp_runtime.backends import cuda_common, cuda_context
 
     step = Step(new_lens=[100, 7], device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=0.125)
     kv = gpu.make_kv(
         layout="paged", cache_dtype="auto", dtype=F16, kv_heads=2, head_size=64, slots=step.slots,
-        lengths=step.total_lens, block_size=16,
+        lengths=step.total_lens, block_size=4,
     )  # fmt: skip
     q = torch.randn(step.num_tokens, 2, 64, device="cuda").to(F16)
     out = cuda_common.new(q.shape, q.dtype, q.device)
@@ -126,4 +131,4 @@ def test_unserved_case_stays_on_the_fallback(gpu, poison_outputs, hopper_calls):
     cuda_context.context(q, kv, step, spec, (0, 1), out, lse)
     torch.cuda.synchronize()
     assert not hopper_calls
-    gpu.check_attention(out, lse, q, kv, step, spec, what="paged on the fallback")
+    gpu.check_attention(out, lse, q, kv, step, spec, what="4-token pages on the fallback")

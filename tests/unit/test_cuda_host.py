@@ -118,11 +118,12 @@ def test_hopper_context_kernel_choice(monkeypatch):
     assert not ch.hopper_gpu((9, 0))
     monkeypatch.delenv(ch.ENV)
     auto, contiguous, paged = KVCacheDType.auto, CacheLayout.contiguous, CacheLayout.paged
-    assert ch.variant(torch.bfloat16, 128, "causal", "none", auto, contiguous) == {
-        "dtype": torch.bfloat16, "head_size": 128, "mask": "causal"}  # fmt: skip
+    for layout in (contiguous, paged):  # one variant serves both layouts (the layout is a kernel argument)
+        assert ch.variant(torch.bfloat16, 128, "causal", "none", auto, layout) == {
+            "dtype": torch.bfloat16, "head_size": 128, "mask": "causal"}  # fmt: skip
     for args in [(80, "causal", "none", auto, contiguous), (128, "causal", "alibi", auto, contiguous),
                  (128, "bidirectional", "none", auto, contiguous), (64, "padding", "none", KVCacheDType.int8,
-                 contiguous), (128, "causal", "none", auto, paged)]:  # fmt: skip
+                 contiguous), (128, "causal", "none", KVCacheDType.fp8, paged)]:  # fmt: skip
         assert ch.variant(torch.float16, *args) is None, args
     assert kc.FAMILIES["context_hopper"].arch == "sm_90a"
     for mask in ("causal", "padding"):

@@ -4,8 +4,10 @@ warp specialisation), chosen by ``cuda_context.context`` on Hopper GPUs for the 
 stays on the ``mma.sync`` kernel. ``TP_RUNTIME_HOPPER_CONTEXT=0`` keeps everything there.
 
 Same interface and semantics as ``cuda_context.context`` for the cases it serves: ``out [T, H_r,
-D]`` and ``lse [T, H_r]`` written at the rows of the sequences ``ids``. The tensor maps of q and
-of the cache are encoded per call (``cuda_tma.tiled_map``; a cache of them is a next step).
+D]`` and ``lse [T, H_r]`` written at the rows of the sequences ``ids``, from a contiguous cache or
+a paged one (pages of at least ``HOPPER_CONTEXT_MIN_PAGE`` tokens: one tensor map over the page
+pool, one TMA box per page, the page from the block table in the kernel). The tensor maps of q
+and of the cache are encoded per call (``cuda_tma.tiled_map``; a cache of them is a next step).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import os
 
 import torch
 
-from ..batch.kv_cache import LayerKV
+from ..batch.kv_cache import CacheLayout, LayerKV
 from ..batch.step import Step
 from .base import AttentionSpec
-from .capabilities import CAPABILITIES, HOPPER_CONTEXT_BIASES, HOPPER_CONTEXT_MASKS
+from .capabilities import CAPABILITIES, HOPPER_CONTEXT_BIASES, HOPPER_CONTEXT_MASKS, HOPPER_CONTEXT_MIN_PAGE
 from .compile import get_kernel
 from .cuda_common import f32, i32, launch, ptr
 from .cuda_plan import context_tiles, route
@@ -80,6 +82,8 @@ def serves(q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: 
         return False
     if variant(q.dtype, q.shape[2], mask, bias, kv.cache_dtype, kv.cache_layout) is None:
         return False
+    if kv.cache_layout is CacheLayout.paged and kv.block_size < HOPPER_CONTEXT_MIN_PAGE:
+        return False
     d, e = q.shape[2], q.element_size()
     # TMA: 16-byte aligned base addresses and byte strides, D contiguous
     return q.stride(2) == 1 and q.stride(1) == d and (q.stride(0) * e) % 16 == 0 and q.data_ptr() % 16 == 0
@@ -96,11 +100,17 @@ def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[i
     e = q.element_size()
     # q [T, H, D] as {D, H, T}; box: 64 elements of one head for 64 tokens
     map_q = tiled_map(q.data_ptr(), q.dtype, (d, h_r, t), (d * e, q.stride(0) * e), (64, 1, 64))
-    # cache [B, 2, KV, S_max, D] as {D, S_max, B·2·KV}; box: 64 elements of BLOCK_N positions
-    rows, _, _, s_max, _ = kv.data.shape
+    # contiguous cache [B, 2, KV, S_max, D] as {D, S_max, B·2·KV}, box: 64 elements of BLOCK_N
+    # positions; paged pool [N, 2, KV, P, D] as {D, P, N·2·KV}, box: 64 elements of min(P, BLOCK_N)
+    # positions (the kernel loads a block of BLOCK_N keys page by page)
+    rows, _, _, length, _ = kv.data.shape
+    paged = kv.cache_layout is CacheLayout.paged
+    kv_box = min(length, BLOCK_N) if paged else BLOCK_N
     map_kv = tiled_map(
-        kv.data.data_ptr(), q.dtype, (d, s_max, rows * 2 * kv_r), (d * e, s_max * d * e), (64, BLOCK_N, 1)
+        kv.data.data_ptr(), q.dtype, (d, length, rows * 2 * kv_r), (d * e, length * d * e), (64, kv_box, 1)
     )
+    table = kv.block_table if paged else None
+    table_stride = table.stride(0) if table is not None else 0
     kernel = get_kernel("context_hopper", dtype=q.dtype, head_size=d, mask=mask)
     scale_log2 = spec.softmax_scale * math.log2(math.e)
     # fmt: off
@@ -109,6 +119,8 @@ def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[i
         ptr(out), i32(out.stride(0)), ptr(lse),       # out [T, H, D] token stride; lse [T, H]
         ptr(tiles),                                   # [num_tiles, 2] (sequence, first query row)
         ptr(step.cu_seqlens), ptr(step.past), ptr(plan.n_keys_dev), ptr(step.slot),
+        ptr(table), i32(table_stride),                # paged: block table [max_seqs, *] int32; else null
+        i32(kv_box), i32(length.bit_length() - 1 if paged else 0),  # rows per K/V box; paged: log2(P)
         i32(h_r), i32(kv_r), f32(scale_log2),
     )
     # fmt: on
