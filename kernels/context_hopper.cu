@@ -1,8 +1,9 @@
 // Hopper (sm_90a) context (prefill) attention: wgmma + TMA + warp specialisation.
 //
 // Serves what capabilities.CAPABILITIES["context_hopper"] lists (fp16/bf16; D 64 and 128; causal
-// or padding mask; no position bias; contiguous or paged (page >= 8 tokens) fp16/bf16 cache; GQA/MQA by head mapping; cached
-// past allowed); every other case stays on kernels/context_attention.cu (mma.sync). Same
+// or padding mask; no position bias; contiguous or paged (pages >= 8 tokens) fp16/bf16 cache;
+// GQA/MQA by head mapping; cached past allowed); every other case stays on
+// kernels/context_attention.cu (mma.sync). Same
 // semantics as that kernel: out [T, H, D] and lse [T, H] (natural log, -inf for a row with no
 // key) at the rows of the tiles' sequences only.
 //
@@ -27,7 +28,7 @@
 // diagonal and the one holding n_keys are masked).
 //
 // Shared memory (dynamic, aligned up to 1024 bytes in the kernel; layouts of kernels/hopper.cuh):
-//   sQ [C consumers][D/64][64 rows][128 B]      64·C·D·2 bytes
+//   sQ [C consumers][D/64][64 rows][128 B]      64·C·D·2 bytes (then each consumer's O for the epilogue)
 //   sK [2 stages][D/64][BN rows][128 B]         2·BN·D·2
 //   sV [2 stages][D/64][BN rows][128 B]         2·BN·D·2
 //   barriers: q_full, k_full[2], v_full[2], k_empty[2], v_empty[2]
@@ -60,9 +61,12 @@ __device__ __forceinline__ void issue_s(float (&sc)[BN / 2], hopper::u32 q_addr,
 
 // O [64, D] += P [64, BN] (registers) · V_j [BN, D] (MN-major 128B-swizzled).
 template <typename T, int D, int BN>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const hopper::u32 (&pa)[BN / 16][4], hopper::u32 v_addr) {
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const hopper::u32 (&pa)[BN / 16][4],
+                                         hopper::u32 v_addr) {
 #pragma unroll
-  for (int k = 0; k < BN / 16; ++k) hopper::Wgmma<D, T>::template rs<1>(o, pa[k], hopper::desc_mn_major(v_addr, BN, k), 1);
+  for (int k = 0; k < BN / 16; ++k) {
+    hopper::Wgmma<D, T>::template rs<1>(o, pa[k], hopper::desc_mn_major(v_addr, BN, k), 1);
+  }
 }
 
 // Online softmax of one key block, in place: raw scores sc -> unnormalised probabilities
@@ -110,8 +114,8 @@ __device__ __forceinline__ void softmax_block(float (&sc)[BN / 2], float (&m_r)[
 // After P_{j-1}·V_{j-1} has retired: O *= alpha (the new max), P_j packed to T = the A operand of
 // its P·V (the accumulators of columns 16k.. are the A fragment of k step k).
 template <typename T, int D, int BN>
-__device__ __forceinline__ void rescale_pack(float (&o)[D / 2], hopper::u32 (&pa)[BN / 16][4], const float (&sc)[BN / 2],
-                                             const float (&alpha)[2]) {
+__device__ __forceinline__ void rescale_pack(float (&o)[D / 2], hopper::u32 (&pa)[BN / 16][4],
+                                             const float (&sc)[BN / 2], const float (&alpha)[2]) {
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
 #pragma unroll
@@ -343,23 +347,37 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       }
     }
 
-    // epilogue: O / l, rows of this sequence only
+    // Epilogue: O / l converted to T into this consumer's Q tile (free: its last S has retired),
+    // [64 rows][D·2 bytes] with the 16-byte chunks of row r XOR-swizzled by r % 8 (the quad-wide
+    // 4-byte writes of 8 rows then hit distinct banks), then 16-byte coalesced stores of the rows
+    // of this sequence.
+    unsigned char* sO = sQ + cw * kQBytes;
+    const int row0 = 64 * cw;  // the consumer's first tile row
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
       l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
-      const int row = r0 + 8 * r;
-      if (row >= rows) continue;
-      const long long tok = tok0 + m0 + row;
       const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
-      T* dst = out + tok * out_stride + (long long)h * D;
+      const int rl = r0 - row0 + 8 * r;  // row inside the consumer's 64
 #pragma unroll
       for (int jb = 0; jb < D / 8; ++jb) {
-        Convert<T>::store2(dst + 8 * jb + col, make_float2(o[4 * jb + 2 * r] * inv, o[4 * jb + 2 * r + 1] * inv));
+        *reinterpret_cast<u32*>(sO + rl * D * 2 + ((jb ^ (rl & 7)) * 16) + (col / 2) * 4) =
+            pack2<T>(o[4 * jb + 2 * r] * inv, o[4 * jb + 2 * r + 1] * inv);
       }
-      if (lse != nullptr && (lane % 4) == 0) {
+      const int row = r0 + 8 * r;
+      if (lse != nullptr && (lane % 4) == 0 && row < rows) {
+        const long long tok = tok0 + m0 + row;
         lse[tok * num_heads + h] = l_r[r] > 0.f ? (m_r[r] * scale_log2 + log2f(l_r[r])) * kLn2 : -INFINITY;
       }
+    }
+    named_barrier_sync(1 + cw, 128);
+    constexpr int kRowChunks = D / 8;  // 16-byte chunks per row
+    for (int c = t; c < 64 * kRowChunks; c += 128) {
+      const int rl = c / kRowChunks, chunk = c % kRowChunks;
+      if (row0 + rl >= rows) break;  // c grows with the row: every later chunk is past the sequence too
+      const uint4 v = *reinterpret_cast<const uint4*>(sO + rl * D * 2 + ((chunk ^ (rl & 7)) * 16));
+      const long long tok = tok0 + m0 + row0 + rl;
+      *reinterpret_cast<uint4*>(out + tok * out_stride + (long long)h * D + chunk * 8) = v;
     }
   }
 #endif

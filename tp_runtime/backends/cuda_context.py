@@ -106,7 +106,7 @@ def context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...
     check_reach(kv, geometry, plan.max_keys, plan.max_slot)
     mask = "padding" if spec.cross else spec.mask.value
     bias = score_bias_kind(spec)
-    if serves(q, kv, step, spec, mask, bias):  # Hopper GPUs: the sm_90a kernel where it serves the case
+    if serves(q, out, kv, step, spec, mask, bias):  # Hopper GPUs: the sm_90a kernel where it serves the case
         context_hopper(q, kv, step, spec, ids, mask, out, lse)
         return
     # the step's routed context sequences: their longest length is planned; any other set is measured

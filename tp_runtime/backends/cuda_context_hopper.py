@@ -72,7 +72,9 @@ def variant(dtype: torch.dtype, head_size: int, mask: str, bias: str, cache_dtyp
     return {"dtype": dtype, "head_size": head_size, "mask": mask}
 
 
-def serves(q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: str, bias: str) -> bool:
+def serves(
+    q: torch.Tensor, out: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: str, bias: str
+) -> bool:
     """Whether the Hopper kernel serves this call (else the ``mma.sync`` kernel does)."""
     if q.device.type != "cuda" or spec.cross or step.beam_width > 1:
         return False
@@ -84,9 +86,15 @@ def serves(q: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: 
         return False
     if kv.cache_layout is CacheLayout.paged and kv.block_size < HOPPER_CONTEXT_MIN_PAGE:
         return False
-    d, e = q.shape[2], q.element_size()
-    # TMA: 16-byte aligned base addresses and byte strides, D contiguous
-    return q.stride(2) == 1 and q.stride(1) == d and (q.stride(0) * e) % 16 == 0 and q.data_ptr() % 16 == 0
+    # q: TMA needs 16-byte aligned base addresses and byte strides, D contiguous; out: the
+    # epilogue's 16-byte stores need the same
+    return all(_rows_16b(x) for x in (q, out))
+
+
+def _rows_16b(x: torch.Tensor) -> bool:
+    """``x [T, H, D]``: D and heads contiguous, token rows and the base 16-byte aligned."""
+    d, e = x.shape[2], x.element_size()
+    return x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * e) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
 def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...], mask: str, out, lse):
