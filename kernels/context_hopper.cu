@@ -1,7 +1,7 @@
 // Hopper (sm_90a) context (prefill) attention: wgmma + TMA + warp specialisation.
 //
 // Serves what capabilities.CAPABILITIES["context_hopper"] lists (fp16/bf16; D 64 and 128; causal
-// or padding mask; no position bias; contiguous or paged (pages >= 8 tokens) fp16/bf16 cache;
+// or padding mask; no bias or ALiBi; contiguous or paged (pages >= 8 tokens) fp16/bf16 cache;
 // GQA/MQA by head mapping; cached past allowed); every other case stays on
 // kernels/context_attention.cu (mma.sync). Same
 // semantics as that kernel: out [T, H, D] and lse [T, H] (natural log, -inf for a row with no
@@ -49,6 +49,12 @@ struct HopperMaskCausal {
 struct HopperMaskPadding {
   static constexpr bool kCausal = false;
 };
+struct HopperBiasNone {
+  static constexpr bool kAlibi = false;
+};
+struct HopperBiasAlibi {  // + slope_h · (k − q), slopes already effective (as the mma.sync kernel's)
+  static constexpr bool kAlibi = true;
+};
 
 // S [64, BN] (accumulate 0 on the first k step) = Q [64, D] · K_jᵀ, both K-major 128B-swizzled.
 template <typename T, int D, int BN>
@@ -69,25 +75,36 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const hopper::u32 (&
   }
 }
 
+// Where a thread's scores sit and what it adds/hides: rows r0 + 8r at query positions qpos[r]
+// (keys key < lim[r] visible), its first column col in each 8-column block, and the ALiBi slope in
+// raw-score units (slope / softmax_scale; 0 without ALiBi).
+struct RowInfo {
+  int qpos[2];
+  int lim[2];
+  int col;
+  float slope_raw;
+};
+
 // Online softmax of one key block, in place: raw scores sc -> unnormalised probabilities
 // exp2(s·scale_log2 - m·scale_log2) (one FFMA + EX2 per element; the running max m_r is kept in raw
-// score units, which needs scale_log2 > 0 — the launcher's `serves` checks it). kMasked: keys
-// `key >= lim[r]` (past n_keys, or past the row's causal limit) become -inf; the blocks wholly
-// visible to every row skip that. Returns alpha[r] = exp2((m_old - m_new)·scale_log2), the factor
-// O must be rescaled by; l_r is updated here.
-template <bool kMasked, int BN>
+// score units, which needs scale_log2 > 0 — the launcher's `serves` checks it). kAlibi: + the bias
+// slope·(key - qpos) in raw units first. kMasked: keys `key >= lim[r]` (past n_keys, or past the
+// row's causal limit) become -inf; the blocks wholly visible to every row skip that. Returns
+// alpha[r] = exp2((m_old - m_new)·scale_log2), the factor O must be rescaled by; l_r is updated.
+template <bool kMasked, bool kAlibi, int BN>
 __device__ __forceinline__ void softmax_block(float (&sc)[BN / 2], float (&m_r)[2], float (&l_r)[2],
-                                              float (&alpha)[2], int n0, int col, const int (&lim)[2],
-                                              float scale_log2) {
+                                              float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2) {
+  float rel0[2];  // key - qpos of the thread's first column in this block, per row
+#pragma unroll
+  for (int r = 0; r < 2; ++r) rel0[r] = static_cast<float>(n0 + ri.col - ri.qpos[r]);
   // element i: row (i >> 1) & 1, so chains c = i & 3 are rows c >> 1 (four independent chains)
   float mx4[4] = {m_r[0], m_r[0], m_r[1], m_r[1]};
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) {
     const int r = (i >> 1) & 1;
-    if (kMasked) {
-      const int key = n0 + 8 * (i >> 2) + col + (i & 1);
-      sc[i] = key < lim[r] ? sc[i] : -INFINITY;
-    }
+    const int dk = 8 * (i >> 2) + (i & 1);  // key - (n0 + col), a compile-time constant
+    if (kAlibi) sc[i] = fmaf(ri.slope_raw, rel0[r] + static_cast<float>(dk), sc[i]);
+    if (kMasked) sc[i] = n0 + ri.col + dk < ri.lim[r] ? sc[i] : -INFINITY;
     mx4[i & 3] = fmaxf(mx4[i & 3], sc[i]);
   }
   float mx[2] = {fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3])}, base[2];
@@ -123,14 +140,13 @@ __device__ __forceinline__ void rescale_pack(float (&o)[D / 2], hopper::u32 (&pa
 }
 
 // One uniform branch per block (the mask depends only on the block index).
-template <int BN>
+template <bool kAlibi, int BN>
 __device__ __forceinline__ void softmax_any(bool masked, float (&sc)[BN / 2], float (&m_r)[2], float (&l_r)[2],
-                                            float (&alpha)[2], int n0, int col, const int (&lim)[2],
-                                            float scale_log2) {
+                                            float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2) {
   if (masked) {
-    softmax_block<true, BN>(sc, m_r, l_r, alpha, n0, col, lim, scale_log2);
+    softmax_block<true, kAlibi, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2);
   } else {
-    softmax_block<false, BN>(sc, m_r, l_r, alpha, n0, col, lim, scale_log2);
+    softmax_block<false, kAlibi, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2);
   }
 }
 
@@ -143,13 +159,13 @@ struct HopperConsumers {
   static constexpr int kRegs = D == 64 ? 160 : 240;  // 128·24 + 128·kCount·kRegs <= 65536
 };
 
-template <typename T, int D, typename Mask>
+template <typename T, int D, typename Mask, typename Bias>
 __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) context_hopper_kernel(
     const __grid_constant__ hopper::TensorMap map_q, const __grid_constant__ hopper::TensorMap map_kv,
     T* __restrict__ out, int out_stride, float* __restrict__ lse, const int* __restrict__ tiles,
     const int* __restrict__ cu_seqlens, const int* __restrict__ past, const int* __restrict__ n_keys,
     const int* __restrict__ slots, const int* __restrict__ block_table, int table_stride, int kv_box,
-    int log2_page, int num_heads, int num_kv_heads, float scale_log2) {
+    int log2_page, int num_heads, int num_kv_heads, float scale_log2, const float* __restrict__ alibi) {
 #if TP_HOPPER_ENABLED
   using namespace hopper;
   constexpr int BN = 128;          // keys per K/V block
@@ -251,9 +267,14 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     const int r0 = 64 * cw + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8 (tile rows)
     const int col = 2 * (lane % 4);                 // its first column inside each 8-column block
     const u32 q_addr = smem_addr(sQ + cw * kQBytes);
-    int lim[2];  // keys visible to rows r0, r0 + 8: key < lim
+    RowInfo ri;
+    ri.col = col;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) lim[r] = Mask::kCausal ? min(nk, qpos0 + r0 + 8 * r + 1) : nk;
+    for (int r = 0; r < 2; ++r) {
+      ri.qpos[r] = qpos0 + r0 + 8 * r;
+      ri.lim[r] = Mask::kCausal ? min(nk, ri.qpos[r] + 1) : nk;
+    }
+    ri.slope_raw = Bias::kAlibi ? alibi[h] * 1.4426950408889634f / scale_log2 : 0.f;  // slope / softmax_scale
 
     // Ping-pong turns, round robin over the consumers: n_kb + 1 per consumer (S_0; S_j with
     // P_{j-1}·V_{j-1}; the last P·V). In each, wait on this consumer's barrier (its 128 threads +
@@ -289,7 +310,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       wgmma_wait<0>();
       fence_operands(sc);
       mbar_arrive(&k_empty[0]);
-      softmax_any<BN>(0 >= n_open, sc, m_r, l_r, alpha, 0, col, lim, scale_log2);
+      softmax_any<Bias::kAlibi, BN>(0 >= n_open, sc, m_r, l_r, alpha, 0, ri, scale_log2);
       rescale_pack<T, D, BN>(o, pa, sc, alpha);
 
       for (int j = 1; j < n_kb; ++j) {
@@ -308,7 +329,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         wgmma_wait<1>();  // S_j retired (groups retire in order)
         fence_operands(sc);
         mbar_arrive(&k_empty[s]);
-        softmax_any<BN>(j >= n_open, sc, m_r, l_r, alpha, j * BN, col, lim, scale_log2);
+        softmax_any<Bias::kAlibi, BN>(j >= n_open, sc, m_r, l_r, alpha, j * BN, ri, scale_log2);
         wgmma_wait<0>();  // P_{j-1}·V_{j-1} retired: O and P's registers are free again
         fence_operands(o);
 #pragma unroll

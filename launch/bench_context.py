@@ -290,7 +290,7 @@ def _precompile(args) -> None:
                         continue
                     wanted.append(("context", v))
                 if _hopper_serves(getattr(torch, dt), d, c == "causal"):
-                    wanted.append(("context_hopper", {"dtype": dt, "head_size": d, "mask": v["mask"]}))
+                    wanted.append(("context_hopper", {"dtype": dt, "head_size": d, "mask": v["mask"], "bias": "none"}))
     kc.precompile(wanted)
 
 

@@ -21,10 +21,11 @@ pytestmark = pytest.mark.skipif(
 from tp_runtime.backends.base import AttentionSpec  # noqa: E402
 from tp_runtime.batch.step import Step  # noqa: E402
 from tp_runtime.config import AttentionMaskType  # noqa: E402
+from tp_runtime.position import alibi_slopes  # noqa: E402
 
 F16, BF16 = torch.float16, torch.bfloat16
 
-# (id, dtype, D, H, KV, mask, new_lens, past_lens, page size: None = contiguous cache)
+# (id, dtype, D, H, KV, mask, new_lens, past_lens, page size: None = contiguous cache; ALiBi?)
 # fmt: off
 CASES = [
     ("f16-d128-causal-odd", F16, 128, 4, 4, "causal", [1, 63, 129, 1000], None, None),
@@ -41,12 +42,16 @@ CASES = [
     ("f16-d64-causal-paged8-gqa", F16, 64, 8, 2, "causal", [1000, 129, 1], None, 8),
     ("f16-d128-padding-paged64", F16, 128, 4, 4, "padding", [1, 63, 129, 1000], None, 64),
     ("bf16-d64-causal-paged256-past", BF16, 64, 2, 1, "causal", [200, 33], [129, 300], 256),
+    # ALiBi (the padding case also sees keys after the query: positive k - q)
+    ("f16-d128-causal-alibi-past", F16, 128, 8, 8, "causal", [1, 300, 129], [0, 70, 1000], None, True),
+    ("bf16-d64-padding-alibi-gqa-paged", BF16, 64, 4, 2, "padding", [63, 1000], [5, 0], 16, True),
 ]
+CASES = [c if len(c) == 10 else (*c, False) for c in CASES]
 # fmt: on
 
 KERNEL_VARIANTS = [
-    ("context_hopper", {"dtype": dtype, "head_size": d, "mask": mask})
-    for dtype in (F16, BF16) for d in (64, 128) for mask in ("causal", "padding")
+    ("context_hopper", {"dtype": dtype, "head_size": d, "mask": mask, "bias": bias})
+    for dtype in (F16, BF16) for d in (64, 128) for mask in ("causal", "padding") for bias in ("none", "alibi")
 ]  # fmt: skip
 
 
@@ -79,12 +84,13 @@ def hopper_calls(monkeypatch):
 def _run(case, gpu, seed):
     from tp_runtime.backends import cuda_common, cuda_context
 
-    name, dtype, d, h, kv_h, mask, new, past, page = case
+    name, dtype, d, h, kv_h, mask, new, past, page, alibi = case
     gen = torch.Generator().manual_seed(seed)
     n = len(new)
     slots = tuple(torch.randperm(n + 2, generator=gen)[:n].tolist())
     step = Step(new_lens=new, past_lens=past, slots=slots, device="cuda")
-    spec = AttentionSpec(mask=AttentionMaskType(mask), softmax_scale=1.0 / math.sqrt(d))
+    slopes = (alibi_slopes(h) * 1.5).cuda() if alibi else None  # BLOOM's slopes, scaled: non-trivial
+    spec = AttentionSpec(mask=AttentionMaskType(mask), softmax_scale=1.0 / math.sqrt(d), alibi_slopes=slopes)
     kv = gpu.make_kv(
         layout="contiguous" if page is None else "paged", cache_dtype="auto", dtype=dtype, kv_heads=kv_h,
         head_size=d, slots=slots, lengths=step.total_lens, block_size=page or 16,

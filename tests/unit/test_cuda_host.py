@@ -119,20 +119,21 @@ def test_hopper_context_kernel_choice(monkeypatch):
     monkeypatch.delenv(ch.ENV)
     auto, contiguous, paged = KVCacheDType.auto, CacheLayout.contiguous, CacheLayout.paged
     for layout in (contiguous, paged):  # one variant serves both layouts (the layout is a kernel argument)
-        assert ch.variant(torch.bfloat16, 128, "causal", "none", auto, layout) == {
-            "dtype": torch.bfloat16, "head_size": 128, "mask": "causal"}  # fmt: skip
-    for args in [(80, "causal", "none", auto, contiguous), (128, "causal", "alibi", auto, contiguous),
+        for bias in ("none", "alibi"):
+            assert ch.variant(torch.bfloat16, 128, "causal", bias, auto, layout) == {
+                "dtype": torch.bfloat16, "head_size": 128, "mask": "causal", "bias": bias}  # fmt: skip
+    for args in [(80, "causal", "none", auto, contiguous), (128, "causal", "table", auto, contiguous),
                  (128, "bidirectional", "none", auto, contiguous), (64, "padding", "none", KVCacheDType.int8,
                  contiguous), (128, "causal", "none", KVCacheDType.fp8, paged)]:  # fmt: skip
         assert ch.variant(torch.float16, *args) is None, args
     assert kc.FAMILIES["context_hopper"].arch == "sm_90a"
     for mask in ("causal", "padding"):
         for d in (64, 128):
-            kc._resolve("context_hopper", {"dtype": torch.float16, "head_size": d, "mask": mask})
+            kc._resolve("context_hopper", {"dtype": torch.float16, "head_size": d, "mask": mask, "bias": "alibi"})
     cfg = AttentionConfig(hidden_size=1024, num_heads=8, dtype=torch.float16, num_kv_heads=2)
     desc = Attention(cfg, comm=NoComm(), backend="reference").desc
     on_hopper = [p for f, p in cuda.variants(desc, hopper=True) if f == "context_hopper"]
-    assert on_hopper == [{"dtype": torch.float16, "head_size": 128, "mask": "causal"}]
+    assert on_hopper == [{"dtype": torch.float16, "head_size": 128, "mask": "causal", "bias": "none"}]
     assert not [f for f, _ in cuda.variants(desc) if f == "context_hopper"]
 
 

@@ -145,7 +145,7 @@ FAMILIES: dict[str, Family] = {
     # sm_90a only (its wgmma/setmaxnreg are arch-specific). Serves capabilities "context_hopper".
     "context_hopper": Family(
         source="context_hopper.cu",
-        template="tp::context_hopper_kernel<{dtype}, {head_size}, {mask}>",
+        template="tp::context_hopper_kernel<{dtype}, {head_size}, {mask}, {bias}>",
         params={
             # wgmma .f16 / .bf16 operands, fp32 accumulators
             "dtype": _HALF_TYPES,
@@ -153,6 +153,8 @@ FAMILIES: dict[str, Family] = {
             "head_size": _head_sizes("context_hopper"),
             # causal: keys up to the query's position; padding: every key of the sequence
             "mask": {"causal": "tp::HopperMaskCausal", "padding": "tp::HopperMaskPadding"},
+            # additive score bias inside the softmax: none, or ALiBi from the per-head slopes
+            "bias": {"none": "tp::HopperBiasNone", "alibi": "tp::HopperBiasAlibi"},
         },
         arch="sm_90a",
     ),

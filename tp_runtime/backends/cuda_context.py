@@ -107,7 +107,7 @@ def context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...
     mask = "padding" if spec.cross else spec.mask.value
     bias = score_bias_kind(spec)
     if serves(q, out, kv, step, spec, mask, bias):  # Hopper GPUs: the sm_90a kernel where it serves the case
-        context_hopper(q, kv, step, spec, ids, mask, out, lse)
+        context_hopper(q, kv, step, spec, ids, mask, bias, out, lse)
         return
     # the step's routed context sequences: their longest length is planned; any other set is measured
     longest = plan.context_max_new if ids == plan.context_ids else max(step.new_lens[i] for i in ids)

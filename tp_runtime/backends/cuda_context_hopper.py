@@ -22,7 +22,7 @@ from ..batch.step import Step
 from .base import AttentionSpec
 from .capabilities import CAPABILITIES, HOPPER_CONTEXT_BIASES, HOPPER_CONTEXT_MASKS, HOPPER_CONTEXT_MIN_PAGE
 from .compile import get_kernel
-from .cuda_common import f32, i32, launch, ptr
+from .cuda_common import checked_alibi, f32, i32, launch, ptr
 from .cuda_plan import context_tiles, route
 from .cuda_tma import tiled_map
 
@@ -69,7 +69,7 @@ def variant(dtype: torch.dtype, head_size: int, mask: str, bias: str, cache_dtyp
         return None
     if cap.problem(dtype=dtype, head_size=head_size, cache_dtype=cache_dtype, cache_layout=cache_layout):
         return None
-    return {"dtype": dtype, "head_size": head_size, "mask": mask}
+    return {"dtype": dtype, "head_size": head_size, "mask": mask, "bias": bias}
 
 
 def serves(
@@ -97,7 +97,9 @@ def _rows_16b(x: torch.Tensor) -> bool:
     return x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * e) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
-def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...], mask: str, out, lse):
+def context_hopper(
+    q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...], mask: str, bias: str, out, lse
+):
     """Context attention of the sequences ``ids`` on the Hopper kernel (``serves`` said yes)."""
     t, h_r, d = q.shape
     kv_r = kv.num_kv_heads
@@ -119,7 +121,8 @@ def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[i
     )
     table = kv.block_table if paged else None
     table_stride = table.stride(0) if table is not None else 0
-    kernel = get_kernel("context_hopper", dtype=q.dtype, head_size=d, mask=mask)
+    kernel = get_kernel("context_hopper", dtype=q.dtype, head_size=d, mask=mask, bias=bias)
+    alibi = checked_alibi(spec, h_r, q.device)
     scale_log2 = spec.softmax_scale * math.log2(math.e)
     # fmt: off
     args = (
@@ -130,6 +133,7 @@ def context_hopper(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[i
         ptr(table), i32(table_stride),                # paged: block table [max_seqs, *] int32; else null
         i32(kv_box), i32(length.bit_length() - 1 if paged else 0),  # rows per K/V box; paged: log2(P)
         i32(h_r), i32(kv_r), f32(scale_log2),
+        ptr(alibi),                                   # [H] fp32 slopes or null
     )
     # fmt: on
     launch(kernel, (h_r, tiles.shape[0], 1), (threads(d), 1, 1), args, q.device, shared_mem=shared_bytes(d))
