@@ -21,7 +21,7 @@
 //     block j runs while P_{j-1}·V_{j-1} is still on the tensor cores (wgmma wait<1>, then wait<0>
 //     before O is rescaled and P_j packed);
 //   - between the consumers (ping-pong): each issues its wgmma groups only in its turn (named
-//     barriers 3 .., round robin), so one consumer's softmax overlaps the others' GEMMs.
+//     barriers, round robin), so one consumer's softmax overlaps the others' GEMMs.
 // K and V have their own full/empty barriers: K_j is released as soon as S_j has retired, V_j when
 // P_j·V_j has, so the producer refills each half of a stage as early as possible.
 // Key blocks wholly inside every row's visible range skip the mask (only the blocks at the causal
@@ -173,7 +173,10 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
   constexpr int kQBytes = 64 * D * 2;        // one consumer's Q rows
   constexpr int kKVBytes = BN * D * 2;       // one K or V block
   constexpr int kC = HopperConsumers<D>::kCount;
-  constexpr int kTurnBar = 3;                // named barriers 3 .. 3 + kC - 1: consumer c's turn to issue wgmma
+  // Named barriers (0 is __syncthreads): 1 consumer 0's V zeroing; kTurnBar + c consumer c's turn
+  // to issue wgmma (128 waiting + 128 arriving); kEpilogueBar + c consumer c's epilogue tile.
+  constexpr int kZeroBar = 1, kTurnBar = 2, kEpilogueBar = kTurnBar + kC;
+  static_assert(kEpilogueBar + kC <= 16, "16 named barriers per CTA");
   constexpr float kLn2 = 0.6931471805599453f;
   static_assert(D == 64 || D == 128, "the Hopper context kernel serves D 64 and 128");
 
@@ -354,7 +357,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
                 make_uint4(0, 0, 0, 0);
           }
           fence_proxy_async();
-          named_barrier_sync(1, 128);  // consumer 0's own P·V
+          named_barrier_sync(kZeroBar, 128);  // before consumer 0's own P·V
         }
         fence_operands(o);
         wgmma_fence();
@@ -391,7 +394,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         lse[tok * num_heads + h] = l_r[r] > 0.f ? (m_r[r] * scale_log2 + log2f(l_r[r])) * kLn2 : -INFINITY;
       }
     }
-    named_barrier_sync(1 + cw, 128);
+    named_barrier_sync(kEpilogueBar + cw, 128);
     constexpr int kRowChunks = D / 8;  // 16-byte chunks per row
     for (int c = t; c < 64 * kRowChunks; c += 128) {
       const int rl = c / kRowChunks, chunk = c % kRowChunks;
