@@ -9,6 +9,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#ifndef INFINITY  // NVRTC has no <math.h>
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 namespace tp {
 
 // Conversion rules of one storage type; specialised below for the three we support.

@@ -23,10 +23,6 @@
 #include "common.cuh"
 #include "kv_access.cuh"
 
-#ifndef INFINITY  // NVRTC has no <math.h>
-#define INFINITY __int_as_float(0x7f800000)
-#endif
-
 namespace tp {
 
 struct MaskCausal {

@@ -1,23 +1,30 @@
-"""Prefill attention throughput: our CUDA context kernel vs torch SDPA (flash and cuDNN backends).
+"""Prefill attention throughput: our CUDA context kernels vs torch SDPA (flash and cuDNN backends).
 
     PYTHONPATH=. python3 launch/bench_context.py [--out launch/results/bench_context.json]
         [--dtypes float16 bfloat16] [--head-sizes 64 128] [--seqlens 512 ... 16384]
-        [--tokens 16384] [--hidden 4096] [--repeats 10] [--inner 5]
+        [--tokens 16384] [--hidden 4096] [--repeats 10] [--inner 5] [--paged 64]
 
 Same process, same inputs: fp16/bf16, causal and not, ``tokens / S`` sequences of length S,
 ``hidden / D`` heads. Our kernel reads K/V from a contiguous cache ``[B, 2, H, S, D]``; SDPA reads
 the same bytes (``cache[:, 0]`` is ``[B, H, S, D]``). FLOPs: ``4·B·H·S²·D``, halved for causal.
 Timing: CUDA events around ``inner`` back-to-back calls after warm-up, median of ``repeats``
-measurements, rotating among several input sets. Prints a table and writes JSON (GPU name,
-each figure, the baselines from the same run and the ratios). ``run(args)`` is the entry point
-for launch/bench_attention.py.
+measurements, rotating among several input sets. On a Hopper GPU "ours" is the sm_90a kernel
+where it serves the case (column ``kernel``: hopper or mma_sync), and the ``mma.sync`` kernel is
+timed as well in the same run (``TP_RUNTIME_HOPPER_CONTEXT=0``: columns ``mma_sync_*``). With
+``--paged P`` ours is also timed on a paged cache of P-token pages holding the same K/V, its pages
+in shuffled pool order (columns ``paged_*``, ``ratio_paged_vs_contiguous``). Prints a
+table and writes JSON (GPU name, each figure, the baselines from the same run and the ratios).
+``run(args)`` is the entry point for launch/bench_attention.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--inner", type=int, default=5)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument(
+        "--paged", type=int, default=0, metavar="P", help="also time ours on a paged cache of P-token pages (0: no)"
+    )
     p.add_argument("--prepare", action="store_true", help="also time the fused prepare kernel (bytes/s vs a copy)")
     p.add_argument(
         "--tiles",
@@ -51,6 +61,48 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also time these context-kernel tile shapes (warps, m-tiles per warp, keys per tile)",
     )
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _mma_sync_only():
+    """Within: the context launcher keeps every case on the mma.sync kernel."""
+    old = os.environ.get("TP_RUNTIME_HOPPER_CONTEXT")
+    os.environ["TP_RUNTIME_HOPPER_CONTEXT"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TP_RUNTIME_HOPPER_CONTEXT"]
+        else:
+            os.environ["TP_RUNTIME_HOPPER_CONTEXT"] = old
+
+
+def _hopper_serves(dtype, d, causal) -> bool:
+    from tp_runtime.backends import cuda_context_hopper as ch
+    from tp_runtime.batch.kv_cache import CacheLayout
+    from tp_runtime.config import KVCacheDType
+
+    mask = "causal" if causal else "padding"
+    fits = ch.variant(dtype, d, mask, "none", KVCacheDType.auto, CacheLayout.contiguous) is not None
+    return fits and ch.hopper_gpu(torch.cuda.get_device_capability())
+
+
+def _paged_copy(kv, page: int, gen: torch.Generator):
+    """The contiguous cache ``[B, 2, H, S, D]`` as a paged ``LayerKV``: pool ``[B·S/P, 2, H, P, D]``
+    with the pages in a random pool order, and the block table that finds them."""
+    from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
+    from tp_runtime.config import KVCacheDType
+
+    b, _, h, s, d = kv.data.shape
+    if s % page:
+        raise ValueError(f"--paged: the page size must divide the sequence length {s}, got {page}")
+    n = s // page
+    pages = kv.data.view(b, 2, h, n, page, d).permute(0, 3, 1, 2, 4, 5).reshape(b * n, 2, h, page, d)
+    where = torch.randperm(b * n, generator=gen).to(kv.data.device)  # pool row of page (sequence, i)
+    pool = torch.empty_like(pages)
+    pool[where] = pages
+    table = where.to(torch.int32).view(b, n).contiguous()
+    return LayerKV(CacheLayout.paged, pool, KVCacheDType.auto, 1.0, table)
 
 
 def _sdpa_call(backend, q, k, v, causal):
@@ -93,9 +145,24 @@ def _one(dtype, d, s, causal, args) -> dict:
     }
     ours = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in sets]
     ms = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+    hopper = _hopper_serves(dtype, d, causal)
+    row["kernel"] = "hopper" if hopper else "mma_sync"
     chosen = cuda_context.tile_shape(d, causal=causal, max_new_len=s)
     row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]
     row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
+    if hopper:  # the fallback's figure in the same run
+        with _mma_sync_only():
+            ms_m = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+        row["mma_sync_ms"], row["mma_sync_tflops"] = ms_m, flops / ms_m / 1e9
+        row["ratio_vs_mma_sync"] = row["ours_tflops"] / row["mma_sync_tflops"]
+    if getattr(args, "paged", 0):  # the same K/V in a paged cache: what paging costs
+        gen = torch.Generator().manual_seed(s)
+        paged = [(q, _paged_copy(kv, args.paged, gen)) for q, kv in sets]
+        calls = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in paged]
+        ms_p = median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))
+        row["paged_page"], row["paged_ms"], row["paged_tflops"] = args.paged, ms_p, flops / ms_p / 1e9
+        row["ratio_paged_vs_contiguous"] = row["paged_tflops"] / row["ours_tflops"]
+        del paged, calls
     default, wide = cuda_context.TILES[d], cuda_context.TILES_WIDE.pop(d, None)
     try:
         for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
@@ -104,7 +171,8 @@ def _one(dtype, d, s, causal, args) -> dict:
                 continue
             cuda_context.TILES[d] = cfg
             try:
-                ms_t = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+                with _mma_sync_only():  # tile shapes are the mma.sync kernel's
+                    ms_t = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
                 row[f"tiles_{text}_tflops"] = flops / ms_t / 1e9
             except NotImplementedError:  # the tile shape does not fit this head size
                 pass
@@ -203,13 +271,14 @@ def _precompile(args) -> None:
             for c in args.causal:
                 chosen = [tile_shape(d, causal=c == "causal", max_new_len=s) for s in args.seqlens]
                 shapes = [(t["warps"], t["m_tiles"], t["block_n"]) for t in chosen] + extra
-                for w, mt, bn in dict.fromkeys(shapes):
+                layouts = ["contiguous", "paged"] if getattr(args, "paged", 0) else ["contiguous"]
+                for (w, mt, bn), layout in itertools.product(dict.fromkeys(shapes), layouts):
                     v = {
                         "dtype": dt,
                         "head_size": d,
                         "mask": "causal" if c == "causal" else "padding",
                         "bias": "none",
-                        "layout": "contiguous",
+                        "layout": layout,
                         "cache": "auto",
                         "warps": w,
                         "m_tiles": mt,
@@ -220,22 +289,29 @@ def _precompile(args) -> None:
                     except NotImplementedError:
                         continue
                     wanted.append(("context", v))
+                if _hopper_serves(getattr(torch, dt), d, c == "causal"):
+                    wanted.append(("context_hopper", {"dtype": dt, "head_size": d, "mask": v["mask"], "bias": "none"}))
     kc.precompile(wanted)
 
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
         print(
-            f"{'dtype':9} {'D':>4} {'mask':6} {'S':>6} {'B':>3} {'H':>3} | {'ours':>7} {'flash':>7} {'cudnn':>7}"
-            f" | {'/flash':>6} {'/cudnn':>6}   (TFLOP/s)"
+            f"{'dtype':9} {'D':>4} {'mask':6} {'S':>6} {'B':>3} {'H':>3} | {'kernel':8} {'ours':>7} {'mma':>7}"
+            f" {'flash':>7} {'cudnn':>7} | {'/mma':>6} {'/flash':>6} {'/cudnn':>6}   (TFLOP/s)"
         )
     f = lambda k: f"{r[k]:7.1f}" if k in r else "    n/a"  # noqa: E731
     g = lambda k: f"{r[k]:6.2f}" if k in r else "   n/a"  # noqa: E731
     print(
         f"{r['dtype']:9} {r['head_size']:>4} {'causal' if r['causal'] else 'full':6} {r['seq_len']:>6} {r['batch']:>3}"
-        f" {r['heads']:>3} | {f('ours_tflops')} {f('flash_tflops')} {f('cudnn_tflops')} |"
-        f" {g('ratio_vs_flash')} {g('ratio_vs_cudnn')}"
-        + "".join(f" {k[6:-7]}:{v:.0f}" for k, v in r.items() if k.startswith("tiles_")),
+        f" {r['heads']:>3} | {r['kernel']:8} {f('ours_tflops')} {f('mma_sync_tflops')} {f('flash_tflops')}"
+        f" {f('cudnn_tflops')} | {g('ratio_vs_mma_sync')} {g('ratio_vs_flash')} {g('ratio_vs_cudnn')}"
+        + "".join(f" {k[6:-7]}:{v:.0f}" for k, v in r.items() if k.startswith("tiles_"))
+        + (
+            f" paged{r['paged_page']}:{r['paged_tflops']:.0f} ({r['ratio_paged_vs_contiguous']:.2f}x)"
+            if "paged_ms" in r
+            else ""
+        ),
         flush=True,
     )
 

@@ -141,6 +141,7 @@ def test_tile_shapes(i, gpu, poison_outputs, monkeypatch):
 
     d, cfg = TILE_SHAPES[i]
     dtype = F16 if i % 2 else BF16
+    monkeypatch.setenv("TP_RUNTIME_HOPPER_CONTEXT", "0")  # tile shapes are the mma.sync kernel's (on Hopper too)
     monkeypatch.setitem(cuda_context.TILES, d, cfg)
     monkeypatch.setattr(cuda_context, "TILES_WIDE", {})
     step = Step(new_lens=[300, 1, 77, 520], past_lens=[0, 40, 600, 3], slots=(3, 0, 1, 2), device="cuda")

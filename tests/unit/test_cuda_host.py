@@ -102,3 +102,50 @@ def test_layer_variants_are_in_the_compile_table(kw):
         assert ("decode" in families) == (not isinstance(layer, BertAttention))
         for family, params in variants:
             kc._resolve(family, params)
+
+
+def test_hopper_context_kernel_choice(monkeypatch):
+    """The sm_90a context kernel: on compute capability 9.x unless switched off, for the shapes its
+    capability row lists (the rest stays on mma.sync), built for sm_90a by the compile table."""
+    from tp_runtime.backends import cuda_context_hopper as ch
+    from tp_runtime.batch.kv_cache import CacheLayout
+    from tp_runtime.config import AttentionConfig, KVCacheDType
+    from tp_runtime.distributed.comm import NoComm
+    from tp_runtime.layers.attention import Attention
+
+    assert ch.hopper_gpu((9, 0)) and not ch.hopper_gpu((8, 0)) and not ch.hopper_gpu((10, 0))
+    monkeypatch.setenv(ch.ENV, "0")
+    assert not ch.hopper_gpu((9, 0))
+    monkeypatch.delenv(ch.ENV)
+    auto, contiguous, paged = KVCacheDType.auto, CacheLayout.contiguous, CacheLayout.paged
+    for layout in (contiguous, paged):  # one variant serves both layouts (the layout is a kernel argument)
+        for bias in ("none", "alibi"):
+            assert ch.variant(torch.bfloat16, 128, "causal", bias, auto, layout) == {
+                "dtype": torch.bfloat16, "head_size": 128, "mask": "causal", "bias": bias}  # fmt: skip
+    for args in [(80, "causal", "none", auto, contiguous), (128, "causal", "table", auto, contiguous),
+                 (128, "bidirectional", "none", auto, contiguous), (64, "padding", "none", KVCacheDType.int8,
+                 contiguous), (128, "causal", "none", KVCacheDType.fp8, paged)]:  # fmt: skip
+        assert ch.variant(torch.float16, *args) is None, args
+    assert kc.FAMILIES["context_hopper"].arch == "sm_90a"
+    for mask in ("causal", "padding"):
+        for d in (64, 128):
+            kc._resolve("context_hopper", {"dtype": torch.float16, "head_size": d, "mask": mask, "bias": "alibi"})
+    cfg = AttentionConfig(hidden_size=1024, num_heads=8, dtype=torch.float16, num_kv_heads=2)
+    desc = Attention(cfg, comm=NoComm(), backend="reference").desc
+    on_hopper = [p for f, p in cuda.variants(desc, hopper=True) if f == "context_hopper"]
+    assert on_hopper == [{"dtype": torch.float16, "head_size": 128, "mask": "causal", "bias": "none"}]
+    assert not [f for f, _ in cuda.variants(desc) if f == "context_hopper"]
+
+
+def test_tensor_map_arguments_are_checked_before_the_driver():
+    """cuda_tma.tiled_map rejects what TMA cannot do with a message, before importing cuda.bindings."""
+    from tp_runtime.backends.cuda_tma import tiled_map
+
+    with pytest.raises(ValueError, match="innermost at most 64"):
+        tiled_map(0, torch.float16, (128, 10), (256,), (128, 10))  # 256-byte box row > 128-byte swizzle
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tiled_map(0, torch.bfloat16, (64, 10), (120,), (64, 10))
+    with pytest.raises(ValueError, match="rank-1 strides"):
+        tiled_map(0, torch.float16, (64, 10, 3), (128,), (64, 10, 1))
+    with pytest.raises(ValueError, match="not supported"):
+        tiled_map(0, torch.float32, (64, 10), (256,), (32, 10))

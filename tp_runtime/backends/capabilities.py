@@ -55,9 +55,26 @@ CAPABILITIES: dict[str, Capability] = {
     # bias + RoPE + K/V cache write: elementwise, any even head size
     "prepare": Capability(dtypes=HALF_DTYPES),
     "context": Capability(dtypes=HALF_DTYPES, head_sizes=HEAD_SIZES),
+    # the sm_90a context kernel (wgmma + TMA, kernels/context_hopper.cu), chosen on Hopper where it
+    # serves the case; the rest (D 80/96/256, relative (T5) tables, bidirectional masks, cross
+    # attention, int8/fp8 caches, pages of fewer than HOPPER_CONTEXT_MIN_PAGE tokens, beams) stays
+    # on "context": HOPPER_CONTEXT_* say which
+    "context_hopper": Capability(
+        dtypes=HALF_DTYPES,
+        head_sizes=(64, 128),
+        cache_dtypes=(KVCacheDType.auto,),
+        cache_layouts=(CacheLayout.contiguous, CacheLayout.paged),
+        min_capability=(9, 0),
+    ),
     "decode": Capability(dtypes=HALF_DTYPES, head_sizes=HEAD_SIZES),
     "fp8_quantize": Capability(dtypes=HALF_DTYPES, min_capability=(8, 9)),
 }
+
+
+# What the Hopper context kernel serves beyond its Capability row (the launcher checks these per step).
+HOPPER_CONTEXT_MASKS = ("causal", "padding")  # the kernel's mask: causal, or every key of the sequence
+HOPPER_CONTEXT_BIASES = ("none", "alibi")  # no relative (T5) table yet
+HOPPER_CONTEXT_MIN_PAGE = 8  # paged: one TMA box per page must cover whole 1024-byte swizzle atoms (8 rows)
 
 
 def check(family: str, **request) -> None:

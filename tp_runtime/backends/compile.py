@@ -52,13 +52,16 @@ class Family:
     ``{python value: C++ token}``; the python values are what callers pass to ``get_kernel``
     (torch dtypes and enums are accepted and normalised to their names/values). ``rule``
     optionally rejects combinations the per-parameter lists cannot express: it returns a
-    message (unsupported) or None (fine).
+    message (unsupported) or None (fine). ``arch`` replaces the device's ``-arch=sm_XY``
+    (arch-specific features such as wgmma and setmaxnreg exist only on ``sm_90a``).
     """
 
     source: str
     template: str
     params: Mapping[str, Mapping[object, str]]
     rule: Callable[[dict], str | None] | None = None
+    # the target when the family needs one other than the device's own (e.g. "sm_90a" for wgmma)
+    arch: str | None = None
 
 
 _HALF_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -137,6 +140,23 @@ FAMILIES: dict[str, Family] = {
             "block_n": {32: "32", 64: "64", 128: "128"},
         },
         rule=lambda p: _context_tile_rule(p),
+    ),
+    # Hopper context attention (kernels/context_hopper.cu): wgmma + TMA + warp specialisation, on
+    # sm_90a only (its wgmma/setmaxnreg are arch-specific). Serves capabilities "context_hopper".
+    "context_hopper": Family(
+        source="context_hopper.cu",
+        template="tp::context_hopper_kernel<{dtype}, {head_size}, {mask}, {bias}>",
+        params={
+            # wgmma .f16 / .bf16 operands, fp32 accumulators
+            "dtype": _HALF_TYPES,
+            # accumulator registers and shared-memory tiles are sized by D
+            "head_size": _head_sizes("context_hopper"),
+            # causal: keys up to the query's position; padding: every key of the sequence
+            "mask": {"causal": "tp::HopperMaskCausal", "padding": "tp::HopperMaskPadding"},
+            # additive score bias inside the softmax: none, or ALiBi from the per-head slopes
+            "bias": {"none": "tp::HopperBiasNone", "alibi": "tp::HopperBiasAlibi"},
+        },
+        arch="sm_90a",
     ),
     # Generation-phase attention (kernels/decode_attention.cu): one query token per sequence,
     # flash-decoding with key splits merged by log-sum-exp in the same launch.
@@ -223,10 +243,10 @@ def _arch() -> str:
     return cc
 
 
-def kernel_options() -> tuple[str, ...]:
-    """NVRTC options for the current device: ``-arch=sm_<cc>``, C++17, the kernels folder on the
-    include path. CuPy adds ``-ftz=true``."""
-    return (f"-arch=sm_{_arch()}", "-std=c++17", f"-I{kernels_dir()}", "-DTP_NVRTC=1")
+def kernel_options(arch: str | None = None) -> tuple[str, ...]:
+    """NVRTC options: ``-arch=`` ``arch`` (default: the current device's ``sm_<cc>``), C++17, the
+    kernels folder on the include path. CuPy adds ``-ftz=true``."""
+    return (f"-arch={arch or 'sm_' + _arch()}", "-std=c++17", f"-I{kernels_dir()}", "-DTP_NVRTC=1")
 
 
 def _source(fam: Family) -> str:
@@ -273,7 +293,7 @@ def _compile(family: str, fam: Family, params: dict, expr: str):
     import cupy
     from cupy.cuda.compiler import CompileException
 
-    options = kernel_options()
+    options = kernel_options(fam.arch)
     code = _source(fam)
     try:
         module = cupy.RawModule(code=code, options=options, name_expressions=[expr])

@@ -16,7 +16,7 @@ import torch
 
 from ..batch.kv_cache import CacheLayout, LayerKV
 from ..batch.step import Step
-from . import cuda_common, cuda_context, cuda_decode, cuda_fp8, cuda_prepare, reference
+from . import cuda_common, cuda_context, cuda_context_hopper, cuda_decode, cuda_fp8, cuda_prepare, reference
 from .base import AttentionDesc, AttentionSpec, ScoreBias
 from .capabilities import CAPABILITIES, check
 from .cuda_common import check_activation
@@ -58,10 +58,11 @@ def _unique(variants: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     return list({(f, tuple(sorted((k, str(v)) for k, v in p.items()))): (f, p) for f, p in variants}.values())
 
 
-def variants(desc: AttentionDesc, *, fp8_units: bool = True) -> list[tuple[str, dict]]:
+def variants(desc: AttentionDesc, *, fp8_units: bool = True, hopper: bool = False) -> list[tuple[str, dict]]:
     """Every kernel variant a layer described by ``desc`` can launch: each cache layout it may be
-    given, both context tile shapes, the decode kernel for its head grouping, and the FP8
-    quantizer where its projections use it (on a GPU with FP8 matrix units: ``fp8_units``)."""
+    given, both context tile shapes (and the Hopper context kernel where it serves the layer, on
+    a Hopper GPU: ``hopper``), the decode kernel for its head grouping, and the FP8 quantizer where
+    its projections use it (on a GPU with FP8 matrix units: ``fp8_units``)."""
     bias = {
         ScoreBias.none: "none",
         ScoreBias.alibi: "alibi",
@@ -79,6 +80,9 @@ def variants(desc: AttentionDesc, *, fp8_units: bool = True) -> list[tuple[str, 
             out.append(("prepare", cuda_prepare.variant(desc.dtype, desc.rope, kv)))
         for max_new in (0, cuda_context.WIDE_CAUSAL_MIN_LEN):
             out.append(("context", cuda_context.variant(desc.dtype, desc.head_size, mask, bias, kv, max_new)))
+        fast = cuda_context_hopper.variant(desc.dtype, desc.head_size, mask, bias, desc.cache_dtype, layout)
+        if hopper and not desc.cross and fast is not None:
+            out.append(("context_hopper", fast))
         if desc.keeps_cache:
             group = desc.head_layout.group_size
             out.append(("decode", cuda_decode.variant(desc.dtype, kv, desc.head_size, group)))
@@ -129,7 +133,7 @@ class CudaBackend:
                       cache_layout=layout, capability=self.capability)  # fmt: skip
 
     def variants(self, desc: AttentionDesc) -> list[tuple[str, dict]]:
-        return variants(desc, fp8_units=self.fp8_units)
+        return variants(desc, fp8_units=self.fp8_units, hopper=cuda_context_hopper.hopper_gpu(self.capability))
 
     def precompile(self, descs, local_comm=None) -> None:
         """Compile every variant ``descs`` can launch before the first step. Under mpirun, pass the

@@ -1,7 +1,8 @@
 """Launcher of ``kernels/context_attention.cu``: FlashAttention-2-style context (prefill) attention
 over packed variable-length sequences, each on top of its cached past.
 
-``context(q, kv, step, spec, ids, out, lse)`` serves the sequences ``ids`` of the step, writing
+``context(q, kv, step, spec, ids, out, lse)`` serves the sequences ``ids`` of the step (on Hopper
+GPUs through ``cuda_context_hopper`` where that kernel serves the case), writing
 ``out [T, H_r, D]`` and ``lse [T, H_r]`` at their token rows only; it is exact for one-token
 queries too. The tile map comes from the step's plan (``cuda_plan.context_tiles``).
 """
@@ -18,6 +19,7 @@ from .base import AttentionSpec
 from .capabilities import HEAD_SIZES, check
 from .compile import get_kernel
 from .cuda_common import NO_BIAS_TABLE, bias_table, cache_geometry, check_reach, checked_alibi, f32, i32, launch, ptr
+from .cuda_context_hopper import context_hopper, serves
 from .cuda_plan import context_tiles, route
 
 # Tile shapes: (warps per block, m-tiles of 16 query rows per warp, keys per K/V tile); a block covers
@@ -103,9 +105,13 @@ def context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...
     plan = route(step, spec.cross)
     check_reach(kv, geometry, plan.max_keys, plan.max_slot)
     mask = "padding" if spec.cross else spec.mask.value
+    bias = score_bias_kind(spec)
+    if serves(q, out, kv, step, spec, mask, bias):  # Hopper GPUs: the sm_90a kernel where it serves the case
+        context_hopper(q, kv, step, spec, ids, mask, bias, out, lse)
+        return
     # the step's routed context sequences: their longest length is planned; any other set is measured
     longest = plan.context_max_new if ids == plan.context_ids else max(step.new_lens[i] for i in ids)
-    params = variant(q.dtype, d, mask, score_bias_kind(spec), kv, longest)
+    params = variant(q.dtype, d, mask, bias, kv, longest)
     kernel = get_kernel("context", **params)
     block_m = 16 * params["warps"] * params["m_tiles"]
     tiles = context_tiles(step, ids, block_m, mask == "causal", spec.cross)

@@ -1,0 +1,410 @@
+// Hopper (sm_90a) context (prefill) attention: wgmma + TMA + warp specialisation.
+//
+// Serves what capabilities.CAPABILITIES["context_hopper"] lists (fp16/bf16; D 64 and 128; causal
+// or padding mask; no bias or ALiBi; contiguous or paged (pages >= 8 tokens) fp16/bf16 cache;
+// GQA/MQA by head mapping; cached past allowed); every other case stays on
+// kernels/context_attention.cu (mma.sync). Same
+// semantics as that kernel: out [T, H, D] and lse [T, H] (natural log, -inf for a row with no
+// key) at the rows of the tiles' sequences only.
+//
+// Grid (num_heads, num_tiles): one CTA per (query tile of 64·C rows, head), C consumer warpgroups
+// (HopperConsumers: 2 at D 128, 3 at D 64); the tile list comes from cuda_plan.context_tiles,
+// heaviest causal work first. CTA = 1 + C warpgroups (384 or 512 threads, 1 CTA per SM):
+//   WG0 producer: gives its registers away (setmaxnreg.dec 24); one thread issues the TMA loads:
+//       the Q tile once, then each K/V block of BN keys into a 2-stage ring (full barriers carry
+//       the TMA byte counts, empty barriers the consumers' releases).
+//   WG1 .. WGC consumers (setmaxnreg.inc 240 / 160): 64 query rows each. Per K/V block:
+//       S = Q·Kᵀ (SS wgmma, D/16 k steps), mask + online softmax in registers (log2 domain),
+//       P packed to fp16/bf16 in registers = the A operand of O += P·V (RS wgmma, V MN-major).
+// Overlap (FA3's two levels; kernels/NOTES_context.md, "Hopper kernel", round 2):
+//   - inside a consumer: S_j = Q·K_jᵀ and O += P_{j-1}·V_{j-1} are issued together; the softmax of
+//     block j runs while P_{j-1}·V_{j-1} is still on the tensor cores (wgmma wait<1>, then wait<0>
+//     before O is rescaled and P_j packed);
+//   - between the consumers (ping-pong): each issues its wgmma groups only in its turn (named
+//     barriers, round robin), so one consumer's softmax overlaps the others' GEMMs.
+// K and V have their own full/empty barriers: K_j is released as soon as S_j has retired, V_j when
+// P_j·V_j has, so the producer refills each half of a stage as early as possible.
+// Key blocks wholly inside every row's visible range skip the mask (only the blocks at the causal
+// diagonal and the one holding n_keys are masked).
+//
+// Shared memory (dynamic, aligned up to 1024 bytes in the kernel; layouts of kernels/hopper.cuh):
+//   sQ [C consumers][D/64][64 rows][128 B]      64·C·D·2 bytes (then each consumer's O for the epilogue)
+//   sK [2 stages][D/64][BN rows][128 B]         2·BN·D·2
+//   sV [2 stages][D/64][BN rows][128 B]         2·BN·D·2
+//   barriers: q_full, k_full[2], v_full[2], k_empty[2], v_empty[2]
+// Tensor maps (tp_runtime/backends/cuda_context_hopper.py):
+//   map_q  over q  [T, H, D] as 3-D {D, H, T}, box {64, 1, 64}: one consumer's 64 rows of one head
+//   map_kv over the contiguous cache [B, 2, KV, S_max, D] as 3-D {D, S_max, B·2·KV}, box {64, BN, 1},
+//          or the paged pool [N, 2, KV, P, D] as {D, P, N·2·KV}, box {64, min(P, BN), 1} (P >= 8)
+// Keys past n_keys inside the last block hold whatever the cache holds there (possibly NaN): their
+// scores are replaced by -inf and their V rows zeroed in shared memory before P·V.
+#include "common.cuh"
+#include "hopper.cuh"
+
+namespace tp {
+
+struct HopperMaskCausal {
+  static constexpr bool kCausal = true;
+};
+struct HopperMaskPadding {
+  static constexpr bool kCausal = false;
+};
+struct HopperBiasNone {
+  static constexpr bool kAlibi = false;
+};
+struct HopperBiasAlibi {  // + slope_h · (k − q), slopes already effective (as the mma.sync kernel's)
+  static constexpr bool kAlibi = true;
+};
+
+// S [64, BN] (accumulate 0 on the first k step) = Q [64, D] · K_jᵀ, both K-major 128B-swizzled.
+template <typename T, int D, int BN>
+__device__ __forceinline__ void issue_s(float (&sc)[BN / 2], hopper::u32 q_addr, hopper::u32 k_addr) {
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k) {
+    hopper::Wgmma<BN, T>::ss(sc, hopper::desc_k_major(q_addr, 64, k), hopper::desc_k_major(k_addr, BN, k), k > 0);
+  }
+}
+
+// O [64, D] += P [64, BN] (registers) · V_j [BN, D] (MN-major 128B-swizzled).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const hopper::u32 (&pa)[BN / 16][4],
+                                         hopper::u32 v_addr) {
+#pragma unroll
+  for (int k = 0; k < BN / 16; ++k) {
+    hopper::Wgmma<D, T>::template rs<1>(o, pa[k], hopper::desc_mn_major(v_addr, BN, k), 1);
+  }
+}
+
+// Where a thread's scores sit and what it adds/hides: rows r0 + 8r at query positions qpos[r]
+// (keys key < lim[r] visible), its first column col in each 8-column block, and the ALiBi slope in
+// raw-score units (slope / softmax_scale; 0 without ALiBi).
+struct RowInfo {
+  int qpos[2];
+  int lim[2];
+  int col;
+  float slope_raw;
+};
+
+// Online softmax of one key block, in place: raw scores sc -> unnormalised probabilities
+// exp2(s·scale_log2 - m·scale_log2) (one FFMA + EX2 per element; the running max m_r is kept in raw
+// score units, which needs scale_log2 > 0 — the launcher's `serves` checks it). kAlibi: + the bias
+// slope·(key - qpos) in raw units first. kMasked: keys `key >= lim[r]` (past n_keys, or past the
+// row's causal limit) become -inf; the blocks wholly visible to every row skip that. Returns
+// alpha[r] = exp2((m_old - m_new)·scale_log2), the factor O must be rescaled by; l_r is updated.
+template <bool kMasked, bool kAlibi, int BN>
+__device__ __forceinline__ void softmax_block(float (&sc)[BN / 2], float (&m_r)[2], float (&l_r)[2],
+                                              float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2) {
+  float rel0[2];  // key - qpos of the thread's first column in this block, per row
+#pragma unroll
+  for (int r = 0; r < 2; ++r) rel0[r] = static_cast<float>(n0 + ri.col - ri.qpos[r]);
+  // element i: row (i >> 1) & 1, so chains c = i & 3 are rows c >> 1 (four independent chains)
+  float mx4[4] = {m_r[0], m_r[0], m_r[1], m_r[1]};
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) {
+    const int r = (i >> 1) & 1;
+    const int dk = 8 * (i >> 2) + (i & 1);  // key - (n0 + col), a compile-time constant
+    if (kAlibi) sc[i] = fmaf(ri.slope_raw, rel0[r] + static_cast<float>(dk), sc[i]);
+    if (kMasked) sc[i] = n0 + ri.col + dk < ri.lim[r] ? sc[i] : -INFINITY;
+    mx4[i & 3] = fmaxf(mx4[i & 3], sc[i]);
+  }
+  float mx[2] = {fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3])}, base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // each row lives in the 4 threads of a quad
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    base[r] = mx[r] == -INFINITY ? 0.f : mx[r] * scale_log2;  // a row with no key so far: exp2(-inf) = 0
+    alpha[r] = exp2f(m_r[r] * scale_log2 - base[r]);
+    m_r[r] = mx[r];
+  }
+  float sum4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) {
+    sc[i] = exp2f(fmaf(sc[i], scale_log2, -base[(i >> 1) & 1]));
+    sum4[i & 3] += sc[i];
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // the quad's partial sums are added once, at the end (l_r)
+    l_r[r] = l_r[r] * alpha[r] + (sum4[2 * r] + sum4[2 * r + 1]);
+  }
+}
+
+// After P_{j-1}·V_{j-1} has retired: O *= alpha (the new max), P_j packed to T = the A operand of
+// its P·V (the accumulators of columns 16k.. are the A fragment of k step k).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void rescale_pack(float (&o)[D / 2], hopper::u32 (&pa)[BN / 16][4],
+                                             const float (&sc)[BN / 2], const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+#pragma unroll
+  for (int i = 0; i < BN / 2; i += 2) pa[i >> 3][(i >> 1) & 3] = hopper::pack2<T>(sc[i], sc[i + 1]);
+}
+
+// One uniform branch per block (the mask depends only on the block index).
+template <bool kAlibi, int BN>
+__device__ __forceinline__ void softmax_any(bool masked, float (&sc)[BN / 2], float (&m_r)[2], float (&l_r)[2],
+                                            float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2) {
+  if (masked) {
+    softmax_block<true, kAlibi, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2);
+  } else {
+    softmax_block<false, kAlibi, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2);
+  }
+}
+
+// Consumer warpgroups (64 query rows each) per CTA: 3 at D 64, where the softmax of a 64×128 block
+// takes longer than its two GEMMs, so a third warpgroup's softmax is needed to keep the tensor
+// cores busy (and its registers fit: o 32 + S 64 + P 32 at 160 per thread); 2 at D 128 (240 each).
+template <int D>
+struct HopperConsumers {
+  static constexpr int kCount = D == 64 ? 3 : 2;
+  static constexpr int kRegs = D == 64 ? 160 : 240;  // 128·24 + 128·kCount·kRegs <= 65536
+};
+
+template <typename T, int D, typename Mask, typename Bias>
+__global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) context_hopper_kernel(
+    const __grid_constant__ hopper::TensorMap map_q, const __grid_constant__ hopper::TensorMap map_kv,
+    T* __restrict__ out, int out_stride, float* __restrict__ lse, const int* __restrict__ tiles,
+    const int* __restrict__ cu_seqlens, const int* __restrict__ past, const int* __restrict__ n_keys,
+    const int* __restrict__ slots, const int* __restrict__ block_table, int table_stride, int kv_box,
+    int log2_page, int num_heads, int num_kv_heads, float scale_log2, const float* __restrict__ alibi) {
+#if TP_HOPPER_ENABLED
+  using namespace hopper;
+  constexpr int BN = 128;          // keys per K/V block
+  constexpr int kChunks = D / 64;  // 64-element (128-byte) column tiles per row
+  constexpr int kQBytes = 64 * D * 2;        // one consumer's Q rows
+  constexpr int kKVBytes = BN * D * 2;       // one K or V block
+  constexpr int kC = HopperConsumers<D>::kCount;
+  // Named barriers (0 is __syncthreads): 1 consumer 0's V zeroing; kTurnBar + c consumer c's turn
+  // to issue wgmma (128 waiting + 128 arriving); kEpilogueBar + c consumer c's epilogue tile.
+  constexpr int kZeroBar = 1, kTurnBar = 2, kEpilogueBar = kTurnBar + kC;
+  static_assert(kEpilogueBar + kC <= 16, "16 named barriers per CTA");
+  constexpr float kLn2 = 0.6931471805599453f;
+  static_assert(D == 64 || D == 128, "the Hopper context kernel serves D 64 and 128");
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* sQ = align_smem(smem_raw);
+  unsigned char* sK = sQ + kC * kQBytes;
+  unsigned char* sV = sK + 2 * kKVBytes;
+  u64* bars = reinterpret_cast<u64*>(sV + 2 * kKVBytes);
+  u64* q_full = bars;
+  u64* k_full = bars + 1;   // [2]
+  u64* v_full = bars + 3;   // [2]
+  u64* k_empty = bars + 5;  // [2]
+  u64* v_empty = bars + 7;  // [2]
+
+  const int h = blockIdx.x;
+  const int seq = tiles[2 * blockIdx.y], m0 = tiles[2 * blockIdx.y + 1];
+  const int tok0 = cu_seqlens[seq];
+  const int new_len = cu_seqlens[seq + 1] - tok0;
+  const int qpos0 = past[seq] + m0;
+  const int nk = n_keys[seq];
+  const int kvh = h / (num_heads / num_kv_heads);
+  const int rows = min(64 * kC, new_len - m0);
+  const int k_end = Mask::kCausal ? min(nk, qpos0 + rows) : nk;  // keys any row of the tile may see
+  const int n_kb = k_end > 0 ? (k_end + BN - 1) / BN : 0;
+  // blocks [0, n_open) are visible to every row of the tile in full: no mask
+  const int n_open = (Mask::kCausal ? min(nk, qpos0 + 1) : nk) / BN;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(&k_full[s], 1);
+      mbar_init(&v_full[s], 1);
+      mbar_init(&k_empty[s], 128 * kC);  // every consumer thread releases K_j once its S_j has retired
+      mbar_init(&v_empty[s], 128 * kC);  // ... and V_j once its P_j·V_j has
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------------------------------------------------------- producer
+    setmaxnreg_dec<24>();
+    if (threadIdx.x == 0) {
+      tma_prefetch_map(&map_q);
+      tma_prefetch_map(&map_kv);
+      mbar_arrive_expect_tx(q_full, kC * kQBytes);
+      for (int c = 0; c < kC; ++c) {
+        for (int k = 0; k < kChunks; ++k) {
+          tma_load_3d(sQ + c * kQBytes + k * 64 * 128, &map_q, q_full, 64 * k, h, tok0 + m0 + 64 * c);
+        }
+      }
+      // A K/V block of BN keys = BN / kv_box boxes of kv_box rows each, box r landing at row r of
+      // the tile (kv_box >= 8 rows = whole 1024-byte swizzle atoms, so the layout is the same as
+      // one box's). Contiguous: one box, plane (slot, K|V, head), row = position. Paged: one box
+      // per page (or per BN rows of a page larger than BN), plane (page, K|V, head) with the page
+      // from the block table, row = position inside the page. Positions past n_keys (inside the
+      // last block only) read the sequence's last page: finite data the mask and the V zeroing
+      // discard, and never a table entry the sequence does not own.
+      const int slot = slots[seq];
+      const int* table_row = block_table != nullptr ? block_table + (long long)slot * table_stride : nullptr;
+      auto tile_load = [&](unsigned char* dst, u64* bar, int j, int kv) {
+        for (int r = 0; r < BN; r += kv_box) {
+          const int pos = j * BN + r;
+          int plane = slot, row = pos;
+          if (table_row != nullptr) {
+            plane = __ldg(table_row + (min(pos, nk - 1) >> log2_page));
+            row = pos & ((1 << log2_page) - 1);
+          }
+          plane = (plane * 2 + kv) * num_kv_heads + kvh;
+          for (int k = 0; k < kChunks; ++k) {
+            tma_load_3d(dst + k * BN * 128 + r * 128, &map_kv, bar, 64 * k, row, plane);
+          }
+        }
+      };
+      for (int j = 0; j < n_kb; ++j) {
+        const int s = j & 1;
+        const u32 parity = ((j >> 1) - 1) & 1;  // the release of block j - 2 (same stage)
+        if (j >= 2) mbar_wait(&k_empty[s], parity);
+        mbar_arrive_expect_tx(&k_full[s], kKVBytes);
+        tile_load(sK + s * kKVBytes, &k_full[s], j, 0);
+        if (j >= 2) mbar_wait(&v_empty[s], parity);
+        mbar_arrive_expect_tx(&v_full[s], kKVBytes);
+        tile_load(sV + s * kKVBytes, &v_full[s], j, 1);
+      }
+    }
+  } else {  // ----------------------------------------------------------------------- consumers
+    setmaxnreg_inc<HopperConsumers<D>::kRegs>();
+    const int cw = wg - 1;  // which 64 rows of the tile
+    const int t = threadIdx.x - 128 * wg;
+    const int warp = t / 32, lane = t % 32;
+    const int r0 = 64 * cw + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8 (tile rows)
+    const int col = 2 * (lane % 4);                 // its first column inside each 8-column block
+    const u32 q_addr = smem_addr(sQ + cw * kQBytes);
+    RowInfo ri;
+    ri.col = col;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      ri.qpos[r] = qpos0 + r0 + 8 * r;
+      ri.lim[r] = Mask::kCausal ? min(nk, ri.qpos[r] + 1) : nk;
+    }
+    ri.slope_raw = Bias::kAlibi ? alibi[h] * 1.4426950408889634f / scale_log2 : 0.f;  // slope / softmax_scale
+
+    // Ping-pong turns, round robin over the consumers: n_kb + 1 per consumer (S_0; S_j with
+    // P_{j-1}·V_{j-1}; the last P·V). In each, wait on this consumer's barrier (its 128 threads +
+    // the previous consumer's 128 arrivals), issue, then hand the turn to the next consumer.
+    // Consumer 0 goes first (the last consumer opens its barrier once at the start), and the last
+    // consumer skips its final hand-over, so every barrier sees as many arrivals as waits.
+    const int my_bar = kTurnBar + cw, next_bar = kTurnBar + (cw + 1) % kC;
+    int turn = 0;
+    auto turn_begin = [&]() { named_barrier_sync(my_bar, 256); };
+    auto turn_end = [&]() {
+      if (cw != kC - 1 || turn < n_kb) named_barrier_arrive(next_bar, 256);
+      ++turn;
+    };
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, alpha[2];
+    float sc[BN / 2];
+    u32 pa[BN / 16][4];
+
+    mbar_wait(q_full, 0);  // also with no key: the CTA must not exit with the Q load in flight
+    if (n_kb > 0) {  // (no key at all: O = 0, lse = -inf)
+      if (cw == kC - 1) named_barrier_arrive(next_bar, 256);
+      // block 0: S_0 alone
+      turn_begin();
+      mbar_wait(&k_full[0], 0);
+      fence_operands(sc);
+      wgmma_fence();
+      issue_s<T, D, BN>(sc, q_addr, smem_addr(sK));
+      wgmma_commit();
+      turn_end();
+      wgmma_wait<0>();
+      fence_operands(sc);
+      mbar_arrive(&k_empty[0]);
+      softmax_any<Bias::kAlibi, BN>(0 >= n_open, sc, m_r, l_r, alpha, 0, ri, scale_log2);
+      rescale_pack<T, D, BN>(o, pa, sc, alpha);
+
+      for (int j = 1; j < n_kb; ++j) {
+        const int s = j & 1, sp = s ^ 1;
+        turn_begin();
+        mbar_wait(&k_full[s], (j >> 1) & 1);
+        mbar_wait(&v_full[sp], ((j - 1) >> 1) & 1);
+        fence_operands(sc);
+        fence_operands(o);
+        wgmma_fence();
+        issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));  // S_j
+        wgmma_commit();
+        issue_pv<T, D, BN>(o, pa, smem_addr(sV + sp * kKVBytes));  // O += P_{j-1}·V_{j-1}, in flight
+        wgmma_commit();
+        turn_end();
+        wgmma_wait<1>();  // S_j retired (groups retire in order)
+        fence_operands(sc);
+        mbar_arrive(&k_empty[s]);
+        softmax_any<Bias::kAlibi, BN>(j >= n_open, sc, m_r, l_r, alpha, j * BN, ri, scale_log2);
+        wgmma_wait<0>();  // P_{j-1}·V_{j-1} retired: O and P's registers are free again
+        fence_operands(o);
+#pragma unroll
+        for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
+        mbar_arrive(&v_empty[sp]);
+        rescale_pack<T, D, BN>(o, pa, sc, alpha);
+      }
+
+      // the last block's P·V
+      {
+        const int jl = n_kb - 1, s = jl & 1, n0 = jl * BN;
+        turn_begin();
+        mbar_wait(&v_full[s], (jl >> 1) & 1);
+        // Zero the V rows of keys past n_keys (the cache may hold NaN there; 0·NaN would poison O).
+        // Consumer 0 writes them in its turn; its proxy fence + the chain of turn barriers order
+        // the writes before the other consumers' P·V too.
+        if (cw == 0 && n0 + BN > nk) {
+          const int first = max(nk - n0, 0);
+          for (int i = t; i < (BN - first) * kChunks * 8; i += 128) {
+            const int row = first + i / (kChunks * 8), rest = i % (kChunks * 8);
+            *reinterpret_cast<uint4*>(sV + s * kKVBytes + (rest / 8) * BN * 128 + row * 128 + (rest % 8) * 16) =
+                make_uint4(0, 0, 0, 0);
+          }
+          fence_proxy_async();
+          named_barrier_sync(kZeroBar, 128);  // before consumer 0's own P·V
+        }
+        fence_operands(o);
+        wgmma_fence();
+        issue_pv<T, D, BN>(o, pa, smem_addr(sV + s * kKVBytes));
+        wgmma_commit();
+        turn_end();
+        wgmma_wait<0>();
+        fence_operands(o);
+#pragma unroll
+        for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
+      }
+    }
+
+    // Epilogue: O / l converted to T into this consumer's Q tile (free: its last S has retired),
+    // [64 rows][D·2 bytes] with the 16-byte chunks of row r XOR-swizzled by r % 8 (the quad-wide
+    // 4-byte writes of 8 rows then hit distinct banks), then 16-byte coalesced stores of the rows
+    // of this sequence.
+    unsigned char* sO = sQ + cw * kQBytes;
+    const int row0 = 64 * cw;  // the consumer's first tile row
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
+      l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
+      const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+      const int rl = r0 - row0 + 8 * r;  // row inside the consumer's 64
+#pragma unroll
+      for (int jb = 0; jb < D / 8; ++jb) {
+        *reinterpret_cast<u32*>(sO + rl * D * 2 + ((jb ^ (rl & 7)) * 16) + (col / 2) * 4) =
+            pack2<T>(o[4 * jb + 2 * r] * inv, o[4 * jb + 2 * r + 1] * inv);
+      }
+      const int row = r0 + 8 * r;
+      if (lse != nullptr && (lane % 4) == 0 && row < rows) {
+        const long long tok = tok0 + m0 + row;
+        lse[tok * num_heads + h] = l_r[r] > 0.f ? (m_r[r] * scale_log2 + log2f(l_r[r])) * kLn2 : -INFINITY;
+      }
+    }
+    named_barrier_sync(kEpilogueBar + cw, 128);
+    constexpr int kRowChunks = D / 8;  // 16-byte chunks per row
+    for (int c = t; c < 64 * kRowChunks; c += 128) {
+      const int rl = c / kRowChunks, chunk = c % kRowChunks;
+      if (row0 + rl >= rows) break;  // c grows with the row: every later chunk is past the sequence too
+      const uint4 v = *reinterpret_cast<const uint4*>(sO + rl * D * 2 + ((chunk ^ (rl & 7)) * 16));
+      const long long tok = tok0 + m0 + row0 + rl;
+      *reinterpret_cast<uint4*>(out + tok * out_stride + (long long)h * D + chunk * 8) = v;
+    }
+  }
+#endif
+}
+
+}  // namespace tp

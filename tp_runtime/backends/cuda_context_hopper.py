@@ -1,0 +1,139 @@
+"""Launcher of ``kernels/context_hopper.cu``: the sm_90a context (prefill) kernel (wgmma + TMA +
+warp specialisation), chosen by ``cuda_context.context`` on Hopper GPUs for the cases
+``capabilities.CAPABILITIES["context_hopper"]`` and ``HOPPER_CONTEXT_*`` list; every other case
+stays on the ``mma.sync`` kernel. ``TP_RUNTIME_HOPPER_CONTEXT=0`` keeps everything there.
+
+Same interface and semantics as ``cuda_context.context`` for the cases it serves: ``out [T, H_r,
+D]`` and ``lse [T, H_r]`` written at the rows of the sequences ``ids``, from a contiguous cache or
+a paged one (pages of at least ``HOPPER_CONTEXT_MIN_PAGE`` tokens: one tensor map over the page
+pool, one TMA box per page, the page from the block table in the kernel). The tensor maps of q
+and of the cache are encoded per call (``cuda_tma.tiled_map``; a cache of them is a next step).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..batch.kv_cache import CacheLayout, LayerKV
+from ..batch.step import Step
+from .base import AttentionSpec
+from .capabilities import CAPABILITIES, HOPPER_CONTEXT_BIASES, HOPPER_CONTEXT_MASKS, HOPPER_CONTEXT_MIN_PAGE
+from .compile import get_kernel
+from .cuda_common import checked_alibi, f32, i32, launch, ptr
+from .cuda_plan import context_tiles, route
+from .cuda_tma import tiled_map
+
+ENV = "TP_RUNTIME_HOPPER_CONTEXT"
+BLOCK_N = 128  # keys per K/V block (kernels/context_hopper.cu)
+
+
+def consumers(head_size: int) -> int:
+    """Consumer warpgroups of 64 query rows per CTA (``HopperConsumers`` in the kernel): 3 at D 64,
+    whose softmax outlasts its GEMMs, else 2."""
+    return 3 if head_size == 64 else 2
+
+
+def block_m(head_size: int) -> int:
+    """Query rows per CTA."""
+    return 64 * consumers(head_size)
+
+
+def threads(head_size: int) -> int:
+    """Threads per CTA: the producer warpgroup and the consumers."""
+    return 128 * (consumers(head_size) + 1)
+
+
+def enabled() -> bool:
+    """False when ``TP_RUNTIME_HOPPER_CONTEXT=0`` forces the ``mma.sync`` kernel."""
+    return os.environ.get("TP_RUNTIME_HOPPER_CONTEXT", "1") != "0"
+
+
+def shared_bytes(head_size: int) -> int:
+    """Dynamic shared memory: Q (block_m rows), 2 stages of K and V (BLOCK_N rows), 9 mbarriers (128
+    bytes kept), and 1024 bytes to align the tiles (the start of dynamic shared memory is aligned less)."""
+    return (block_m(head_size) + 4 * BLOCK_N) * head_size * 2 + 128 + 1024
+
+
+def hopper_gpu(capability: tuple[int, int]) -> bool:
+    """Whether the Hopper kernel may run on a GPU of this compute capability (and is not switched off)."""
+    return enabled() and tuple(capability)[0] == 9  # sm_90a code runs on compute capability 9.x only
+
+
+def variant(dtype: torch.dtype, head_size: int, mask: str, bias: str, cache_dtype, cache_layout) -> dict | None:
+    """The ``context_hopper`` compile-table variant serving this layer shape, or None (mma.sync)."""
+    cap = CAPABILITIES["context_hopper"]
+    if mask not in HOPPER_CONTEXT_MASKS or bias not in HOPPER_CONTEXT_BIASES:
+        return None
+    if cap.problem(dtype=dtype, head_size=head_size, cache_dtype=cache_dtype, cache_layout=cache_layout):
+        return None
+    return {"dtype": dtype, "head_size": head_size, "mask": mask, "bias": bias}
+
+
+def serves(
+    q: torch.Tensor, out: torch.Tensor, kv: LayerKV, step: Step, spec: AttentionSpec, mask: str, bias: str
+) -> bool:
+    """Whether the Hopper kernel serves this call (else the ``mma.sync`` kernel does)."""
+    if q.device.type != "cuda" or spec.cross or step.beam_width > 1:
+        return False
+    if not spec.softmax_scale > 0:  # the kernel keeps the running max in raw-score units
+        return False
+    if not hopper_gpu(torch.cuda.get_device_capability(q.device)):
+        return False
+    if variant(q.dtype, q.shape[2], mask, bias, kv.cache_dtype, kv.cache_layout) is None:
+        return False
+    if kv.cache_layout is CacheLayout.paged and kv.block_size < HOPPER_CONTEXT_MIN_PAGE:
+        return False
+    # q: TMA needs 16-byte aligned base addresses and byte strides, D contiguous; out: the
+    # epilogue's 16-byte stores need the same
+    return all(_rows_16b(x) for x in (q, out))
+
+
+def _rows_16b(x: torch.Tensor) -> bool:
+    """``x [T, H, D]``: D and heads contiguous, token rows and the base 16-byte aligned."""
+    d, e = x.shape[2], x.element_size()
+    return x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * e) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def context_hopper(
+    q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...], mask: str, bias: str, out, lse
+):
+    """Context attention of the sequences ``ids`` on the Hopper kernel (``serves`` said yes)."""
+    t, h_r, d = q.shape
+    kv_r = kv.num_kv_heads
+    plan = route(step, spec.cross)
+    tiles = context_tiles(step, ids, block_m(d), mask == "causal", spec.cross)
+    if tiles.shape[0] > 65535:
+        raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
+    e = q.element_size()
+    # q [T, H, D] as {D, H, T}; box: 64 elements of one head for 64 tokens
+    map_q = tiled_map(q.data_ptr(), q.dtype, (d, h_r, t), (d * e, q.stride(0) * e), (64, 1, 64))
+    # contiguous cache [B, 2, KV, S_max, D] as {D, S_max, B·2·KV}, box: 64 elements of BLOCK_N
+    # positions; paged pool [N, 2, KV, P, D] as {D, P, N·2·KV}, box: 64 elements of min(P, BLOCK_N)
+    # positions (the kernel loads a block of BLOCK_N keys page by page)
+    rows, _, _, length, _ = kv.data.shape
+    paged = kv.cache_layout is CacheLayout.paged
+    kv_box = min(length, BLOCK_N) if paged else BLOCK_N
+    map_kv = tiled_map(
+        kv.data.data_ptr(), q.dtype, (d, length, rows * 2 * kv_r), (d * e, length * d * e), (64, kv_box, 1)
+    )
+    table = kv.block_table if paged else None
+    table_stride = table.stride(0) if table is not None else 0
+    kernel = get_kernel("context_hopper", dtype=q.dtype, head_size=d, mask=mask, bias=bias)
+    alibi = checked_alibi(spec, h_r, q.device)
+    scale_log2 = spec.softmax_scale * math.log2(math.e)
+    # fmt: off
+    args = (
+        map_q, map_kv,                                # tensor maps, by value
+        ptr(out), i32(out.stride(0)), ptr(lse),       # out [T, H, D] token stride; lse [T, H]
+        ptr(tiles),                                   # [num_tiles, 2] (sequence, first query row)
+        ptr(step.cu_seqlens), ptr(step.past), ptr(plan.n_keys_dev), ptr(step.slot),
+        ptr(table), i32(table_stride),                # paged: block table [max_seqs, *] int32; else null
+        i32(kv_box), i32(length.bit_length() - 1 if paged else 0),  # rows per K/V box; paged: log2(P)
+        i32(h_r), i32(kv_r), f32(scale_log2),
+        ptr(alibi),                                   # [H] fp32 slopes or null
+    )
+    # fmt: on
+    launch(kernel, (h_r, tiles.shape[0], 1), (threads(d), 1, 1), args, q.device, shared_mem=shared_bytes(d))
