@@ -16,8 +16,9 @@
 //  * tensor cores (grouped heads, D <= 128): each warp takes 8 or 16 keys of the tile. S = Q·Kᵀ
 //    by mma.sync m16n8k16 with the head group as M (padded to 16), K fragments by ldmatrix from
 //    XOR-swizzled rows; online softmax on S's C fragments; Oᵀ += Vᵀ·Pᵀ with D as M, whose B
-//    operand is S's C layout as is (P rounded to fp16/bf16, as torch does). An int8/fp8 tile is
-//    first converted, exactly, to fp16/bf16 in a staging tile.
+//    operand is S's C layout as is (P rounded to fp16/bf16, as torch does). An int8/fp8 tile
+//    is read by 32-bit words straight from the landed tile and converted, exactly, in registers
+//    (channel orders permuted so one word holds a lane's four bytes; see compute).
 //  * CUDA cores (one head per KV head, or D 256): kLanes lanes share one key row, 8 elements each
 //    (16 B of fp16, 8 B of int8); kHG head groups of kGH heads; kKG key groups take the tile's keys
 //    round robin; partial dot products summed over the lanes with xor shuffles; int8/fp8 converted
@@ -182,36 +183,45 @@ struct Traits {
   static constexpr int kRowBytes = D * kElem;             // one K (or V) row of the cache
   static constexpr int kChunks = kRowBytes / 16;          // 16-byte copies per row
   static constexpr bool kQuant = !IsAuto<Cache>::value;
-  // Tensor cores up to D 128 for grouped heads: each warp takes 8 or 16 keys of a tile; S = Q·Kᵀ
-  // (heads as M) and Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync. An int8/fp8 tile is first converted (exactly)
-  // to T in a staging tile. One head per KV head (MHA) keeps the CUDA-core path, which is faster
-  // there (fp16 reaches the bandwidth; int8 loses its gain through the staging tile; the figures are
-  // in NOTES_decode.md); so does D 256 (too few keys per warp).
-  static constexpr bool kMma = D <= 128 && HPB >= 2;
+  // Tensor cores up to D 128 for grouped heads: each warp takes 16 (or 8) keys of a tile; S = Q·Kᵀ
+  // (heads as M) and Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync. One head per KV head (MHA) keeps the CUDA-core
+  // path, which is faster there (fp16 reaches the bandwidth, int8 gains 1.58x; NOTES_decode.md); so
+  // does D 256 (too few keys per warp), and int8/fp8 with D not a multiple of 32 (the 8-bit fragment
+  // loads below take 4 channels of 2 Oᵀ tiles from one 32-bit word).
+  static constexpr bool kMma = D <= 128 && HPB >= 2 && (!kQuant || D % 32 == 0);
   static constexpr int kTRowBytes = D * 2;  // a row of T (what ldmatrix reads)
   // T tiles: rows of 16-byte chunks XOR-swizzled by (key & 7), so ldmatrix's 8 rows hit 8
   // different bank groups (rows of 128 B multiples would all hit the same one).
   static constexpr bool kSwizzleT = (D / 8) % 8 == 0;
+  // 8-bit tiles on the mma path: a lane reads 32-bit words of 8 rows (K) or of 4 rows 2 apart (V)
+  // at one chunk; XOR the chunk with a key function so those rows land on different bank groups
+  // (rows of 128 B: key & 7; rows of 64 B, two per 128 B: (key >> 1) & 3; D 96: none, 2-way).
+  static constexpr int kChunks8 = D / 16;
+  static constexpr int kSwz8Shift = kChunks8 % 8 == 0 ? 0 : 1;
+  static constexpr int kSwz8Mask = kChunks8 % 8 == 0 ? 7 : (kChunks8 == 4 ? 3 : 0);
   static constexpr int kActive = D / 8;                   // lanes holding data
   static constexpr int kLanes = pow2_ceil(kActive);       // lanes per key row (idle ones for D 80/96)
   static constexpr int kGH = HPB < 4 ? HPB : 4;           // heads per thread
   static constexpr int kHG = HPB / kGH;                   // head groups
   static constexpr int kKG = kMma ? kThreads / 32 : kThreads / (kLanes * kHG);  // key groups (mma: warps)
-  // ~8 KB of K per tile (and as much V): 3 stages of 16 KB keep 32 KB in flight per block.
+  // ~8 KB of K per tile (and as much V): 3 stages of 16 KB keep 32 KB in flight per block. The mma
+  // path takes at most 16 keys per warp (64 per tile): an int8 tile at D 128 is 64 keys, 16 KB.
   static constexpr int kTileKeys =
-      kMma && kQuant ? 32 : cmin(kMaxTileKeys, cmax(kMma ? 32 : kKG, pow2_floor(8192 / kRowBytes)));
+      cmin(kMma ? 16 * kKG : kMaxTileKeys, cmax(kMma ? 32 : kKG, pow2_floor(8192 / kRowBytes)));
   static constexpr int kKPG = kTileKeys / kKG;            // keys per key group per tile
   static constexpr int kKB = cmin(kKPG, cmax(1, 16 / kGH));  // keys per online-softmax update
   static constexpr int kStageBytes = 2 * kTileKeys * kRowBytes;
-  static constexpr int kStagingBytes = kMma && kQuant ? 2 * kTileKeys * kTRowBytes : 0;  // after the stages
   static constexpr int kRedBytes = (2 + D) * kKG * HPB * 4;  // key-group merge scratch
-  static constexpr int kMinBlocks = kMma || HPB <= 2 ? 4 : 3;  // per SM: caps registers (no spills)
+  // Blocks per SM (caps registers: no spills). 8-bit mma at D 128 (16 keys per warp, 64 Oᵀ values)
+  // needs ~130 registers: 3 blocks, still 3 x 32 KB in flight per SM, above the ~30 KB the
+  // bandwidth needs (PERF_NOTES §2.2 b), and the split count aims at 2 blocks per SM anyway.
+  static constexpr int kMinBlocks = kMma && kQuant && D > 96 ? 3 : (kMma || HPB <= 2 ? 4 : 3);
 
   static_assert(D % 8 == 0 && kRowBytes % 16 == 0, "head size must be a multiple of 8 (16 bytes of int8)");
   static_assert(HPB == 1 || HPB == 2 || HPB == 4 || HPB == 8, "heads per block: 1, 2, 4 or 8");
   static_assert(kLanes <= 32 && kKG >= 1, "a key row must fit one warp");
   static_assert(kTileKeys % kKG == 0 && kKPG % kKB == 0, "tile must split evenly over key groups");
-  static_assert(kStages * kStageBytes + kStagingBytes <= kPipeBytes, "pipeline exceeds kPipeBytes");
+  static_assert(kStages * kStageBytes <= kPipeBytes, "pipeline exceeds kPipeBytes");
   static_assert(kRedBytes <= kPipeBytes, "merge scratch exceeds kPipeBytes");
   static_assert(!kMma || kKPG == 8 || kKPG == 16, "mma path: 8 or 16 keys per warp and tile");
 
@@ -219,9 +229,14 @@ struct Traits {
   __device__ __forceinline__ static int offset_t(int key, int part) {
     return key * kTRowBytes + (kSwizzleT ? (part ^ (key & 7)) : part) * 16;
   }
+  // ... and of chunk `part` of row `key` of an 8-bit tile read by the mma path.
+  __device__ __forceinline__ static int offset8(int key, int part) {
+    return key * kRowBytes + (part ^ ((key >> kSwz8Shift) & kSwz8Mask)) * 16;
+  }
   // ... and in a pipeline stage (as copied from the cache).
   __device__ __forceinline__ static int offset(int key, int part) {
     if constexpr (kMma && !kQuant) return offset_t(key, part);
+    if constexpr (kMma) return offset8(key, part);
     return key * kRowBytes + part * 16;
   }
 };
@@ -271,6 +286,71 @@ struct Mma<__nv_bfloat16> {
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+
+template <typename T>
+struct IsHalf {
+  static constexpr bool value = false;
+};
+template <>
+struct IsHalf<__half> {
+  static constexpr bool value = true;
+};
+
+// Four 8-bit cache values of one 32-bit word (byte 0 lowest) -> two pairs of T, exactly (int8 and
+// e4m3 values are fp16 and bf16 values): lo = bytes 0, 1 and hi = bytes 2, 3, the lower byte in the
+// lower half, as the mma fragments want. No per-element conversion instructions (NOTES_decode.md).
+template <typename T, typename S>
+struct Pair8;
+template <>
+struct Pair8<__half, signed char> {
+  // Flip the sign bit (the byte becomes x + 128), permute each byte under the fp16 exponent pattern
+  // 0x64 (the half 0x64XX is 1024 + byte), subtract 1024 + 128 as one packed op: exact.
+  __device__ __forceinline__ static void cvt(unsigned w, unsigned& lo, unsigned& hi) {
+    const unsigned x = w ^ 0x80808080u;
+    const __half2 bias = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));
+    const unsigned l = __byte_perm(x, 0x64646464u, 0x4140u), h = __byte_perm(x, 0x64646464u, 0x4342u);
+    const __half2 rl = __hsub2(*reinterpret_cast<const __half2*>(&l), bias);
+    const __half2 rh = __hsub2(*reinterpret_cast<const __half2*>(&h), bias);
+    lo = *reinterpret_cast<const unsigned*>(&rl);
+    hi = *reinterpret_cast<const unsigned*>(&rh);
+  }
+};
+template <>
+struct Pair8<__nv_bfloat16, signed char> {
+  // bf16 has 7 mantissa bits, too few for a byte: go through fp32 (the byte under 2^23, minus
+  // 2^23 + 128, exact) and keep the high halves (exact: small integers), 10 ops per 4 values.
+  __device__ __forceinline__ static void cvt(unsigned w, unsigned& lo, unsigned& hi) {
+    const unsigned x = w ^ 0x80808080u;
+    unsigned f[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      f[b] = __float_as_uint(__uint_as_float(__byte_perm(x, 0x4B000000u, 0x7440u | b)) - 8388736.0f);
+    }
+    lo = __byte_perm(f[0], f[1], 0x7632u);
+    hi = __byte_perm(f[2], f[3], 0x7632u);
+  }
+};
+template <typename T>
+struct Pair8<T, unsigned char> {  // fp8 e4m3fn
+  __device__ __forceinline__ static unsigned two(unsigned short pair) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned r;  // hardware e4m3x2 -> f16x2 (low byte -> low half), exact
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(pair));
+    if constexpr (IsHalf<T>::value) {
+      return r;
+    } else {  // e4m3 values are bf16 values: fp16 -> fp32 -> bf16 is exact
+      const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&r));
+      return Mma<T>::pack(t.x, t.y);
+    }
+#else
+    return Mma<T>::pack(fp8_e4m3_to_float((u8)(pair & 0xff)), fp8_e4m3_to_float((u8)(pair >> 8)));
+#endif
+  }
+  __device__ __forceinline__ static void cvt(unsigned w, unsigned& lo, unsigned& hi) {
+    lo = two((unsigned short)(w & 0xffffu));
+    hi = two((unsigned short)(w >> 16));
   }
 };
 
@@ -454,12 +534,16 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
     const int hig = hc * HPB + g;
     const bool hvalid = g < HPB && hig < group;
     const int head = kvh * group + (hvalid ? hig : 0);
-    unsigned qa0[KS], qa2[KS];  // A fragments of Q
-    const T* qp = q + ((long long)row * num_heads + head) * D + 2 * t;
+    // A fragments of Q: fp16/bf16 tiles in mma order (k-step channels 2t, 2t+1 | 2t+8, 2t+9); 8-bit
+    // tiles permute each k-step's channels (4t, 4t+1 | 4t+2, 4t+3), the same for Q and K, so that
+    // one 32-bit word of a K row holds a lane's four bytes (a dot product does not see the order).
+    unsigned qa0[KS], qa2[KS];
+    const T* qp = q + ((long long)row * num_heads + head) * D + (Tr::kQuant ? 4 * t : 2 * t);
+    constexpr int kHi = Tr::kQuant ? 2 : 8;  // offset of the a2 pair
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       qa0[ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks) : 0u;
-      qa2[ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks + 8) : 0u;
+      qa2[ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks + kHi) : 0u;
     }
     const float slope = alibi != nullptr ? alibi[head] * kLog2e : 0.f;
     float o[KS][4];
@@ -469,34 +553,24 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
 
     auto compute = [&](int stage, int t0) {
       const unsigned char* sk = pipe + stage * Tr::kStageBytes;
-      if constexpr (Tr::kQuant) {  // int8/fp8 tile -> T staging tile (exact: stored values are T values)
-        unsigned char* st = pipe + kStages * Tr::kStageBytes;
-        constexpr int G8 = D / 8;  // 8-element groups per row
-        for (int u = tid; u < 2 * TK * G8; u += kThreads) {
-          const int kv = u / (TK * G8), rem = u - kv * TK * G8, key = rem / G8, c = rem - key * G8;
-          float f[8];
-          Vec8<S>::load(sk + (kv * TK + key) * ROW + c * 8, f);
-          uint4 w;
-          w.x = Mma<T>::pack(f[0], f[1]);
-          w.y = Mma<T>::pack(f[2], f[3]);
-          w.z = Mma<T>::pack(f[4], f[5]);
-          w.w = Mma<T>::pack(f[6], f[7]);
-          *reinterpret_cast<uint4*>(st + kv * TK * Tr::kTRowBytes + Tr::offset_t(key, c)) = w;
-        }
-        __syncthreads();
-        sk = st;
-      }
-      const unsigned char* sv = sk + TK * Tr::kTRowBytes;
+      const unsigned char* sv = sk + TK * ROW;
       const int kw = warp * KPG;  // the warp's first key in the tile
       float sc[NW][2];
 #pragma unroll
       for (int nt = 0; nt < NW; ++nt) {
         float c[4] = {0.f, 0.f, 0.f, 0.f};
-        const int key = kw + nt * 8 + r8;
+        // the row this lane reads: ldmatrix's row address (lanes 8m..8m+7: rows 0..7), or an 8-bit
+        // tile's key g (B column g) whose bytes 4t..4t+3 of chunk ks the lane converts in registers
+        const int key = kw + nt * 8 + (Tr::kQuant ? g : r8);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
           unsigned b0, b1;
-          ldsm_x2(b0, b1, sk + Tr::offset_t(key, 2 * ks + (mi & 1)));
+          if constexpr (Tr::kQuant) {
+            const unsigned w = *reinterpret_cast<const unsigned*>(sk + Tr::offset8(key, ks) + 4 * t);
+            Pair8<T, S>::cvt(w, b0, b1);
+          } else {
+            ldsm_x2(b0, b1, sk + Tr::offset_t(key, 2 * ks + (mi & 1)));
+          }
           Mma<T>::k16(c, qa0[ks], qa2[ks], b0, b1);
         }
         sc[nt][0] = c[0];
@@ -539,7 +613,33 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
         o[i][2] *= a_lo;
         o[i][3] *= a_hi;
       }
-      if constexpr (NW == 1) {  // 8 keys: m16n8k8, A = Vᵀ rows d 16i..16i+15
+      if constexpr (Tr::kQuant) {
+        // 8-bit Vᵀ: no transposing load for bytes, so Oᵀ's rows are permuted instead: tile i's row g
+        // is channel 32(i/2) + 4g + 2(i%2), row g + 8 the next one. Then the word at bytes 32j + 4g of
+        // key row k holds rows g, g+8 of tiles 2j, 2j+1 for key k; two keys' words interleaved by one
+        // byte permute give the fragments' key pairs (keys 2t, 2t+1 | 2t+8, 2t+9 of the warp's keys).
+        auto word = [&](int key, int j) {
+          return *reinterpret_cast<const unsigned*>(sv + Tr::offset8(key, 2 * j + (g >> 2)) + 4 * (g & 3));
+        };
+#pragma unroll
+        for (int j = 0; j < KS / 2; ++j) {
+          const unsigned wa = word(kw + 2 * t, j), wb = word(kw + 2 * t + 1, j);
+          const unsigned wc = NW == 2 ? word(kw + 2 * t + 8, j) : 0u, wd = NW == 2 ? word(kw + 2 * t + 9, j) : 0u;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {  // tile 2j + h: bytes 2h, 2h + 1 of each word
+            const unsigned sel = h ? 0x7362u : 0x5140u;
+            unsigned a0, a1;
+            Pair8<T, S>::cvt(__byte_perm(wa, wb, sel), a0, a1);
+            if constexpr (NW == 1) {
+              Mma<T>::k8(o[2 * j + h], a0, a1, pb[0]);
+            } else {
+              unsigned a2, a3;
+              Pair8<T, S>::cvt(__byte_perm(wc, wd, sel), a2, a3);
+              Mma<T>::k16(o[2 * j + h], a0, a1, a2, a3, pb[0], pb[1]);
+            }
+          }
+        }
+      } else if constexpr (NW == 1) {  // 8 keys: m16n8k8, A = Vᵀ rows d 16i..16i+15
 #pragma unroll
         for (int i = 0; i < KS; ++i) {
           unsigned a0, a1;
@@ -577,8 +677,13 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
         const float fe = e ? f_hi : f_lo;
 #pragma unroll
         for (int i = 0; i < KS; ++i) {
-          dst[16 * i] = o[i][e] * fe;
-          dst[16 * i + 8] = o[i][2 + e] * fe;
+          if constexpr (Tr::kQuant) {  // the permuted rows of the 8-bit Vᵀ (see compute)
+            dst[32 * (i / 2) + 3 * g + 2 * (i % 2)] = o[i][e] * fe;
+            dst[32 * (i / 2) + 3 * g + 2 * (i % 2) + 1] = o[i][2 + e] * fe;
+          } else {
+            dst[16 * i] = o[i][e] * fe;
+            dst[16 * i + 8] = o[i][2 + e] * fe;
+          }
         }
       }
     }

@@ -26,8 +26,22 @@ DEV = "cuda"
 NAN = float("nan")
 HALF = (torch.float16, torch.bfloat16)
 HEAD_SIZES = (64, 80, 96, 128, 256)
-# (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (two chunks of 8, the second padded)
-HEADS = {"mha": (8, 8), "gqa4": (8, 2), "mqa8": (8, 1), "gqa3": (12, 4), "g12": (12, 1)}
+# (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (two chunks of 8, the second padded);
+# MQA with 32 query heads on one KV head (four chunks of 8)
+HEADS = {"mha": (8, 8), "gqa4": (8, 2), "mqa8": (8, 1), "gqa3": (12, 4), "g12": (12, 1), "mqa32": (32, 1)}
+# 8-bit caches on every head layout and path: mma with 8-bit fragments (grouped heads, D 64/96/128),
+# CUDA cores (MHA, D 80 and 256); paged for the first three
+QUANT_CASES = {
+    "d128-gqa4": (128, (8, 2)),
+    "d128-mqa8": (128, (8, 1)),
+    "d64-mha": (64, (4, 4)),
+    "d128-g12": (128, (12, 1)),
+    "d96-gqa3": (96, (12, 4)),
+    "d64-gqa4": (64, (8, 2)),
+    "d80-gqa4": (80, (8, 2)),
+    "d256": (256, (8, 2)),
+}
+QUANT_PAGED = ("d128-gqa4", "d128-mqa8", "d64-mha")
 ODD = (1, 7, 97, 1025)  # keys per sequence (past + 1)
 
 
@@ -43,11 +57,11 @@ KERNEL_VARIANTS = (
     [_v(dt, "auto", "contiguous", d, h // kv) for dt in HALF for d in HEAD_SIZES for h, kv in HEADS.values()]
     + [_v(dt, "auto", "paged", d, g) for dt in HALF for d in (64, 128) for g in (1, 4, 8)]
     + [
-        _v(dt, c, lay, d, g)
+        _v(dt, c, lay, d, h // kv)
         for dt in HALF
         for c in ("int8", "fp8")
-        for lay in ("contiguous", "paged")
-        for d, g in ((128, 4), (64, 1), (256, 4))
+        for name, (d, (h, kv)) in QUANT_CASES.items()
+        for lay in (("contiguous", "paged") if name in QUANT_PAGED else ("contiguous",))
     ]
 )
 
@@ -133,19 +147,22 @@ def test_paged_equals_contiguous(gpu, dtype, d, heads, block):
         assert torch.equal(out_c, out_p) and torch.equal(lse_c, lse_p), f"paged != contiguous (splits={splits})"
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize(
+    "case,layout",
+    [(c, "contiguous") for c in QUANT_CASES] + [(c, "paged") for c in QUANT_PAGED],
+)
 @pytest.mark.parametrize("cache_dtype", ["int8", "fp8"])
-@pytest.mark.parametrize("d,heads", [(128, (8, 2)), (64, (4, 4)), (256, (8, 2))], ids=["d128-gqa4", "d64-mha", "d256"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_quantized_cache(gpu, dtype, d, heads, cache_dtype, layout):
-    """int8/fp8 against the reference, which dequantizes exactly (stored · dequant_scale in fp32)."""
+def test_quantized_cache(gpu, dtype, case, cache_dtype, layout):
+    """int8/fp8 against the reference, which dequantizes exactly (stored · dequant_scale in fp32);
+    odd lengths cut 64-key tiles anywhere, forced splits merge partial tiles."""
     torch.manual_seed(7)
-    h_r, kv_r = heads
+    d, (h_r, kv_r) = QUANT_CASES[case]
     step, kv, q = setup(
         gpu, lengths=(1, 7, 97, 1025, 300), h_r=h_r, kv_r=kv_r, d=d, dtype=dtype, layout=layout, cache_dtype=cache_dtype
     )
     spec = spec_for(d)
-    for splits in (None, 4):
+    for splits in (None, 4, 7):
         out, lse = run(q, kv, step, spec, splits=splits)
         gpu.check_attention(out, lse, q, kv, step, spec, what=f"{cache_dtype} {layout} splits={splits}")
 
@@ -198,14 +215,18 @@ def test_forced_splits_equal_single(gpu, layout):
         assert torch.allclose(lse, ref_lse, rtol=1e-5, atol=1e-5), f"splits={splits}: lse differs"
 
 
-@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize(
+    "heads,cache_dtype",
+    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 1), "auto"), ((8, 2), "int8"), ((8, 1), "fp8")],
+    ids=["mha", "gqa4", "mqa8", "gqa4-int8", "mqa8-fp8"],
+)
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_long_single_sequence(gpu, heads, layout):
+def test_long_single_sequence(gpu, heads, cache_dtype, layout):
     """32k keys: the heuristic splits (multi-block); paged with P=16 and one split also exercises the
     block table read from global memory (2048 entries > the shared-memory slice)."""
     torch.manual_seed(5)
     h_r, kv_r = heads
-    step, kv, q = setup(gpu, lengths=(32768,), h_r=h_r, kv_r=kv_r, layout=layout)
+    step, kv, q = setup(gpu, lengths=(32768,), h_r=h_r, kv_r=kv_r, layout=layout, cache_dtype=cache_dtype)
     spec = spec_for(128)
     out, lse = run(q, kv, step, spec)
     gpu.check_attention(out, lse, q, kv, step, spec, what=f"32k {layout}")
@@ -213,18 +234,15 @@ def test_long_single_sequence(gpu, heads, layout):
     gpu.check_attention(one, lse1, q, kv, step, spec, what=f"32k {layout} splits=1")
 
 
-def test_split_heuristic():
-    assert cuda_plan.choose_splits(8, 32768, 396) > 1  # one long sequence: multi-block
-    assert cuda_plan.choose_splits(2048, 4096, 396) == 1  # a big batch fills the GPU already
-    assert cuda_plan.choose_splits(8, 300, 396) == 1  # too short to split
-    assert cuda_plan.choose_splits(8, 32768, 396) * 8 <= 396  # never a partial second wave
-
-
-@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize(
+    "heads,cache_dtype",
+    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 2), "int8"), ((8, 1), "fp8")],
+    ids=["mha", "gqa4", "gqa4-int8", "mqa8-fp8"],
+)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_alibi(gpu, dtype, heads):
+def test_alibi(gpu, dtype, heads, cache_dtype):
     torch.manual_seed(13)
-    step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1], dtype=dtype)
+    step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1], dtype=dtype, cache_dtype=cache_dtype)
     slopes = alibi_slopes(24)[8:16].to(DEV)  # a rank's slice of a non-power-of-two head count
     spec = spec_for(128, alibi_slopes=slopes)
     for splits in (None, 3):

@@ -43,11 +43,37 @@ def test_prepare_head_groups():
 
 
 def test_split_heuristic():
-    resident = 132 * 4
-    assert cuda_plan.choose_splits(resident, 32768, resident) == 1  # the GPU is already full
-    assert cuda_plan.choose_splits(8, 300, resident) == 1  # too few keys to split
-    s = cuda_plan.choose_splits(8, 32768, resident)
-    assert 1 < s <= min(resident // 8, 32768 // cuda_plan.MIN_KEYS_PER_SPLIT, cuda_plan.MAX_SPLITS)
+    """Wave efficiency on an H200 (132 SMs) and other SM counts (kernels/NOTES_decode.md, split sweep)."""
+    sms = 132
+    assert cuda_plan.choose_splits(sms * 4, 32768, sms, 4) == 1  # the GPU is already full
+    assert cuda_plan.choose_splits(2048, 4096, sms, 4) == 1
+    assert cuda_plan.choose_splits(8, 300, sms, 4) == 1  # too few keys to split
+    assert cuda_plan.choose_splits(8, 2048, sms, 4) == 2048 // cuda_plan.MIN_KEYS_PER_SPLIT  # short: keys cap it
+    # one 32k sequence: ~2 blocks per SM of ~1k keys each (GQA 8 KV heads; MHA 32 heads)
+    assert cuda_plan.choose_splits(8, 32768, sms, 4) == 33
+    assert cuda_plan.choose_splits(8, 32768, sms, 3) == 33  # fewer resident blocks: same target
+    assert cuda_plan.choose_splits(32, 32768, sms, 4) == 8
+    # a batch between one and two blocks per SM: splitting cannot fill the waves better
+    assert cuda_plan.choose_splits(200, 32768, sms, 4) == 1
+    assert cuda_plan.choose_splits(128, 8192, sms, 4) == 2  # 256 blocks, 97% of 2 per SM
+    assert cuda_plan.choose_splits(1, 1 << 20, sms, 16) == 2 * sms  # MQA-like single block: 2 per SM
+    assert cuda_plan.choose_splits(1, 1 << 20, 1000, 4) == cuda_plan.MAX_SPLITS
+    for n_sms in (1, 7, 80, 108, 132, 144):
+        for per_sm in (1, 2, 3, 4, 8):
+            for blocks in (1, 3, 8, 32, 100, 264, 1000):
+                for keys in (1, 255, 512, 4096, 32768, 1 << 17):
+                    s = cuda_plan.choose_splits(blocks, keys, n_sms, per_sm)
+                    assert 1 <= s <= cuda_plan.MAX_SPLITS
+                    if s > 1:  # never more than one resident wave, never splits under the key minimum
+                        assert blocks * s <= n_sms * per_sm
+                        assert keys // s >= cuda_plan.MIN_KEYS_PER_SPLIT
+                        # more blocks per SM than the target only where that fills whole waves better
+                        target = min(cuda_plan.TARGET_BLOCKS_PER_SM, per_sm)
+                        load = -(-blocks * s // n_sms)
+                        within = min(n_sms * target // blocks, keys // cuda_plan.MIN_KEYS_PER_SPLIT)
+                        assert load <= target or s * target / load > within
+    with pytest.raises(ValueError, match="sms"):
+        cuda_plan.choose_splits(8, 32768, 0, 4)
     assert [cuda_decode.heads_per_block(g) for g in (1, 2, 3, 4, 8, 32)] == [1, 2, 4, 4, 8, 8]
 
 

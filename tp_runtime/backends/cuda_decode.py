@@ -64,20 +64,19 @@ def variant(dtype: torch.dtype, kv: LayerKV, head_size: int, group: int) -> dict
     }
 
 
-_resident_cache: dict = {}
+_occupancy_cache: dict = {}
 
 
-def _resident_blocks(kernel, device: torch.device, smem: int) -> int:
-    """Blocks of ``kernel`` resident on the whole GPU at once (SMs x per-SM limit by registers and
-    shared memory), the size of one wave."""
+def _occupancy(kernel, device: torch.device, smem: int) -> tuple[int, int]:
+    """(SMs, blocks of ``kernel`` resident per SM by registers and shared memory): the GPU's wave."""
     key = (id(kernel), device.index, smem)
-    if key not in _resident_cache:
+    if key not in _occupancy_cache:
         props = torch.cuda.get_device_properties(device)
         warp_regs = -(-max(kernel.num_regs, 1) * 32 // 256) * 256  # allocated per warp, 256 at a time
         by_regs = props.regs_per_multiprocessor // (warp_regs * THREADS // 32)
         by_smem = props.shared_memory_per_multiprocessor // (smem + 1024)  # 1 KB reserved per block
-        _resident_cache[key] = props.multi_processor_count * max(1, min(by_regs, by_smem, 16))
-    return _resident_cache[key]
+        _occupancy_cache[key] = (props.multi_processor_count, max(1, min(by_regs, by_smem, 16)))
+    return _occupancy_cache[key]
 
 
 _counters: dict = {}
@@ -177,8 +176,9 @@ def decode(
     head_chunks = -(-group // hpb)
     kernel = get_kernel("decode", **variant(q.dtype, kv, d, group))
     smem = PIPE_BYTES + (4 * TABLE_CAP if kv.cache_layout is CacheLayout.paged else 0)
-    resident = _resident_blocks(kernel, q.device, smem)
-    work = decode_work(step, ids, spec.cross, n * kv_r * head_chunks, resident, None if splits is None else int(splits))
+    occupancy = _occupancy(kernel, q.device, smem)
+    forced = None if splits is None else int(splits)
+    work = decode_work(step, ids, spec.cross, n * kv_r * head_chunks, occupancy, forced)
     check_reach(kv, geometry, work.max_keys, plan.max_slot)
 
     alibi = checked_alibi(spec, h_r, q.device)
