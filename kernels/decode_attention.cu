@@ -13,13 +13,14 @@
 // are in flight while one is computed, and the copy and compute layouts are independent.
 //
 // Two compute paths over the same pipeline (Traits::kMma picks one at compile time):
-//  * tensor cores (grouped heads, D <= 128): each warp takes 8 or 16 keys of the tile. S = Q·Kᵀ
+//  * tensor cores (D <= 128; grouped heads, and MHA with an 8-bit cache; see Traits::kMma): each
+//    warp takes 8 or 16 keys of the tile. S = Q·Kᵀ
 //    by mma.sync m16n8k16 with the head group as M (padded to 16), K fragments by ldmatrix from
 //    XOR-swizzled rows; online softmax on S's C fragments; Oᵀ += Vᵀ·Pᵀ with D as M, whose B
 //    operand is S's C layout as is (P rounded to fp16/bf16, as torch does). An int8/fp8 tile
 //    is read by 32-bit words straight from the landed tile and converted, exactly, in registers
 //    (channel orders permuted so one word holds a lane's four bytes; see compute).
-//  * CUDA cores (one head per KV head, or D 256): kLanes lanes share one key row, 8 elements each
+//  * CUDA cores (MHA with fp16/bf16, D 256, 8-bit D 80): kLanes lanes share one key row, 8 elements each
 //    (16 B of fp16, 8 B of int8); kHG head groups of kGH heads; kKG key groups take the tile's keys
 //    round robin; partial dot products summed over the lanes with xor shuffles; int8/fp8 converted
 //    in registers inside the dot product.
@@ -183,19 +184,19 @@ struct Traits {
   static constexpr int kRowBytes = D * kElem;             // one K (or V) row of the cache
   static constexpr int kChunks = kRowBytes / 16;          // 16-byte copies per row
   static constexpr bool kQuant = !IsAuto<Cache>::value;
-  // Tensor cores up to D 128 for grouped heads: each warp takes 16 (or 8) keys of a tile; S = Q·Kᵀ
-  // (heads as M) and Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync. One head per KV head (MHA) keeps the CUDA-core
-  // path, which is faster there (fp16 reaches the bandwidth, int8 gains 1.58x; NOTES_decode.md); so
-  // does D 256 (too few keys per warp), and int8/fp8 with D not a multiple of 32 (the 8-bit fragment
-  // loads below take 4 channels of 2 Oᵀ tiles from one 32-bit word).
-  static constexpr bool kMma = D <= 128 && HPB >= 2 && (!kQuant || D % 32 == 0);
+  // Tensor cores up to D 128: each warp takes 16 (or 8) keys of a tile; S = Q·Kᵀ (heads as M) and
+  // Oᵀ = Vᵀ·Pᵀ (D as M) by mma.sync. Grouped heads always; one head per KV head (MHA) only for 8-bit
+  // caches, where the CUDA-core path is conversion- and issue-bound (~130 instructions per KB
+  // against ~65 here, 15 of 16 MMA rows idle but free); MHA fp16 keeps the CUDA cores, which reach
+  // the bandwidth (NOTES_decode.md). D 256 stays on CUDA cores (too few keys per warp).
+  static constexpr bool kMma = D <= 128 && (kQuant || HPB >= 2);
   static constexpr int kTRowBytes = D * 2;  // a row of T (what ldmatrix reads)
   // T tiles: rows of 16-byte chunks XOR-swizzled by (key & 7), so ldmatrix's 8 rows hit 8
   // different bank groups (rows of 128 B multiples would all hit the same one).
   static constexpr bool kSwizzleT = (D / 8) % 8 == 0;
   // 8-bit tiles on the mma path: a lane reads 32-bit words of 8 rows (K) or of 4 rows 2 apart (V)
   // at one chunk; XOR the chunk with a key function so those rows land on different bank groups
-  // (rows of 128 B: key & 7; rows of 64 B, two per 128 B: (key >> 1) & 3; D 96: none, 2-way).
+  // (rows of 128 B: key & 7; rows of 64 B, two per 128 B: (key >> 1) & 3; D 80/96: none, 2-way).
   static constexpr int kChunks8 = D / 16;
   static constexpr int kSwz8Shift = kChunks8 % 8 == 0 ? 0 : 1;
   static constexpr int kSwz8Mask = kChunks8 % 8 == 0 ? 7 : (kChunks8 == 4 ? 3 : 0);
@@ -618,16 +619,20 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
         // is channel 32(i/2) + 4g + 2(i%2), row g + 8 the next one. Then the word at bytes 32j + 4g of
         // key row k holds rows g, g+8 of tiles 2j, 2j+1 for key k; two keys' words interleaved by one
         // byte permute give the fragments' key pairs (keys 2t, 2t+1 | 2t+8, 2t+9 of the warp's keys).
+        // D 80 (KS odd): the last tile 2j has no partner; its row g is channel 32j + 4(g & 3) + 2(g >> 2)
+        // instead (lanes g and g + 4 take the two byte pairs of one word), row g + 8 the next one.
         auto word = [&](int key, int j) {
-          return *reinterpret_cast<const unsigned*>(sv + Tr::offset8(key, 2 * j + (g >> 2)) + 4 * (g & 3));
+          const int part = KS % 2 == 1 && j == KS / 2 ? 2 * j : 2 * j + (g >> 2);
+          return *reinterpret_cast<const unsigned*>(sv + Tr::offset8(key, part) + 4 * (g & 3));
         };
 #pragma unroll
-        for (int j = 0; j < KS / 2; ++j) {
+        for (int j = 0; j < (KS + 1) / 2; ++j) {
           const unsigned wa = word(kw + 2 * t, j), wb = word(kw + 2 * t + 1, j);
           const unsigned wc = NW == 2 ? word(kw + 2 * t + 8, j) : 0u, wd = NW == 2 ? word(kw + 2 * t + 9, j) : 0u;
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {  // tile 2j + h: bytes 2h, 2h + 1 of each word
-            const unsigned sel = h ? 0x7362u : 0x5140u;
+          for (int h = 0; h < 2 && 2 * j + h < KS; ++h) {  // tile 2j + h: bytes 2h, 2h + 1 of each word
+            const bool pair_hi = KS % 2 == 1 && j == KS / 2 ? g >= 4 : h == 1;
+            const unsigned sel = pair_hi ? 0x7362u : 0x5140u;
             unsigned a0, a1;
             Pair8<T, S>::cvt(__byte_perm(wa, wb, sel), a0, a1);
             if constexpr (NW == 1) {
@@ -678,8 +683,10 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
 #pragma unroll
         for (int i = 0; i < KS; ++i) {
           if constexpr (Tr::kQuant) {  // the permuted rows of the 8-bit Vᵀ (see compute)
-            dst[32 * (i / 2) + 3 * g + 2 * (i % 2)] = o[i][e] * fe;
-            dst[32 * (i / 2) + 3 * g + 2 * (i % 2) + 1] = o[i][2 + e] * fe;
+            const int d0 = KS % 2 == 1 && i == KS - 1 ? 32 * (i / 2) + 4 * (g & 3) + 2 * (g >> 2)
+                                                      : 32 * (i / 2) + 4 * g + 2 * (i % 2);
+            dst[d0 - g] = o[i][e] * fe;
+            dst[d0 - g + 1] = o[i][2 + e] * fe;
           } else {
             dst[16 * i] = o[i][e] * fe;
             dst[16 * i + 8] = o[i][2 + e] * fe;

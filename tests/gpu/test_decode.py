@@ -29,12 +29,13 @@ HEAD_SIZES = (64, 80, 96, 128, 256)
 # (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (two chunks of 8, the second padded);
 # MQA with 32 query heads on one KV head (four chunks of 8)
 HEADS = {"mha": (8, 8), "gqa4": (8, 2), "mqa8": (8, 1), "gqa3": (12, 4), "g12": (12, 1), "mqa32": (32, 1)}
-# 8-bit caches on every head layout and path: mma with 8-bit fragments (grouped heads, D 64/96/128),
-# CUDA cores (MHA, D 80 and 256); paged for the first three
+# 8-bit caches on every head layout and path: mma with 8-bit fragments (D <= 128, any group; D 80
+# has an odd last Oᵀ tile), CUDA cores (D 256); paged for the first three
 QUANT_CASES = {
     "d128-gqa4": (128, (8, 2)),
     "d128-mqa8": (128, (8, 1)),
     "d64-mha": (64, (4, 4)),
+    "d128-mha": (128, (4, 4)),
     "d128-g12": (128, (12, 1)),
     "d96-gqa3": (96, (12, 4)),
     "d64-gqa4": (64, (8, 2)),
