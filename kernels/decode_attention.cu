@@ -14,16 +14,16 @@
 //
 // Two compute paths over the same pipeline (Traits::kMma picks one at compile time):
 //  * tensor cores (D <= 128; grouped heads, and MHA with an 8-bit cache; see Traits::kMma): each
-//    warp takes 8 or 16 keys of the tile. S = Q·Kᵀ
-//    by mma.sync m16n8k16 with the head group as M (padded to 16), K fragments by ldmatrix from
-//    XOR-swizzled rows; online softmax on S's C fragments; Oᵀ += Vᵀ·Pᵀ with D as M, whose B
-//    operand is S's C layout as is (P rounded to fp16/bf16, as torch does). An int8/fp8 tile
-//    is read by 32-bit words straight from the landed tile and converted, exactly, in registers
-//    (channel orders permuted so one word holds a lane's four bytes; see compute).
-//  * CUDA cores (MHA with fp16/bf16, D 256, 8-bit D 80): kLanes lanes share one key row, 8 elements each
-//    (16 B of fp16, 8 B of int8); kHG head groups of kGH heads; kKG key groups take the tile's keys
-//    round robin; partial dot products summed over the lanes with xor shuffles; int8/fp8 converted
-//    in registers inside the dot product.
+//    warp takes 8 or 16 keys of the tile. S = Q·Kᵀ by mma.sync m16n8k16 with the head group as M
+//    (padded to 16), K fragments by ldmatrix from XOR-swizzled rows; online softmax on S's C
+//    fragments; Oᵀ += Vᵀ·Pᵀ with D as M, whose B operand is S's C layout as is (P rounded to
+//    fp16/bf16, as torch does). An int8/fp8 tile is read by 32-bit words straight from the landed
+//    tile and converted, exactly, in registers (channel orders permuted so that one word holds a
+//    lane's four bytes; see compute).
+//  * CUDA cores (MHA with an fp16/bf16 cache, and D 256): kLanes lanes share one key row, 8
+//    elements each (16 B of fp16, 8 B of int8); kHG head groups of kGH heads; kKG key groups take
+//    the tile's keys round robin; partial dot products summed over the lanes with xor shuffles;
+//    int8/fp8 converted in registers inside the dot product.
 // Each key group (a warp on the mma path) runs its own online softmax (running max m, sum l, base-2
 // exponent); the groups are merged through shared memory at the end. The per-tensor dequant scale
 // of K is folded into the score scale, V's is applied to the output.
@@ -214,7 +214,7 @@ struct Traits {
   static constexpr int kStageBytes = 2 * kTileKeys * kRowBytes;
   static constexpr int kRedBytes = (2 + D) * kKG * HPB * 4;  // key-group merge scratch
   // Blocks per SM (caps registers: no spills). 8-bit mma at D 128 (16 keys per warp, 64 Oᵀ values)
-  // needs ~130 registers: 3 blocks, still 3 x 32 KB in flight per SM, above the ~30 KB the
+  // spilled at 4 blocks' 128 registers and takes 157-163: 3 blocks, still 3 x 32 KB in flight per SM, above the ~30 KB the
   // bandwidth needs (PERF_NOTES §2.2 b), and the split count aims at 2 blocks per SM anyway.
   static constexpr int kMinBlocks = kMma && kQuant && D > 96 ? 3 : (kMma || HPB <= 2 ? 4 : 3);
 
