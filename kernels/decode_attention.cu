@@ -7,7 +7,8 @@
 //
 // Work split: one thread block (128 threads) per (head chunk, key split, KV head, sequence).
 // A block serves HPB query heads that share its KV head (GQA packing: K/V read once for all of
-// them); HPB = min(8, next power of two of the group), larger groups use several head chunks.
+// them); HPB = next power of two of the group, at most 16 on the tensor-core path (the MMA's M) and
+// 8 on CUDA cores; larger groups use several head chunks.
 // The block's keys [k_begin, k_end) stream through shared memory in tiles of kTileKeys keys,
 // kStages deep, by 16-byte cp.async copies (zero-filled past the last key); so several tiles
 // are in flight while one is computed, and the copy and compute layouts are independent.
@@ -17,7 +18,8 @@
 //    warp takes 8 or 16 keys of the tile. S = Q·Kᵀ by mma.sync m16n8k16 with the head group as M
 //    (padded to 16), K fragments by ldmatrix from XOR-swizzled rows; online softmax on S's C
 //    fragments; Oᵀ += Vᵀ·Pᵀ with D as M, whose B operand is S's C layout as is (P rounded to
-//    fp16/bf16, as torch does). An int8/fp8 tile is read by 32-bit words straight from the landed
+//    fp16/bf16, as torch does); 16 heads fill all of S's M rows and make two Oᵀ n-tiles that share
+//    each Vᵀ fragment. An int8/fp8 tile is read by 32-bit words straight from the landed
 //    tile and converted, exactly, in registers (channel orders permuted so that one word holds a
 //    lane's four bytes; see compute).
 //  * CUDA cores (MHA with an fp16/bf16 cache, and D 256): kLanes lanes share one key row, 8
@@ -31,8 +33,9 @@
 // Multi-block (num_splits > 1): each split writes its normalised partial output and base-2
 // log-sum-exp to a workspace; the last split block of a (sequence, KV head, head chunk) to
 // finish (an atomic counter, reset by that block) merges them by log-sum-exp and writes the
-// output. That merge is the "small merge kernel" of the flash-decoding plan, run inside the
-// same launch so a split call costs one launch, not two.
+// output; past kMergeGroup splits in two levels (groups of kMergeGroup, then the groups). That
+// merge is the "small merge kernel" of the flash-decoding plan, run inside the same launch so a
+// split call costs one launch, not two.
 //
 // Masking: a decode query sits at q_pos = past (its own key was written by prepare), so causal,
 // padding and bidirectional masks all let it see keys 0..past (ChatGLM's hidden last column is
@@ -46,11 +49,12 @@ namespace tp {
 namespace decode {
 
 constexpr int kThreads = 128;
-constexpr int kStages = 3;
+constexpr int kMaxStages = 8;
 // Shared memory for the K/V pipeline (and, reused after it, the merge scratch). Mirrored by
 // PIPE_BYTES in tp_runtime/backends/cuda_decode.py; the kernel traps if given less.
 constexpr int kPipeBytes = 48 * 1024;
 constexpr int kMaxTileKeys = 128;
+[[maybe_unused]] constexpr int kMergeGroup = 16;  // split partials one merging block reads per head (see the split merge)
 [[maybe_unused]] constexpr float kLog2e = 1.4426950408889634f;
 [[maybe_unused]] constexpr float kLn2 = 0.6931471805599453f;
 #define kNegInf __int_as_float(0xff800000u)  // -inf (NVRTC has no math.h INFINITY)
@@ -204,22 +208,33 @@ struct Traits {
   static constexpr int kLanes = pow2_ceil(kActive);       // lanes per key row (idle ones for D 80/96)
   static constexpr int kGH = HPB < 4 ? HPB : 4;           // heads per thread
   static constexpr int kHG = HPB / kGH;                   // head groups
-  static constexpr int kKG = kMma ? kThreads / 32 : kThreads / (kLanes * kHG);  // key groups (mma: warps)
-  // ~8 KB of K per tile (and as much V): 3 stages of 16 KB keep 32 KB in flight per block. The mma
-  // path takes at most 16 keys per warp (64 per tile): an int8 tile at D 128 is 64 keys, 16 KB.
+  // mma path with 32 heads: the warps split into 2 head sets of 16 (the MMA's rows) x 2 key groups,
+  // both head sets reading the same tile (MQA 32/1: one block reads its KV head once for all 32).
+  static constexpr int kHS = kMma && HPB > 16 ? HPB / 16 : 1;  // head sets (warps per key group)
+  static constexpr int kKG = kMma ? kThreads / 32 / kHS : kThreads / (kLanes * kHG);  // key groups
+  // ~8 KB of K per tile (and as much V). The mma path takes at most 16 keys per warp (64 per tile):
+  // an int8 tile at D 128 is 64 keys, 16 KB.
   static constexpr int kTileKeys =
       cmin(kMma ? 16 * kKG : kMaxTileKeys, cmax(kMma ? 32 : kKG, pow2_floor(8192 / kRowBytes)));
   static constexpr int kKPG = kTileKeys / kKG;            // keys per key group per tile
   static constexpr int kKB = cmin(kKPG, cmax(1, 16 / kGH));  // keys per online-softmax update
   static constexpr int kStageBytes = 2 * kTileKeys * kRowBytes;
+  // As many stages as kPipeBytes holds (3 of 16 KB; up to kMaxStages of smaller tiles, e.g. 8-bit D 64
+  // or 32-head tiles): the same shared memory keeps more bytes in flight per block.
+  static constexpr int kStages = cmin(kMaxStages, kPipeBytes / kStageBytes);
   static constexpr int kRedBytes = (2 + D) * kKG * HPB * 4;  // key-group merge scratch
   // Blocks per SM (caps registers: no spills). 8-bit mma at D 128 (16 keys per warp, 64 Oᵀ values)
   // spilled at 4 blocks' 128 registers and takes 157-163: 3 blocks, still 3 x 32 KB in flight per SM, above the ~30 KB the
   // bandwidth needs (PERF_NOTES §2.2 b), and the split count aims at 2 blocks per SM anyway.
-  static constexpr int kMinBlocks = kMma && kQuant && D > 96 ? 3 : (kMma || HPB <= 2 ? 4 : 3);
+  // 16 heads (two Oᵀ n-tiles, 2 x KS x 4 accumulators) at D > 64: 3 blocks (168 registers).
+  static constexpr int kMinBlocks =
+      (kMma && kQuant && D > 96) || (HPB > 8 && D > 64) ? 3 : (kMma || HPB <= 2 ? 4 : 3);
+  static constexpr int kHeadsPerWarp = HPB / kHS;  // heads of one warp's MMAs (at most 16)
 
   static_assert(D % 8 == 0 && kRowBytes % 16 == 0, "head size must be a multiple of 8 (16 bytes of int8)");
-  static_assert(HPB == 1 || HPB == 2 || HPB == 4 || HPB == 8, "heads per block: 1, 2, 4 or 8");
+  static_assert(HPB == 1 || HPB == 2 || HPB == 4 || HPB == 8 || ((HPB == 16 || HPB == 32) && kMma),
+                "heads per block: 1, 2, 4 or 8; 16 or 32 on the tensor-core path (D <= 128)");
+  static_assert(kStages >= 2, "the pipeline needs two stages");
   static_assert(kLanes <= 32 && kKG >= 1, "a key row must fit one warp");
   static_assert(kTileKeys % kKG == 0 && kKPG % kKB == 0, "tile must split evenly over key groups");
   static_assert(kStages * kStageBytes <= kPipeBytes, "pipeline exceeds kPipeBytes");
@@ -383,6 +398,91 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+
+// Log-sum-exp merge of `count` split partials of one (sequence, KV head, head chunk): those at
+// splits first, first + stride, ... of part_o [n, H_r, S, D] / part_lse [n, H_r, S] (base 2). With
+// out == nullptr the result (normalised output and its lse) goes to split `first`'s slot, a partial
+// of the next level; else to out/lse at the sequence's row. Each thread takes 4 channels of a head
+// and issues its loads 16 splits at a time (independent L2 reads in flight, not one per round trip).
+// Uses 4 * HPB * (count + 2) bytes of `scratch`; the caller has synchronised the block.
+template <typename T, int D, int HPB>
+__device__ __forceinline__ void merge_splits(float* part_o, float* part_lse, T* out, float* lse, unsigned char* scratch,
+                                             int si, int kvh, int hc, int group, int num_heads, int num_splits,
+                                             int first, int stride, int count, int row) {
+  const int tid = threadIdx.x;
+  float* w = reinterpret_cast<float*>(scratch);  // [HPB][count] lse, then weights
+  float* w_max = w + HPB * count;                // [HPB]
+  float* w_sum = w_max + HPB;                    // [HPB]
+  auto base = [&](int hh) {  // the head's partial index of split 0
+    return ((long long)si * num_heads + kvh * group + hc * HPB + hh) * num_splits;
+  };
+  for (int idx = tid; idx < HPB * count; idx += kThreads) {
+    const int hh = idx / count, k = idx - hh * count;
+    w[idx] = hc * HPB + hh < group ? __ldcg(part_lse + base(hh) + first + k * stride) : kNegInf;
+  }
+  __syncthreads();
+  const int warp = tid / 32, wl = tid % 32;
+  for (int hh = warp; hh < HPB; hh += kThreads / 32) {
+    float mx = kNegInf;
+    for (int k = wl; k < count; k += 32) mx = fmaxf(mx, w[hh * count + k]);
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float mu = mx == kNegInf ? 0.f : mx;
+    float sum = 0.f;
+    for (int k = wl; k < count; k += 32) sum += exp2f(w[hh * count + k] - mu);
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (wl == 0) {
+      w_max[hh] = mu;
+      w_sum[hh] = sum;
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < HPB * count; idx += kThreads) {
+    const int hh = idx / count;
+    w[idx] = w_sum[hh] > 0.f ? exp2f(w[idx] - w_max[hh]) / w_sum[hh] : 0.f;
+  }
+  __syncthreads();
+  constexpr int D4 = D / 4;
+  constexpr int kBatch = kMergeGroup;  // a first-level merge: one round trip per item
+  for (int idx = tid; idx < HPB * D4; idx += kThreads) {
+    const int hh = idx / D4, d = (idx - hh * D4) * 4;
+    if (hc * HPB + hh >= group) continue;
+    const long long pb = base(hh) + first;
+    const float4* src = reinterpret_cast<const float4*>(part_o + pb * D + d);  // split k at src[k * stride * D4]
+    const float* wt = w + hh * count;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = 0; k0 < count; k0 += kBatch) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (k0 + u < count) v[u] = __ldcg(src + (long long)(k0 + u) * stride * D4);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (k0 + u < count && wt[k0 + u] > 0.f) {  // empty splits (weight 0) add nothing
+          o.x = fmaf(wt[k0 + u], v[u].x, o.x);
+          o.y = fmaf(wt[k0 + u], v[u].y, o.y);
+          o.z = fmaf(wt[k0 + u], v[u].z, o.z);
+          o.w = fmaf(wt[k0 + u], v[u].w, o.w);
+        }
+      }
+    }
+    const float lse2 = w_sum[hh] > 0.f ? w_max[hh] + log2f(w_sum[hh]) : kNegInf;
+    if (out == nullptr) {  // a partial of the next level, in split `first`'s slot (read above)
+      *reinterpret_cast<float4*>(part_o + pb * D + d) = o;
+      if (d == 0) part_lse[pb] = lse2;
+    } else {
+      const long long r = (long long)row * num_heads + kvh * group + hc * HPB + hh;
+      out[r * D + d] = from_float<T>(o.x);
+      out[r * D + d + 1] = from_float<T>(o.y);
+      out[r * D + d + 2] = from_float<T>(o.z);
+      out[r * D + d + 3] = from_float<T>(o.w);
+      if (d == 0) lse[r] = lse2 * kLn2;
+    }
+  }
+}
+
 }  // namespace decode
 
 // Argument layout: built by tp_runtime/backends/cuda_decode.py::_params (same order, same types).
@@ -395,7 +495,7 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
     float* __restrict__ lse,            // [T, H_r]: natural-log log-sum-exp, -inf for no keys
     float* __restrict__ part_o,         // [n, H_r, num_splits, D] split outputs (num_splits > 1)
     float* __restrict__ part_lse,       // [n, H_r, num_splits] their base-2 lse
-    int* __restrict__ counters,         // [n, KV_r, head_chunks], zero on entry, left zero
+    int* __restrict__ counters,         // [n, KV_r, head_chunks, 1 or 1 + groups], zero on entry, left zero
     const void* __restrict__ cache,     // LayerKV.data (storage type of Cache)
     long long s_row,                    // element strides of cache: slot (contiguous) / block (paged)
     long long s_kv,                     //   K -> V
@@ -422,6 +522,7 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
   using Tr = Traits<T, Cache, D, HPB>;
   using S = typename Tr::S;
   constexpr int TK = Tr::kTileKeys, GH = Tr::kGH, KG = Tr::kKG, KPG = Tr::kKPG, KB = Tr::kKB;
+  constexpr int kStages = Tr::kStages;
   constexpr int LANES = Tr::kLanes, ACTIVE = Tr::kActive, ROW = Tr::kRowBytes, CH = Tr::kChunks;
   constexpr bool kPaged = IsPaged<Layout>::value;
 
@@ -526,37 +627,57 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
   float* red_l = red_m + KG * HPB;                // [KG][HPB]
   float* red_o = red_l + KG * HPB;                // [KG][HPB][D]
   if constexpr (Tr::kMma) {
-    // Fragment roles: g = lane / 4, t = lane % 4. S = Q·Kᵀ has the heads as M (rows 8..15 of A are
-    // zero): lane holds S[head g][keys 2t, 2t+1]. Oᵀ = Vᵀ·Pᵀ has D as M: that S layout is exactly the
-    // B fragment of Pᵀ, and lane holds Oᵀ[d 16i+g (+8)][heads 2t, 2t+1].
-    const int warp = tid / 32, ln = tid % 32, g = ln / 4, t = ln % 4, r8 = ln % 8, mi = ln / 8;
+    // Fragment roles: g = lane / 4, t = lane % 4. S = Q·Kᵀ has the heads as M: lane holds S[head
+    // g (+8 when HPB is 16)][keys 2t, 2t+1]; with at most 8 heads A's rows 8..15 are zero. Oᵀ = Vᵀ·Pᵀ
+    // has D as M and the heads as N, 8 per n-tile: S's layout is exactly the B fragment of Pᵀ
+    // (head row r of S feeds n-tile r), and lane holds Oᵀ[d 16i+g (+8)][heads 8r + 2t, 8r + 2t + 1].
+    // With 16 heads each Vᵀ fragment feeds two MMAs (the MQA case: one KV head read for 16 heads).
+    const int ln = tid % 32, g = ln / 4, t = ln % 4, r8 = ln % 8, mi = ln / 8;
+    const int hs = (tid / 32) % Tr::kHS, warp = tid / 32 / Tr::kHS;  // head set; key group
     constexpr int KS = D / 16;   // k-steps of Q·Kᵀ, and 16-row tiles of Oᵀ
     constexpr int NW = KPG / 8;  // 8-key tiles per warp and tile (1 or 2)
-    const int hig = hc * HPB + g;
-    const bool hvalid = g < HPB && hig < group;
-    const int head = kvh * group + (hvalid ? hig : 0);
+    constexpr int HW = Tr::kHeadsPerWarp;
+    constexpr int HR = HW > 8 ? 2 : 1;  // head rows per lane (g, g + 8) = Oᵀ n-tiles
+    const int h0 = hc * HPB + hs * HW;   // the warp's first head in the group
     // A fragments of Q: fp16/bf16 tiles in mma order (k-step channels 2t, 2t+1 | 2t+8, 2t+9); 8-bit
     // tiles permute each k-step's channels (4t, 4t+1 | 4t+2, 4t+3), the same for Q and K, so that
     // one 32-bit word of a K row holds a lane's four bytes (a dot product does not see the order).
-    unsigned qa0[KS], qa2[KS];
-    const T* qp = q + ((long long)row * num_heads + head) * D + (Tr::kQuant ? 4 * t : 2 * t);
+    unsigned qlo[HR][KS], qhi[HR][KS];  // a0/a2 (r 0) and a1/a3 (r 1)
+    float slope[HR];
     constexpr int kHi = Tr::kQuant ? 2 : 8;  // offset of the a2 pair
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      qa0[ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks) : 0u;
-      qa2[ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks + kHi) : 0u;
-    }
-    const float slope = alibi != nullptr ? alibi[head] * kLog2e : 0.f;
-    float o[KS][4];
+    for (int r = 0; r < HR; ++r) {
+      const int hig = h0 + g + 8 * r;
+      const bool hvalid = g + 8 * r < HW && hig < group;
+      const int head = kvh * group + (hvalid ? hig : 0);
+      const T* qp = q + ((long long)row * num_heads + head) * D + (Tr::kQuant ? 4 * t : 2 * t);
 #pragma unroll
-    for (int i = 0; i < KS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_run = kNegInf, l_run = 0.f;  // of head g over this lane's keys (the max is the quad's)
+      for (int ks = 0; ks < KS; ++ks) {
+        qlo[r][ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks) : 0u;
+        qhi[r][ks] = hvalid ? *reinterpret_cast<const unsigned*>(qp + 16 * ks + kHi) : 0u;
+      }
+      slope[r] = alibi != nullptr ? alibi[head] * kLog2e : 0.f;
+    }
+    const int head0 = kvh * group + min(h0 + g, group - 1);  // bias lookups (a valid head)
+    const int head1 = kvh * group + min(h0 + g + 8, group - 1);
+    float o[HR][KS][4];
+#pragma unroll
+    for (int r = 0; r < HR; ++r) {
+#pragma unroll
+      for (int i = 0; i < KS; ++i) o[r][i][0] = o[r][i][1] = o[r][i][2] = o[r][i][3] = 0.f;
+    }
+    float m_run[HR], l_run[HR];  // of head row r over this lane's keys (the max is the quad's)
+#pragma unroll
+    for (int r = 0; r < HR; ++r) {
+      m_run[r] = kNegInf;
+      l_run[r] = 0.f;
+    }
 
     auto compute = [&](int stage, int t0) {
       const unsigned char* sk = pipe + stage * Tr::kStageBytes;
       const unsigned char* sv = sk + TK * ROW;
       const int kw = warp * KPG;  // the warp's first key in the tile
-      float sc[NW][2];
+      float sc[NW][HR][2];
 #pragma unroll
       for (int nt = 0; nt < NW; ++nt) {
         float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -572,47 +693,65 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
           } else {
             ldsm_x2(b0, b1, sk + Tr::offset_t(key, 2 * ks + (mi & 1)));
           }
-          Mma<T>::k16(c, qa0[ks], qa2[ks], b0, b1);
+          if constexpr (HR == 2) {
+            Mma<T>::k16(c, qlo[0][ks], qlo[HR - 1][ks], qhi[0][ks], qhi[HR - 1][ks], b0, b1);
+          } else {
+            Mma<T>::k16(c, qlo[0][ks], qhi[0][ks], b0, b1);
+          }
         }
-        sc[nt][0] = c[0];
-        sc[nt][1] = c[1];
-      }
-      float mx = kNegInf;
 #pragma unroll
-      for (int nt = 0; nt < NW; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int tk = t0 + kw + nt * 8 + 2 * t + e;
-          const bool ok = tk < k_end;
-          float v = sc[nt][e] * qk_scale;
-          if (alibi != nullptr) v = fmaf(slope, (float)(tk - q_pos), v);
-          if (ok && bias_tab != nullptr) v = fmaf(bias_tab[head * b_sh + q_pos * b_sq + tk * b_sk + b_off], kLog2e, v);
-          sc[nt][e] = ok ? v : kNegInf;
-          mx = fmaxf(mx, sc[nt][e]);
+        for (int r = 0; r < HR; ++r) {
+          sc[nt][r][0] = c[2 * r];
+          sc[nt][r][1] = c[2 * r + 1];
         }
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run, mx);
-      const float mu = m_new == kNegInf ? 0.f : m_new;
-      const float alpha = exp2f(m_run - mu);
-      m_run = m_new;
-      l_run *= alpha;
-      unsigned pb[NW];  // Pᵀ as B fragments
+      unsigned pb[HR][NW];  // Pᵀ as B fragments, per n-tile of heads
+      float a_lo[HR], a_hi[HR];
 #pragma unroll
-      for (int nt = 0; nt < NW; ++nt) {
-        const float p0 = exp2f(sc[nt][0] - mu), p1 = exp2f(sc[nt][1] - mu);
-        l_run += p0 + p1;
-        pb[nt] = Mma<T>::pack(p0, p1);
+      for (int r = 0; r < HR; ++r) {
+        float mx = kNegInf;
+#pragma unroll
+        for (int nt = 0; nt < NW; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int tk = t0 + kw + nt * 8 + 2 * t + e;
+            const bool ok = tk < k_end;
+            float v = sc[nt][r][e] * qk_scale;
+            if (alibi != nullptr) v = fmaf(slope[r], (float)(tk - q_pos), v);
+            if (ok && bias_tab != nullptr) {
+              v = fmaf(bias_tab[(r ? head1 : head0) * b_sh + q_pos * b_sq + tk * b_sk + b_off], kLog2e, v);
+            }
+            sc[nt][r][e] = ok ? v : kNegInf;
+            mx = fmaxf(mx, sc[nt][r][e]);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx);
+        const float mu = m_new == kNegInf ? 0.f : m_new;
+        const float alpha = exp2f(m_run[r] - mu);
+        m_run[r] = m_new;
+        l_run[r] *= alpha;
+#pragma unroll
+        for (int nt = 0; nt < NW; ++nt) {
+          const float p0 = exp2f(sc[nt][r][0] - mu), p1 = exp2f(sc[nt][r][1] - mu);
+          l_run[r] += p0 + p1;
+          pb[r][nt] = Mma<T>::pack(p0, p1);
+        }
+        // the rescale factors of this lane's output columns, heads 2t and 2t+1 of n-tile r (held by
+        // lanes 8t, 8t+4)
+        a_lo[r] = __shfl_sync(0xffffffffu, alpha, 8 * t);
+        a_hi[r] = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
       }
-      // the rescale factors of this lane's output columns, heads 2t and 2t+1 (held by lanes 8t, 8t+4)
-      const float a_lo = __shfl_sync(0xffffffffu, alpha, 8 * t), a_hi = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
 #pragma unroll
-      for (int i = 0; i < KS; ++i) {
-        o[i][0] *= a_lo;
-        o[i][1] *= a_hi;
-        o[i][2] *= a_lo;
-        o[i][3] *= a_hi;
+      for (int r = 0; r < HR; ++r) {
+#pragma unroll
+        for (int i = 0; i < KS; ++i) {
+          o[r][i][0] *= a_lo[r];
+          o[r][i][1] *= a_hi[r];
+          o[r][i][2] *= a_lo[r];
+          o[r][i][3] *= a_hi[r];
+        }
       }
       if constexpr (Tr::kQuant) {
         // 8-bit Vᵀ: no transposing load for bytes, so Oᵀ's rows are permuted instead: tile i's row g
@@ -636,11 +775,13 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
             unsigned a0, a1;
             Pair8<T, S>::cvt(__byte_perm(wa, wb, sel), a0, a1);
             if constexpr (NW == 1) {
-              Mma<T>::k8(o[2 * j + h], a0, a1, pb[0]);
+#pragma unroll
+              for (int r = 0; r < HR; ++r) Mma<T>::k8(o[r][2 * j + h], a0, a1, pb[r][0]);
             } else {
               unsigned a2, a3;
               Pair8<T, S>::cvt(__byte_perm(wc, wd, sel), a2, a3);
-              Mma<T>::k16(o[2 * j + h], a0, a1, a2, a3, pb[0], pb[1]);
+#pragma unroll
+              for (int r = 0; r < HR; ++r) Mma<T>::k16(o[r][2 * j + h], a0, a1, a2, a3, pb[r][0], pb[r][NW - 1]);
             }
           }
         }
@@ -649,47 +790,55 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
         for (int i = 0; i < KS; ++i) {
           unsigned a0, a1;
           ldsm_x2_trans(a0, a1, sv + Tr::offset_t(kw + r8, 2 * i + (mi & 1)));
-          Mma<T>::k8(o[i], a0, a1, pb[0]);
+#pragma unroll
+          for (int r = 0; r < HR; ++r) Mma<T>::k8(o[r][i], a0, a1, pb[r][0]);
         }
       } else {  // 16 keys: m16n8k16
 #pragma unroll
         for (int i = 0; i < KS; ++i) {
           unsigned a0, a1, a2, a3;
           ldsm_x4_trans(a0, a1, a2, a3, sv + Tr::offset_t(kw + 8 * (mi >> 1) + r8, 2 * i + (mi & 1)));
-          Mma<T>::k16(o[i], a0, a1, a2, a3, pb[0], pb[1]);
+#pragma unroll
+          for (int r = 0; r < HR; ++r) Mma<T>::k16(o[r][i], a0, a1, a2, a3, pb[r][0], pb[r][NW - 1]);
         }
       }
     };
     run_pipeline(compute);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-    if (t == 0 && g < HPB) {
-      red_m[warp * HPB + g] = m_run;
-      red_l[warp * HPB + g] = l_run;
+#pragma unroll
+    for (int r = 0; r < HR; ++r) {
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+      if (t == 0 && g + 8 * r < HW) {
+        red_m[warp * HPB + hs * HW + g + 8 * r] = m_run[r];
+        red_l[warp * HPB + hs * HW + g + 8 * r] = l_run[r];
+      }
     }
     __syncthreads();
-    float mx = kNegInf;
-    if (g < HPB) {
-      for (int w = 0; w < KG; ++w) mx = fmaxf(mx, red_m[w * HPB + g]);
-    }
-    const float f = exp2f(m_run - (mx == kNegInf ? 0.f : mx));
-    const float f_lo = __shfl_sync(0xffffffffu, f, 8 * t), f_hi = __shfl_sync(0xffffffffu, f, 8 * t + 4);
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int h = 2 * t + e;
-      if (h < HPB) {
-        float* dst = red_o + (warp * HPB + h) * D + g;
-        const float fe = e ? f_hi : f_lo;
+    for (int r = 0; r < HR; ++r) {
+      float mx = kNegInf;
+      if (g + 8 * r < HW) {
+        for (int w = 0; w < KG; ++w) mx = fmaxf(mx, red_m[w * HPB + hs * HW + g + 8 * r]);
+      }
+      const float f = exp2f(m_run[r] - (mx == kNegInf ? 0.f : mx));
+      const float f_lo = __shfl_sync(0xffffffffu, f, 8 * t), f_hi = __shfl_sync(0xffffffffu, f, 8 * t + 4);
 #pragma unroll
-        for (int i = 0; i < KS; ++i) {
-          if constexpr (Tr::kQuant) {  // the permuted rows of the 8-bit Vᵀ (see compute)
-            const int d0 = KS % 2 == 1 && i == KS - 1 ? 32 * (i / 2) + 4 * (g & 3) + 2 * (g >> 2)
-                                                      : 32 * (i / 2) + 4 * g + 2 * (i % 2);
-            dst[d0 - g] = o[i][e] * fe;
-            dst[d0 - g + 1] = o[i][2 + e] * fe;
-          } else {
-            dst[16 * i] = o[i][e] * fe;
-            dst[16 * i + 8] = o[i][2 + e] * fe;
+      for (int e = 0; e < 2; ++e) {
+        const int h = 8 * r + 2 * t + e;
+        if (h < HW) {
+          float* dst = red_o + (warp * HPB + hs * HW + h) * D + g;
+          const float fe = e ? f_hi : f_lo;
+#pragma unroll
+          for (int i = 0; i < KS; ++i) {
+            if constexpr (Tr::kQuant) {  // the permuted rows of the 8-bit Vᵀ (see compute)
+              const int d0 = KS % 2 == 1 && i == KS - 1 ? 32 * (i / 2) + 4 * (g & 3) + 2 * (g >> 2)
+                                                        : 32 * (i / 2) + 4 * g + 2 * (i % 2);
+              dst[d0 - g] = o[r][i][e] * fe;
+              dst[d0 - g + 1] = o[r][i][2 + e] * fe;
+            } else {
+              dst[16 * i] = o[r][i][e] * fe;
+              dst[16 * i + 8] = o[r][i][2 + e] * fe;
+            }
           }
         }
       }
@@ -849,65 +998,41 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
   }
   if (!multi) return;
 
-  // Split merge: the last block of this (sequence, KV head, head chunk) combines all splits.
-  __threadfence();
-  __syncthreads();
-  bool last = false;
-  if (tid == 0) {
-    const int ci = (si * gridDim.y + kvh) * head_chunks + hc;
-    last = atomicAdd(counters + ci, 1) == num_splits - 1;
-    if (last) counters[ci] = 0;  // every split has arrived: ready for the next launch
-  }
-  if (!__syncthreads_or(last)) return;
-  __threadfence();
-
-  float* w = reinterpret_cast<float*>(pipe);  // [HPB][num_splits] lse, then weights
-  float* w_max = w + HPB * num_splits;        // [HPB]
-  float* w_sum = w_max + HPB;                 // [HPB]
-  for (int idx = tid; idx < HPB * num_splits; idx += kThreads) {
-    const int hh = idx / num_splits, sp = idx - hh * num_splits;
-    const int hig = hc * HPB + hh;
-    w[idx] = hig < group ? __ldcg(part_lse + ((long long)si * num_heads + kvh * group + hig) * num_splits + sp)
-                         : kNegInf;
-  }
-  __syncthreads();
-  const int warp = tid / 32, wl = tid % 32;
-  for (int hh = warp; hh < HPB; hh += kThreads / 32) {
-    float mx = kNegInf;
-    for (int sp = wl; sp < num_splits; sp += 32) mx = fmaxf(mx, w[hh * num_splits + sp]);
-#pragma unroll
-    for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float mu = mx == kNegInf ? 0.f : mx;
-    float sum = 0.f;
-    for (int sp = wl; sp < num_splits; sp += 32) sum += exp2f(w[hh * num_splits + sp] - mu);
-#pragma unroll
-    for (int off = 16; off >= 1; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (wl == 0) {
-      w_max[hh] = mu;
-      w_sum[hh] = sum;
+  // Split merge, a two-level tree so that no block reads more than kMergeGroup partials per head:
+  // splits form groups of kMergeGroup; the last block of a group to finish (an atomic counter,
+  // reset by that block) merges the group's partials into the slot of its first split; the last
+  // group merger of this (sequence, KV head, head chunk) merges the groups into the output. With
+  // at most kMergeGroup splits there is one group and its last block writes the output directly.
+  // One block reading S partials was the tail of a long split call (S x HPB x D x 4 bytes through
+  // a few loads in flight: ~8 us of 49 for one 32k GQA sequence, NOTES_decode.md v5).
+  const int groups = (num_splits + kMergeGroup - 1) / kMergeGroup;
+  const int ci = (si * gridDim.y + kvh) * head_chunks + hc;
+  int* cnt = counters + ci * (groups > 1 ? groups + 1 : 1);  // [top, group 0, group 1, ...]
+  auto arrive = [&](int* c, int expected) {  // true in every thread of the block that arrives last
+    __threadfence();
+    __syncthreads();
+    bool last = false;
+    if (tid == 0) {
+      last = atomicAdd(c, 1) == expected - 1;
+      if (last) *c = 0;  // every block has arrived: ready for the next launch
     }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < HPB * num_splits; idx += kThreads) {
-    const int hh = idx / num_splits;
-    w[idx] = w_sum[hh] > 0.f ? exp2f(w[idx] - w_max[hh]) / w_sum[hh] : 0.f;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < HPB * D; idx += kThreads) {
-    const int hh = idx / D, d = idx - hh * D;
-    const int hig = hc * HPB + hh;
-    if (hig >= group) continue;
-    const int head = kvh * group + hig;
-    const long long pb = ((long long)si * num_heads + head) * num_splits;
-    float o = 0.f;
-    for (int sp = 0; sp < num_splits; ++sp) {
-      const float wt = w[hh * num_splits + sp];
-      if (wt > 0.f) o = fmaf(wt, __ldcg(part_o + (pb + sp) * D + d), o);  // empty splits never read
-    }
-    out[((long long)row * num_heads + head) * D + d] = from_float<T>(o);
-    if (d == 0) {
-      lse[(long long)row * num_heads + head] = w_sum[hh] > 0.f ? (w_max[hh] + log2f(w_sum[hh])) * kLn2 : kNegInf;
-    }
+    if (!__syncthreads_or(last)) return false;
+    __threadfence();
+    return true;
+  };
+  const int grp = split / kMergeGroup;
+  const int first = grp * kMergeGroup, members = min(kMergeGroup, num_splits - first);
+  if (groups > 1) {
+    if (!arrive(cnt + 1 + grp, members)) return;
+    merge_splits<T, D, HPB>(part_o, part_lse, nullptr, nullptr, pipe, si, kvh, hc, group, num_heads, num_splits,
+                            first, 1, members, row);
+    if (!arrive(cnt, groups)) return;
+    merge_splits<T, D, HPB>(part_o, part_lse, out, lse, pipe, si, kvh, hc, group, num_heads, num_splits, 0,
+                            kMergeGroup, groups, row);
+  } else {
+    if (!arrive(cnt, num_splits)) return;
+    merge_splits<T, D, HPB>(part_o, part_lse, out, lse, pipe, si, kvh, hc, group, num_heads, num_splits, 0, 1,
+                            num_splits, row);
   }
 }
 

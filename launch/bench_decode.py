@@ -156,9 +156,10 @@ def measure(case: dict, args, baselines: bool) -> dict:
         row.update(no_alibi_us=t_plain * 1e6, vs_no_alibi=t_plain / t)  # > 1: ALiBi faster
     kernel = cuda_decode.get_kernel("decode", **cuda_decode.variant(torch.float16, caches[0], D, h // kv_heads))
     smem = cuda_decode.PIPE_BYTES + (4 * cuda_decode.TABLE_CAP if layout == "paged" else 0)
-    hc = -(-(h // kv_heads) // cuda_decode.heads_per_block(h // kv_heads))
+    hc = -(-(h // kv_heads) // cuda_decode.heads_per_block(h // kv_heads, D))
     occupancy = cuda_decode._occupancy(kernel, torch.device("cuda"), smem)
-    row["splits"] = force or cuda_plan.choose_splits(b * kv_heads * hc, length, *occupancy)
+    target = cuda_decode.split_target(caches[0], D, h // kv_heads)
+    row["splits"] = force or cuda_plan.choose_splits(b * kv_heads * hc, length, *occupancy, target)
     row["blocks_per_sm"] = occupancy[1]
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -26,9 +26,18 @@ DEV = "cuda"
 NAN = float("nan")
 HALF = (torch.float16, torch.bfloat16)
 HEAD_SIZES = (64, 80, 96, 128, 256)
-# (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (two chunks of 8, the second padded);
-# MQA with 32 query heads on one KV head (four chunks of 8)
-HEADS = {"mha": (8, 8), "gqa4": (8, 2), "mqa8": (8, 1), "gqa3": (12, 4), "g12": (12, 1), "mqa32": (32, 1)}
+# (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (one block of 16 with 4 padded heads
+# at D <= 128, two chunks of 8 at D 256); 16 (the MMA's 16 rows, two Oᵀ n-tiles); MQA with 32 query
+# heads on one KV head (two chunks of 16; four of 8 at D 256)
+HEADS = {
+    "mha": (8, 8),
+    "gqa4": (8, 2),
+    "mqa8": (8, 1),
+    "gqa3": (12, 4),
+    "g12": (12, 1),
+    "g16": (32, 2),
+    "mqa32": (32, 1),
+}
 # 8-bit caches on every head layout and path: mma with 8-bit fragments (D <= 128, any group; D 80
 # has an odd last Oᵀ tile), CUDA cores (D 256); paged for the first three
 QUANT_CASES = {
@@ -37,26 +46,29 @@ QUANT_CASES = {
     "d64-mha": (64, (4, 4)),
     "d128-mha": (128, (4, 4)),
     "d128-g12": (128, (12, 1)),
+    "d128-mqa32": (128, (32, 1)),
+    "d80-g16": (80, (16, 1)),
+    "d64-mqa32": (64, (32, 1)),
     "d96-gqa3": (96, (12, 4)),
     "d64-gqa4": (64, (8, 2)),
     "d80-gqa4": (80, (8, 2)),
     "d256": (256, (8, 2)),
 }
-QUANT_PAGED = ("d128-gqa4", "d128-mqa8", "d64-mha")
+QUANT_PAGED = ("d128-gqa4", "d128-mqa8", "d64-mha", "d128-mqa32")
 ODD = (1, 7, 97, 1025)  # keys per sequence (past + 1)
 
 
 def _v(dtype, cache, layout, d, group):
     return (
         "decode",
-        dict(dtype=dtype, cache=cache, layout=layout, head_size=d, heads=cuda_decode.heads_per_block(group)),
+        dict(dtype=dtype, cache=cache, layout=layout, head_size=d, heads=cuda_decode.heads_per_block(group, d)),
     )
 
 
 # Every variant a test below launches: compiled once, in parallel, by tests/gpu/conftest.py.
 KERNEL_VARIANTS = (
     [_v(dt, "auto", "contiguous", d, h // kv) for dt in HALF for d in HEAD_SIZES for h, kv in HEADS.values()]
-    + [_v(dt, "auto", "paged", d, g) for dt in HALF for d in (64, 128) for g in (1, 4, 8)]
+    + [_v(dt, "auto", "paged", d, g) for dt in HALF for d in (64, 128) for g in (1, 4, 8, 32)]
     + [
         _v(dt, c, lay, d, h // kv)
         for dt in HALF
@@ -200,11 +212,13 @@ def test_beam_indirection(gpu, layout):
     assert not torch.allclose(out_plain.float(), out.float(), atol=1e-2)
 
 
+@pytest.mark.parametrize("heads", [(8, 2), (32, 1)], ids=["gqa4", "mqa32"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_forced_splits_equal_single(gpu, layout):
+def test_forced_splits_equal_single(gpu, layout, heads):
+    """Up to 16 splits one merge; more: the two-level merge (groups of 16, the last one partial)."""
     torch.manual_seed(11)
     lengths = (4097, 700, 33, 1)
-    step, kv, q = setup(gpu, lengths=lengths, layout=layout)
+    step, kv, q = setup(gpu, lengths=lengths, layout=layout, h_r=heads[0], kv_r=heads[1])
     spec = spec_for(128)
     ref_out, ref_lse = run(q, kv, step, spec, splits=1)
     gpu.check_attention(ref_out, ref_lse, q, kv, step, spec, what="splits=1")
@@ -218,8 +232,9 @@ def test_forced_splits_equal_single(gpu, layout):
 
 @pytest.mark.parametrize(
     "heads,cache_dtype",
-    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 1), "auto"), ((8, 2), "int8"), ((8, 1), "fp8")],
-    ids=["mha", "gqa4", "mqa8", "gqa4-int8", "mqa8-fp8"],
+    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 1), "auto"), ((8, 2), "int8"), ((8, 1), "fp8"), ((32, 1), "auto")]
+    + [((32, 1), "int8")],
+    ids=["mha", "gqa4", "mqa8", "gqa4-int8", "mqa8-fp8", "mqa32", "mqa32-int8"],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 def test_long_single_sequence(gpu, heads, cache_dtype, layout):
@@ -237,28 +252,31 @@ def test_long_single_sequence(gpu, heads, cache_dtype, layout):
 
 @pytest.mark.parametrize(
     "heads,cache_dtype",
-    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 2), "int8"), ((8, 1), "fp8")],
-    ids=["mha", "gqa4", "gqa4-int8", "mqa8-fp8"],
+    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 2), "int8"), ((8, 1), "fp8"), ((32, 1), "auto"), ((32, 1), "fp8")],
+    ids=["mha", "gqa4", "gqa4-int8", "mqa8-fp8", "mqa32", "mqa32-fp8"],
 )
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_alibi(gpu, dtype, heads, cache_dtype):
     torch.manual_seed(13)
     step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1], dtype=dtype, cache_dtype=cache_dtype)
-    slopes = alibi_slopes(24)[8:16].to(DEV)  # a rank's slice of a non-power-of-two head count
+    h = heads[0]
+    slopes = alibi_slopes(3 * h)[h : 2 * h].to(DEV)  # a rank's slice of a non-power-of-two head count
     spec = spec_for(128, alibi_slopes=slopes)
     for splits in (None, 3):
         out, lse = run(q, kv, step, spec, splits=splits)
         gpu.check_attention(out, lse, q, kv, step, spec, what=f"alibi splits={splits}")
 
 
+@pytest.mark.parametrize("heads", [(8, 2), (32, 1)], ids=["gqa4", "mqa32"])
 @pytest.mark.parametrize(
     "mask", [AttentionMaskType.causal, AttentionMaskType.bidirectional, AttentionMaskType.padding], ids=str
 )
-def test_relative_implicit(gpu, mask):
-    """T5 buckets: causal (one-sided) for decoders, bidirectional otherwise."""
+def test_relative_implicit(gpu, mask, heads):
+    """T5 buckets: causal (one-sided) for decoders, bidirectional otherwise (32 heads: the bias of
+    head rows g and g + 8 of a 16-head block)."""
     torch.manual_seed(17)
-    step, kv, q = setup(gpu, lengths=ODD, h_r=8, kv_r=2)
-    table = torch.randn(8, 32, device=DEV)
+    step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1])
+    table = torch.randn(heads[0], 32, device=DEV)
     spec = spec_for(128, mask=mask, relative_table=table, num_buckets=32, max_distance=128)
     for splits in (None, 2):
         out, lse = run(q, kv, step, spec, splits=splits)
