@@ -226,9 +226,18 @@ struct Traits {
   // Blocks per SM (caps registers: no spills). 8-bit mma at D 128 (16 keys per warp, 64 Oᵀ values)
   // spilled at 4 blocks' 128 registers and takes 157-163: 3 blocks, still 3 x 32 KB in flight per SM, above the ~30 KB the
   // bandwidth needs (PERF_NOTES §2.2 b), and the split count aims at 2 blocks per SM anyway.
-  // 16 heads (two Oᵀ n-tiles, 2 x KS x 4 accumulators) at D > 64: 3 blocks (168 registers).
-  static constexpr int kMinBlocks =
-      (kMma && kQuant && D > 96) || (HPB > 8 && D > 64) ? 3 : (kMma || HPB <= 2 ? 4 : 3);
+  // 16 heads (two Oᵀ n-tiles, 2 x KS x 4 accumulators) at D > 64, and 32 heads (paged D 64 spilled
+  // 4 bytes at 128): 3 blocks (168 registers). sm_80's scheduling needs more for 32 fp16/bf16 heads
+  // at D 128 (52-64 bytes spilled at 168): 2 blocks there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr bool kTightRegs = HPB > 16 && D > 96 && !kQuant;
+#else
+  static constexpr bool kTightRegs = false;
+#endif
+  static constexpr int kMinBlocks = kTightRegs ? 2
+                                    : (kMma && kQuant && D > 96) || (HPB > 8 && D > 64) || HPB > 16
+                                        ? 3
+                                        : (kMma || HPB <= 2 ? 4 : 3);
   static constexpr int kHeadsPerWarp = HPB / kHS;  // heads of one warp's MMAs (at most 16)
 
   static_assert(D % 8 == 0 && kRowBytes % 16 == 0, "head size must be a multiple of 8 (16 bytes of int8)");

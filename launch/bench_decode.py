@@ -234,8 +234,11 @@ def cases(quick: bool) -> list[dict]:
                 )
     for b, length in ((1, 32768), (16, 2048)):  # ALiBi against the same call without it (BLOOM, tp 1)
         out.append(dict(group="alibi", heads="bloom", batch=b, context=length, kv="auto", layout="contiguous"))
-    for heads in ("mha", "gqa"):  # one long sequence: time against the split count (the heuristic's data)
-        for force in (4, 8, 16, 32, 64):
+    # one long sequence: time against the split count (the heuristic's data; around its v5 choices: MHA
+    # 8, GQA 66, MQA 128, the key minimum: 256 shows whether a lower minimum would pay)
+    sweep = {"mha": (4, 8, 16, 32, 64), "gqa": (16, 32, 48, 66, 96), "mqa": (32, 64, 128, 256)}
+    for heads, forces in sweep.items():
+        for force in forces:
             out.append(
                 dict(group="splits", heads=heads, batch=1, context=32768, kv="auto", layout="contiguous", force=force)
             )
