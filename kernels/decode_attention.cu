@@ -636,11 +636,13 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
   float* red_l = red_m + KG * HPB;                // [KG][HPB]
   float* red_o = red_l + KG * HPB;                // [KG][HPB][D]
   if constexpr (Tr::kMma) {
-    // Fragment roles: g = lane / 4, t = lane % 4. S = Q·Kᵀ has the heads as M: lane holds S[head
-    // g (+8 when HPB is 16)][keys 2t, 2t+1]; with at most 8 heads A's rows 8..15 are zero. Oᵀ = Vᵀ·Pᵀ
-    // has D as M and the heads as N, 8 per n-tile: S's layout is exactly the B fragment of Pᵀ
-    // (head row r of S feeds n-tile r), and lane holds Oᵀ[d 16i+g (+8)][heads 8r + 2t, 8r + 2t + 1].
-    // With 16 heads each Vᵀ fragment feeds two MMAs (the MQA case: one KV head read for 16 heads).
+    // Fragment roles: g = lane / 4, t = lane % 4. S = Q·Kᵀ has the warp's heads as M: lane holds
+    // S[head g (+8 with 16 heads per warp)][keys 2t, 2t+1]; with at most 8 heads A's rows 8..15 are
+    // zero. Oᵀ = Vᵀ·Pᵀ has D as M and the heads as N, 8 per n-tile: S's layout is exactly the B
+    // fragment of Pᵀ (head row r of S feeds n-tile r), and lane holds Oᵀ[d 16i+g (+8)][heads 8r + 2t,
+    // 8r + 2t + 1]. With 16 heads each Vᵀ fragment feeds two MMAs; with 32 the warps form two head
+    // sets of 16 (heads 16hs..16hs+15) over two key groups, on the same tile (MQA: one KV head read
+    // once for 32 heads).
     const int ln = tid % 32, g = ln / 4, t = ln % 4, r8 = ln % 8, mi = ln / 8;
     const int hs = (tid / 32) % Tr::kHS, warp = tid / 32 / Tr::kHS;  // head set; key group
     constexpr int KS = D / 16;   // k-steps of Q·Kᵀ, and 16-row tiles of Oᵀ

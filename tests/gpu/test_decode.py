@@ -28,7 +28,7 @@ HALF = (torch.float16, torch.bfloat16)
 HEAD_SIZES = (64, 80, 96, 128, 256)
 # (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (one block of 16 with 4 padded heads
 # at D <= 128, two chunks of 8 at D 256); 16 (the MMA's 16 rows, two Oᵀ n-tiles); MQA with 32 query
-# heads on one KV head (two chunks of 16; four of 8 at D 256)
+# heads on one KV head (one block of two 16-head warp sets; four chunks of 8 at D 256)
 HEADS = {
     "mha": (8, 8),
     "gqa4": (8, 2),
