@@ -35,9 +35,14 @@ from tp_runtime.backends.base import AttentionSpec
 from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
 from tp_runtime.batch.step import Step
 from tp_runtime.config import AttentionMaskType, KVCacheDType
+from tp_runtime.position import alibi_slopes
 
 D = 128
-HEADS = {"mha": (32, 32), "gqa": (32, 8)}  # (H, KV) on one rank
+# (H, KV) on one rank: Llama-2-7B-like MHA, Llama-3-8B GQA, MQA (Falcon-like), Llama-2-70B at tp 1,
+# BLOOM-176B at tp 1 (ALiBi rows only)
+HEADS = {"mha": (32, 32), "gqa": (32, 8), "mqa": (32, 1), "gqa64": (64, 8), "bloom": (112, 112)}
+GRID_HEADS = ("mha", "gqa", "mqa", "gqa64")  # the SDPA grid
+QUANT_HEADS = ("mha", "gqa", "mqa")  # int8/fp8 rows
 BATCHES = (1, 4, 16, 64, 256)
 CONTEXTS = (512, 2048, 8192, 32768)
 SET_BYTES_MAX = 9 << 30  # one input set (cache, or SDPA's K+V): skip larger configurations
@@ -122,6 +127,10 @@ def measure(case: dict, args, baselines: bool) -> dict:
     sets = n_sets(kv_bytes)
     step = Step(new_lens=(1,) * b, past_lens=(length - 1,) * b, device="cuda")
     spec = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(D))
+    if case["group"] == "alibi":
+        spec = AttentionSpec(
+            mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(D), alibi_slopes=alibi_slopes(h).cuda()
+        )
     ids = list(range(b))
 
     caches = [make_cache(b, kv_heads, length, cache_dtype, layout, block) for _ in range(sets)]
@@ -137,12 +146,21 @@ def measure(case: dict, args, baselines: bool) -> dict:
     est = kv_bytes / 3e12
     t, graphed = replay_seconds([ours(i) for i in range(sets)], args.seconds, est)
     row.update(ours_us=t * 1e6, ours_tbs=kv_bytes / t / 1e12, graph=graphed, tokens_per_s=b / t)
+    if case["group"] == "alibi":  # the same call without the bias, same run
+        plain = AttentionSpec(mask=AttentionMaskType.causal, softmax_scale=1 / math.sqrt(D))
+        calls = [
+            (lambda i=i: cuda_decode.decode(qs[i], caches[i], step, ids, plain, outs[i], lses[i], force))
+            for i in range(sets)
+        ]
+        t_plain, _ = replay_seconds(calls, args.seconds, est)
+        row.update(no_alibi_us=t_plain * 1e6, vs_no_alibi=t_plain / t)  # > 1: ALiBi faster
     kernel = cuda_decode.get_kernel("decode", **cuda_decode.variant(torch.float16, caches[0], D, h // kv_heads))
     smem = cuda_decode.PIPE_BYTES + (4 * cuda_decode.TABLE_CAP if layout == "paged" else 0)
-    hc = -(-(h // kv_heads) // cuda_decode.heads_per_block(h // kv_heads))
-    row["splits"] = force or cuda_plan.choose_splits(
-        b * kv_heads * hc, length, cuda_decode._resident_blocks(kernel, torch.device("cuda"), smem)
-    )
+    hc = -(-(h // kv_heads) // cuda_decode.heads_per_block(h // kv_heads, D))
+    occupancy = cuda_decode._occupancy(kernel, torch.device("cuda"), smem)
+    target = cuda_decode.split_target(caches[0], D, h // kv_heads)
+    row["splits"] = force or cuda_plan.choose_splits(b * kv_heads * hc, length, *occupancy, target)
+    row["blocks_per_sm"] = occupancy[1]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(50):
@@ -191,7 +209,7 @@ def measure(case: dict, args, baselines: bool) -> dict:
 
 def cases(quick: bool) -> list[dict]:
     out = []
-    for heads in HEADS:
+    for heads in GRID_HEADS:
         kv_heads = HEADS[heads][1]
         for b in BATCHES:
             for length in CONTEXTS:
@@ -200,20 +218,27 @@ def cases(quick: bool) -> list[dict]:
                 if quick and (b, length) not in ((1, 32768), (64, 2048), (16, 8192)):
                     continue
                 out.append(dict(group="sdpa", heads=heads, batch=b, context=length, kv="auto", layout="contiguous"))
-    for heads in HEADS:
+    for heads in ("mha", "gqa"):
         for b, length in ((16, 8192), (64, 2048)):
             for block in (16, 64):
                 out.append(
                     dict(group="paged", heads=heads, batch=b, context=length, kv="auto", layout="paged", block=block)
                 )
-    for heads in HEADS:
-        for b, length in ((16, 8192), (4, 32768)):
+    # long context, each point also in the SDPA grid above (the fp16 row the ratios refer to)
+    quant_points = ((16, 8192), (1, 32768)) if quick else ((16, 8192), (4, 32768), (1, 32768))
+    for heads in QUANT_HEADS:
+        for b, length in quant_points:
             for cache_dtype in ("int8", "fp8"):
                 out.append(
                     dict(group="quant", heads=heads, batch=b, context=length, kv=cache_dtype, layout="contiguous")
                 )
-    for heads in HEADS:  # one long sequence: time against the split count (the heuristic's data)
-        for force in (4, 8, 16, 32, 64):
+    for b, length in ((1, 32768), (16, 2048)):  # ALiBi against the same call without it (BLOOM, tp 1)
+        out.append(dict(group="alibi", heads="bloom", batch=b, context=length, kv="auto", layout="contiguous"))
+    # one long sequence: time against the split count (the heuristic's data; around its v5 choices: MHA
+    # 8, GQA 66, MQA 128, the key minimum: 256 shows whether a lower minimum would pay)
+    sweep = {"mha": (4, 8, 16, 32, 64), "gqa": (16, 32, 48, 66, 96), "mqa": (32, 64, 128, 256)}
+    for heads, forces in sweep.items():
+        for force in forces:
             out.append(
                 dict(group="splits", heads=heads, batch=1, context=32768, kv="auto", layout="contiguous", force=force)
             )
@@ -237,6 +262,10 @@ def run(args) -> list[dict]:
             row["vs_contiguous"] = ref["ours_us"] / row["ours_us"]  # > 1: paged faster
         if ref is not None and row["group"] == "quant":
             row["tokens_vs_fp16"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            for name in BASELINES:  # the fp16 SDPA of the same shape (torch has no 8-bit cache)
+                if f"{name}_us" in ref:
+                    row[f"{name}_fp16_us"] = ref[f"{name}_us"]
+                    row[f"vs_{name}_fp16"] = ref[f"{name}_us"] / row["ours_us"]  # > 1: ours faster
         rows.append(row)
         print(format_row(row), flush=True)
         save(args.out, rows)  # after every row: a run cut short keeps what it measured
@@ -270,6 +299,11 @@ def format_row(r: dict) -> str:
         s += f" | vs heuristic/contiguous {r['vs_contiguous']:.3f}"
     if "tokens_vs_fp16" in r:
         s += f" | tokens/s vs fp16 x{r['tokens_vs_fp16']:.2f}"
+        for b in BASELINES:
+            if f"vs_{b}_fp16" in r:
+                s += f" vs {b} fp16 x{r[f'vs_{b}_fp16']:.2f}"
+    if "vs_no_alibi" in r:
+        s += f" | no ALiBi {r['no_alibi_us']:.1f} us, ALiBi/none speed x{r['vs_no_alibi']:.3f}"
     return s
 
 

@@ -26,28 +26,55 @@ DEV = "cuda"
 NAN = float("nan")
 HALF = (torch.float16, torch.bfloat16)
 HEAD_SIZES = (64, 80, 96, 128, 256)
-# (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (two chunks of 8, the second padded)
-HEADS = {"mha": (8, 8), "gqa4": (8, 2), "mqa8": (8, 1), "gqa3": (12, 4), "g12": (12, 1)}
+# (H_r, KV_r): groups 1, 4, 8; 3 (a padded head per block); 12 (one block of 16 with 4 padded heads
+# at D <= 128, two chunks of 8 at D 256); 16 (the MMA's 16 rows, two Oᵀ n-tiles); MQA with 32 query
+# heads on one KV head (one block of two 16-head warp sets; four chunks of 8 at D 256)
+HEADS = {
+    "mha": (8, 8),
+    "gqa4": (8, 2),
+    "mqa8": (8, 1),
+    "gqa3": (12, 4),
+    "g12": (12, 1),
+    "g16": (32, 2),
+    "mqa32": (32, 1),
+}
+# 8-bit caches on every head layout and path: mma with 8-bit fragments (D <= 128, any group; D 80
+# has an odd last Oᵀ tile), CUDA cores (D 256); paged for the first three
+QUANT_CASES = {
+    "d128-gqa4": (128, (8, 2)),
+    "d128-mqa8": (128, (8, 1)),
+    "d64-mha": (64, (4, 4)),
+    "d128-mha": (128, (4, 4)),
+    "d128-g12": (128, (12, 1)),
+    "d128-mqa32": (128, (32, 1)),
+    "d80-g16": (80, (16, 1)),
+    "d64-mqa32": (64, (32, 1)),
+    "d96-gqa3": (96, (12, 4)),
+    "d64-gqa4": (64, (8, 2)),
+    "d80-gqa4": (80, (8, 2)),
+    "d256": (256, (8, 2)),
+}
+QUANT_PAGED = ("d128-gqa4", "d128-mqa8", "d64-mha", "d128-mqa32")
 ODD = (1, 7, 97, 1025)  # keys per sequence (past + 1)
 
 
 def _v(dtype, cache, layout, d, group):
     return (
         "decode",
-        dict(dtype=dtype, cache=cache, layout=layout, head_size=d, heads=cuda_decode.heads_per_block(group)),
+        dict(dtype=dtype, cache=cache, layout=layout, head_size=d, heads=cuda_decode.heads_per_block(group, d)),
     )
 
 
 # Every variant a test below launches: compiled once, in parallel, by tests/gpu/conftest.py.
 KERNEL_VARIANTS = (
     [_v(dt, "auto", "contiguous", d, h // kv) for dt in HALF for d in HEAD_SIZES for h, kv in HEADS.values()]
-    + [_v(dt, "auto", "paged", d, g) for dt in HALF for d in (64, 128) for g in (1, 4, 8)]
+    + [_v(dt, "auto", "paged", d, g) for dt in HALF for d in (64, 128) for g in (1, 4, 8, 32)]
     + [
-        _v(dt, c, lay, d, g)
+        _v(dt, c, lay, d, h // kv)
         for dt in HALF
         for c in ("int8", "fp8")
-        for lay in ("contiguous", "paged")
-        for d, g in ((128, 4), (64, 1), (256, 4))
+        for name, (d, (h, kv)) in QUANT_CASES.items()
+        for lay in (("contiguous", "paged") if name in QUANT_PAGED else ("contiguous",))
     ]
 )
 
@@ -133,19 +160,22 @@ def test_paged_equals_contiguous(gpu, dtype, d, heads, block):
         assert torch.equal(out_c, out_p) and torch.equal(lse_c, lse_p), f"paged != contiguous (splits={splits})"
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize(
+    "case,layout",
+    [(c, "contiguous") for c in QUANT_CASES] + [(c, "paged") for c in QUANT_PAGED],
+)
 @pytest.mark.parametrize("cache_dtype", ["int8", "fp8"])
-@pytest.mark.parametrize("d,heads", [(128, (8, 2)), (64, (4, 4)), (256, (8, 2))], ids=["d128-gqa4", "d64-mha", "d256"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_quantized_cache(gpu, dtype, d, heads, cache_dtype, layout):
-    """int8/fp8 against the reference, which dequantizes exactly (stored · dequant_scale in fp32)."""
+def test_quantized_cache(gpu, dtype, case, cache_dtype, layout):
+    """int8/fp8 against the reference, which dequantizes exactly (stored · dequant_scale in fp32);
+    odd lengths cut 64-key tiles anywhere, forced splits merge partial tiles."""
     torch.manual_seed(7)
-    h_r, kv_r = heads
+    d, (h_r, kv_r) = QUANT_CASES[case]
     step, kv, q = setup(
         gpu, lengths=(1, 7, 97, 1025, 300), h_r=h_r, kv_r=kv_r, d=d, dtype=dtype, layout=layout, cache_dtype=cache_dtype
     )
     spec = spec_for(d)
-    for splits in (None, 4):
+    for splits in (None, 4, 7):
         out, lse = run(q, kv, step, spec, splits=splits)
         gpu.check_attention(out, lse, q, kv, step, spec, what=f"{cache_dtype} {layout} splits={splits}")
 
@@ -182,11 +212,13 @@ def test_beam_indirection(gpu, layout):
     assert not torch.allclose(out_plain.float(), out.float(), atol=1e-2)
 
 
+@pytest.mark.parametrize("heads", [(8, 2), (32, 1)], ids=["gqa4", "mqa32"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_forced_splits_equal_single(gpu, layout):
+def test_forced_splits_equal_single(gpu, layout, heads):
+    """Up to 16 splits one merge; more: the two-level merge (groups of 16, the last one partial)."""
     torch.manual_seed(11)
     lengths = (4097, 700, 33, 1)
-    step, kv, q = setup(gpu, lengths=lengths, layout=layout)
+    step, kv, q = setup(gpu, lengths=lengths, layout=layout, h_r=heads[0], kv_r=heads[1])
     spec = spec_for(128)
     ref_out, ref_lse = run(q, kv, step, spec, splits=1)
     gpu.check_attention(ref_out, ref_lse, q, kv, step, spec, what="splits=1")
@@ -198,14 +230,19 @@ def test_forced_splits_equal_single(gpu, layout):
         assert torch.allclose(lse, ref_lse, rtol=1e-5, atol=1e-5), f"splits={splits}: lse differs"
 
 
-@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize(
+    "heads,cache_dtype",
+    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 1), "auto"), ((8, 2), "int8"), ((8, 1), "fp8"), ((32, 1), "auto")]
+    + [((32, 1), "int8")],
+    ids=["mha", "gqa4", "mqa8", "gqa4-int8", "mqa8-fp8", "mqa32", "mqa32-int8"],
+)
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_long_single_sequence(gpu, heads, layout):
+def test_long_single_sequence(gpu, heads, cache_dtype, layout):
     """32k keys: the heuristic splits (multi-block); paged with P=16 and one split also exercises the
     block table read from global memory (2048 entries > the shared-memory slice)."""
     torch.manual_seed(5)
     h_r, kv_r = heads
-    step, kv, q = setup(gpu, lengths=(32768,), h_r=h_r, kv_r=kv_r, layout=layout)
+    step, kv, q = setup(gpu, lengths=(32768,), h_r=h_r, kv_r=kv_r, layout=layout, cache_dtype=cache_dtype)
     spec = spec_for(128)
     out, lse = run(q, kv, step, spec)
     gpu.check_attention(out, lse, q, kv, step, spec, what=f"32k {layout}")
@@ -213,33 +250,33 @@ def test_long_single_sequence(gpu, heads, layout):
     gpu.check_attention(one, lse1, q, kv, step, spec, what=f"32k {layout} splits=1")
 
 
-def test_split_heuristic():
-    assert cuda_plan.choose_splits(8, 32768, 396) > 1  # one long sequence: multi-block
-    assert cuda_plan.choose_splits(2048, 4096, 396) == 1  # a big batch fills the GPU already
-    assert cuda_plan.choose_splits(8, 300, 396) == 1  # too short to split
-    assert cuda_plan.choose_splits(8, 32768, 396) * 8 <= 396  # never a partial second wave
-
-
-@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize(
+    "heads,cache_dtype",
+    [((8, 8), "auto"), ((8, 2), "auto"), ((8, 2), "int8"), ((8, 1), "fp8"), ((32, 1), "auto"), ((32, 1), "fp8")],
+    ids=["mha", "gqa4", "gqa4-int8", "mqa8-fp8", "mqa32", "mqa32-fp8"],
+)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_alibi(gpu, dtype, heads):
+def test_alibi(gpu, dtype, heads, cache_dtype):
     torch.manual_seed(13)
-    step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1], dtype=dtype)
-    slopes = alibi_slopes(24)[8:16].to(DEV)  # a rank's slice of a non-power-of-two head count
+    step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1], dtype=dtype, cache_dtype=cache_dtype)
+    h = heads[0]
+    slopes = alibi_slopes(3 * h)[h : 2 * h].to(DEV)  # a rank's slice of a non-power-of-two head count
     spec = spec_for(128, alibi_slopes=slopes)
     for splits in (None, 3):
         out, lse = run(q, kv, step, spec, splits=splits)
         gpu.check_attention(out, lse, q, kv, step, spec, what=f"alibi splits={splits}")
 
 
+@pytest.mark.parametrize("heads", [(8, 2), (32, 1)], ids=["gqa4", "mqa32"])
 @pytest.mark.parametrize(
     "mask", [AttentionMaskType.causal, AttentionMaskType.bidirectional, AttentionMaskType.padding], ids=str
 )
-def test_relative_implicit(gpu, mask):
-    """T5 buckets: causal (one-sided) for decoders, bidirectional otherwise."""
+def test_relative_implicit(gpu, mask, heads):
+    """T5 buckets: causal (one-sided) for decoders, bidirectional otherwise (32 heads: the bias of
+    head rows g and g + 8 of a 16-head block)."""
     torch.manual_seed(17)
-    step, kv, q = setup(gpu, lengths=ODD, h_r=8, kv_r=2)
-    table = torch.randn(8, 32, device=DEV)
+    step, kv, q = setup(gpu, lengths=ODD, h_r=heads[0], kv_r=heads[1])
+    table = torch.randn(heads[0], 32, device=DEV)
     spec = spec_for(128, mask=mask, relative_table=table, num_buckets=32, max_distance=128)
     for splits in (None, 2):
         out, lse = run(q, kv, step, spec, splits=splits)

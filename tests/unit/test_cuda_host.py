@@ -43,12 +43,55 @@ def test_prepare_head_groups():
 
 
 def test_split_heuristic():
-    resident = 132 * 4
-    assert cuda_plan.choose_splits(resident, 32768, resident) == 1  # the GPU is already full
-    assert cuda_plan.choose_splits(8, 300, resident) == 1  # too few keys to split
-    s = cuda_plan.choose_splits(8, 32768, resident)
-    assert 1 < s <= min(resident // 8, 32768 // cuda_plan.MIN_KEYS_PER_SPLIT, cuda_plan.MAX_SPLITS)
-    assert [cuda_decode.heads_per_block(g) for g in (1, 2, 3, 4, 8, 32)] == [1, 2, 4, 4, 8, 8]
+    """Wave efficiency on an H200 (132 SMs) and other SM counts (kernels/NOTES_decode.md, split sweep)."""
+    sms = 132
+    assert cuda_plan.choose_splits(sms * 4, 32768, sms, 4) == 1  # the GPU is already full
+    assert cuda_plan.choose_splits(2048, 4096, sms, 4) == 1
+    assert cuda_plan.choose_splits(8, 300, sms, 4) == 1  # too few keys to split
+    assert cuda_plan.choose_splits(8, 2048, sms, 4) == 2048 // cuda_plan.MIN_KEYS_PER_SPLIT  # short: keys cap it
+    # one 32k sequence: ~2 blocks per SM of ~1k keys each (GQA 8 KV heads; MHA 32 heads)
+    assert cuda_plan.choose_splits(8, 32768, sms, 4) == 33
+    assert cuda_plan.choose_splits(8, 32768, sms, 3) == 33  # fewer resident blocks: same target
+    assert cuda_plan.choose_splits(32, 32768, sms, 4) == 8
+    # a batch between one and two blocks per SM: splitting cannot fill the waves better
+    assert cuda_plan.choose_splits(200, 32768, sms, 4) == 1
+    assert cuda_plan.choose_splits(128, 8192, sms, 4) == 2  # 256 blocks, 97% of 2 per SM
+    assert cuda_plan.choose_splits(1, 1 << 20, sms, 16) == 2 * sms  # MQA-like single block: 2 per SM
+    assert cuda_plan.choose_splits(1, 1 << 20, 1000, 4) == cuda_plan.MAX_SPLITS
+    # paged caches and the tensor-core path aim at 3 blocks per SM: GQA B 16 L 8k (128 blocks) 3 splits;
+    # 32 blocks (e.g. MQA 64/1 B 16: 2 chunks of 32 heads) 12; one 32k GQA sequence 66 (4 whole per SM)
+    assert cuda_plan.choose_splits(128, 8192, sms, 4, cuda_plan.BUSY_TARGET_BLOCKS_PER_SM) == 3
+    assert cuda_plan.choose_splits(8, 32768, sms, 4, 3) == 66
+    assert cuda_plan.choose_splits(32, 8192, sms, 3, 3) == 12
+    assert cuda_plan.choose_splits(32, 8192, sms, 3) == 8  # contiguous: 2 per SM
+    assert cuda_plan.choose_splits(128, 8192, sms, 2, 3) == 2  # the target never exceeds what is resident
+    for n_sms in (1, 7, 80, 108, 132, 144):
+        for per_sm in (1, 2, 3, 4, 8):
+            for blocks in (1, 3, 8, 32, 100, 264, 1000):
+                for keys in (1, 255, 512, 4096, 32768, 1 << 17):
+                    s = cuda_plan.choose_splits(blocks, keys, n_sms, per_sm)
+                    assert 1 <= s <= cuda_plan.MAX_SPLITS
+                    if s > 1:  # never more than one resident wave, never splits under the key minimum
+                        assert blocks * s <= n_sms * per_sm
+                        assert keys // s >= cuda_plan.MIN_KEYS_PER_SPLIT
+                        # more blocks per SM than the target only where that fills whole waves better
+                        target = min(cuda_plan.TARGET_BLOCKS_PER_SM, per_sm)
+                        load = -(-blocks * s // n_sms)
+                        within = min(n_sms * target // blocks, keys // cuda_plan.MIN_KEYS_PER_SPLIT)
+                        assert load <= target or s * target / load > within
+    with pytest.raises(ValueError, match="sms"):
+        cuda_plan.choose_splits(8, 32768, 0, 4)
+    assert [cuda_decode.heads_per_block(g, 128) for g in (1, 3, 8, 12, 16, 24, 32, 71)] == [1, 4, 8, 16, 16, 32, 32, 32]
+    assert [cuda_decode.heads_per_block(g, 256) for g in (1, 3, 8, 16, 32)] == [1, 4, 8, 8, 8]  # CUDA cores
+    # the two-level split merge: one counter up to MERGE_GROUP splits, then one per group and the top one
+    assert [cuda_decode.merge_counters(s) for s in (1, 16, 17, 33, 512)] == [1, 1, 3, 4, 33]
+    # every head count the launcher picks is in the compile table; 16 and 32 heads only on tensor cores
+    for d in (64, 80, 96, 128, 256):
+        for g in (1, 2, 3, 8, 12, 32, 71):
+            params = dict(dtype="float16", cache="int8", layout="paged", head_size=d)
+            kc._resolve("decode", dict(params, heads=cuda_decode.heads_per_block(g, d)))
+    with pytest.raises(NotImplementedError, match="need D <= 128"):
+        kc._resolve("decode", dict(dtype="float16", cache="auto", layout="contiguous", head_size=256, heads=16))
 
 
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])

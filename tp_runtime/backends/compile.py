@@ -173,9 +173,11 @@ FAMILIES: dict[str, Family] = {
             # the registers holding q and the output accumulators are sized by D
             "head_size": _head_sizes("decode"),
             # query heads one block serves from one KV head (GQA packing: K/V read once for all):
-            # the group rounded up to a power of two, at most 8 (larger groups use several chunks)
-            "heads": {1: "1", 2: "2", 4: "4", 8: "8"},
+            # the group rounded up to a power of two, at most 32 (8 for D 256; larger groups use
+            # several chunks); 16 and 32 only on the tensor-core path (D <= 128: the MMA's 16 rows)
+            "heads": {1: "1", 2: "2", 4: "4", 8: "8", 16: "16", 32: "32"},
         },
+        rule=lambda p: "16 or 32 heads per block need D <= 128" if p["heads"] > 8 and p["head_size"] > 128 else None,
     ),
     # Per-tensor FP8 quantization of a projection's input (kernels/fp8_quant.cu): max |x|, then
     # x / scale rounded to e4m3. Elementwise and memory-bound: only the input type is compile-time.

@@ -39,18 +39,30 @@ from .cuda_common import (
     ptr,
 )
 from .cuda_context import score_bias_kind
-from .cuda_plan import MAX_SPLITS, decode_work, route
+from .cuda_plan import BUSY_TARGET_BLOCKS_PER_SM, MAX_SPLITS, TARGET_BLOCKS_PER_SM, decode_work, route
 
 THREADS = 128  # decode::kThreads
 PIPE_BYTES = 48 * 1024  # decode::kPipeBytes: the K/V pipeline's shared memory (the kernel traps on less)
 TABLE_CAP = 1024  # paged: block-table entries of a split kept in shared memory (else read from global)
-MAX_HEADS_PER_BLOCK = 8
+MAX_HEADS_PER_BLOCK = 32  # on the tensor-core path (D <= 128): 2 head sets of the MMA's 16 rows
+MAX_HEADS_PER_BLOCK_CUDA_CORES = 8  # D 256
+MERGE_GROUP = 16  # decode::kMergeGroup: splits per first-level merge (two levels past 16 splits)
 
 
-def heads_per_block(group: int) -> int:
-    """Query heads one block serves from its KV head: the group rounded up to a power of two, at
-    most 8 (a group of 32 runs as 4 chunks of 8; padded heads compute nothing that is stored)."""
-    return min(MAX_HEADS_PER_BLOCK, 1 << (group - 1).bit_length())
+def heads_per_block(group: int, head_size: int) -> int:
+    """Query heads one block serves from its KV head (read once for all of them): the group rounded
+    up to a power of two, at most 32 for D <= 128 (tensor cores: 16 heads fill the MMA's rows, 32 are
+    two head sets of warps on the same tile) and 8 for D 256 (a group of 64 runs as 2 chunks of 32;
+    padded heads compute nothing that is stored)."""
+    cap = MAX_HEADS_PER_BLOCK if head_size <= 128 else MAX_HEADS_PER_BLOCK_CUDA_CORES
+    return min(cap, 1 << (group - 1).bit_length())
+
+
+def merge_counters(splits: int) -> int:
+    """Arrival counters of one (sequence, KV head, head chunk): one, plus one per group of
+    ``MERGE_GROUP`` splits when there is more than one group (the kernel's two-level merge)."""
+    groups = -(-splits // MERGE_GROUP)
+    return 1 if groups == 1 else groups + 1
 
 
 def variant(dtype: torch.dtype, kv: LayerKV, head_size: int, group: int) -> dict:
@@ -60,24 +72,36 @@ def variant(dtype: torch.dtype, kv: LayerKV, head_size: int, group: int) -> dict
         "cache": kv.cache_dtype.value,
         "layout": kv.cache_layout.value,
         "head_size": head_size,
-        "heads": heads_per_block(group),
+        "heads": heads_per_block(group, head_size),
     }
 
 
-_resident_cache: dict = {}
+def tensor_cores(kv: LayerKV, head_size: int, group: int) -> bool:
+    """Whether the variant runs on the kernel's tensor-core path (``Traits::kMma``): D <= 128 with
+    grouped heads or an 8-bit cache."""
+    return head_size <= 128 and (kv.cache_dtype.is_quantized or heads_per_block(group, head_size) >= 2)
 
 
-def _resident_blocks(kernel, device: torch.device, smem: int) -> int:
-    """Blocks of ``kernel`` resident on the whole GPU at once (SMs x per-SM limit by registers and
-    shared memory), the size of one wave."""
+def split_target(kv: LayerKV, head_size: int, group: int) -> int:
+    """Blocks per SM the split count aims at (``cuda_plan``): more for paged caches and the
+    tensor-core path, whose blocks each move fewer bytes per second."""
+    busy = kv.cache_layout is CacheLayout.paged or tensor_cores(kv, head_size, group)
+    return BUSY_TARGET_BLOCKS_PER_SM if busy else TARGET_BLOCKS_PER_SM
+
+
+_occupancy_cache: dict = {}
+
+
+def _occupancy(kernel, device: torch.device, smem: int) -> tuple[int, int]:
+    """(SMs, blocks of ``kernel`` resident per SM by registers and shared memory): the GPU's wave."""
     key = (id(kernel), device.index, smem)
-    if key not in _resident_cache:
+    if key not in _occupancy_cache:
         props = torch.cuda.get_device_properties(device)
         warp_regs = -(-max(kernel.num_regs, 1) * 32 // 256) * 256  # allocated per warp, 256 at a time
         by_regs = props.regs_per_multiprocessor // (warp_regs * THREADS // 32)
         by_smem = props.shared_memory_per_multiprocessor // (smem + 1024)  # 1 KB reserved per block
-        _resident_cache[key] = props.multi_processor_count * max(1, min(by_regs, by_smem, 16))
-    return _resident_cache[key]
+        _occupancy_cache[key] = (props.multi_processor_count, max(1, min(by_regs, by_smem, 16)))
+    return _occupancy_cache[key]
 
 
 _counters: dict = {}
@@ -117,7 +141,7 @@ def _params(q, out, lse, part_o, part_lse, counters, kv, geometry, step, seq_dev
     return (
         ptr(q), ptr(out), ptr(lse),              # q, out [T, H_r, D]; lse [T, H_r] fp32
         ptr(part_o), ptr(part_lse),               # split workspace [n, H_r, S, D], [n, H_r, S] fp32
-        ptr(counters),                             # [n, KV_r, head_chunks] int32, zero
+        ptr(counters),                             # [n, KV_r, head_chunks, merge_counters(S)] int32, zero
         ptr(data),                                 # the layer's cache
         i64(data.stride(0)), i64(data.stride(1)), i64(data.stride(2)),  # slot|block, K->V, KV head
         ptr(geometry.block_table), i32(geometry.table_stride),  # paged: block table, row stride
@@ -173,12 +197,13 @@ def decode(
     if splits is not None and not 1 <= int(splits) <= MAX_SPLITS:
         raise ValueError(f"splits: expected 1..{MAX_SPLITS} or None, got {splits}")
     group = h_r // kv_r
-    hpb = heads_per_block(group)
+    hpb = heads_per_block(group, d)
     head_chunks = -(-group // hpb)
     kernel = get_kernel("decode", **variant(q.dtype, kv, d, group))
     smem = PIPE_BYTES + (4 * TABLE_CAP if kv.cache_layout is CacheLayout.paged else 0)
-    resident = _resident_blocks(kernel, q.device, smem)
-    work = decode_work(step, ids, spec.cross, n * kv_r * head_chunks, resident, None if splits is None else int(splits))
+    occupancy = _occupancy(kernel, q.device, smem)
+    forced = None if splits is None else int(splits)
+    work = decode_work(step, ids, spec.cross, n * kv_r * head_chunks, occupancy, forced, split_target(kv, d, group))
     check_reach(kv, geometry, work.max_keys, plan.max_slot)
 
     alibi = checked_alibi(spec, h_r, q.device)
@@ -186,7 +211,7 @@ def decode(
     if work.splits > 1:
         part_o = torch.empty((n, h_r, work.splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((n, h_r, work.splits), dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, n * kv_r * head_chunks)
+        counters = _split_counters(q.device, n * kv_r * head_chunks * merge_counters(work.splits))
     else:
         part_o = part_lse = counters = None
     dq = kv.dequant_scale if kv.cache_dtype.is_quantized else 1.0

@@ -19,6 +19,7 @@ being read or written out of bounds when a launcher is called directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -26,6 +27,12 @@ from ..batch.step import Step
 from ..position import RopeSpec, relative_bucket
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys per split: more blocks than work (kernels/NOTES_decode.md, split sweep)
+TARGET_BLOCKS_PER_SM = 2  # split blocks per SM worth filling: the sweep's best for one 32k sequence (NOTES)
+# Blocks that move fewer bytes per second each want more of them per SM: a paged cache (tile loads
+# wait on block-table reads: GQA B 16 L 8k ran at 0.85x contiguous with 2 blocks per SM, 0.98-0.99x
+# with 3) and the tensor-core path (8-16 heads or 8-bit conversion per byte: GQA B 16 0.95 of copy at
+# 2 per SM, B 64 0.99 at 4; int8 GQA 0.72 at 2). MHA on CUDA cores keeps 2 (its sweep's best).
+BUSY_TARGET_BLOCKS_PER_SM = 3
 MAX_SPLITS = 512  # the decode kernel's merge keeps heads x splits weights in its pipeline's shared memory
 
 
@@ -90,14 +97,32 @@ def context_tiles(step: Step, ids: tuple[int, ...], block_m: int, causal: bool, 
     return step.plan(_TilesKey(ids, block_m, causal, cross), build)
 
 
-def choose_splits(blocks: int, max_keys: int, resident: int) -> int:
-    """Key splits per sequence: 1 when ``blocks`` (sequences x KV heads x head chunks) already fill
-    the ``resident`` block slots of the GPU (SMs x blocks per SM), else as many as one wave holds
-    (rounded down: a few blocks spilling into a second wave would cost a whole block's time),
-    keeping at least ``MIN_KEYS_PER_SPLIT`` keys per split."""
-    if blocks >= resident or max_keys < 2 * MIN_KEYS_PER_SPLIT:
+def choose_splits(blocks: int, max_keys: int, sms: int, per_sm: int, target: int = TARGET_BLOCKS_PER_SM) -> int:
+    """Key splits per sequence by wave efficiency.
+
+    ``blocks``: sequences x KV heads x head chunks of one split; ``sms`` x ``per_sm`` blocks of the
+    variant are resident at once. A split count ``s`` puts ``blocks * s`` blocks on the GPU, so the
+    busiest SM runs ``load = ceil(blocks * s / sms)`` of them; its use is ``blocks * s / (sms * max(load,
+    target))``: the share of ``target`` (~2) blocks per SM it fills, or, past that, the share of its
+    whole waves. The smallest ``s`` of the best use wins (fewer partials to merge), among counts
+    that stay within one resident wave and keep ``MIN_KEYS_PER_SPLIT`` keys per split. One 32k
+    sequence with 8 KV heads on 132 SMs gets 33 splits of ~1k keys (2 blocks per SM), a batch that
+    fills the SMs already gets 1.
+    """
+    for name, value in (("blocks", blocks), ("sms", sms), ("per_sm", per_sm), ("target", target)):
+        if value < 1:
+            raise ValueError(f"choose_splits: {name} must be >= 1, got {value}")
+    cap = min(MAX_SPLITS, max_keys // MIN_KEYS_PER_SPLIT, sms * per_sm // blocks)
+    if cap <= 1:
         return 1
-    return max(1, min(resident // blocks, max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    target = min(target, per_sm)
+
+    def use(s: int) -> Fraction:
+        total = blocks * s
+        return Fraction(total, sms * max(-(-total // sms), target))
+
+    best = max(use(s) for s in range(1, cap + 1))
+    return next(s for s in range(1, cap + 1) if use(s) == best)
 
 
 @dataclass(frozen=True)
@@ -114,21 +139,30 @@ class _DecodeKey:
     ids: tuple[int, ...]
     cross: bool
     blocks_per_split: int  # sequences x KV heads x head chunks
-    resident: int  # blocks of this decode variant resident on the GPU at once
+    occupancy: tuple[int, int]  # (SMs, blocks of this decode variant resident per SM)
     forced_splits: int | None
+    target: int  # blocks per SM the split count aims at
 
 
 def decode_work(
-    step: Step, ids: tuple[int, ...], cross: bool, blocks_per_split: int, resident: int, forced_splits: int | None
+    step: Step,
+    ids: tuple[int, ...],
+    cross: bool,
+    blocks_per_split: int,
+    occupancy: tuple[int, int],
+    forced_splits: int | None,
+    target: int = TARGET_BLOCKS_PER_SM,
 ) -> DecodeWork:
     def build() -> DecodeWork:
         n_keys = route(step, cross).n_keys
         max_keys = max(n_keys[i] for i in ids)
-        splits = forced_splits if forced_splits is not None else choose_splits(blocks_per_split, max_keys, resident)
+        splits = forced_splits
+        if splits is None:
+            splits = choose_splits(blocks_per_split, max_keys, *occupancy, target)
         ids_dev = torch.tensor(ids, dtype=torch.int32).to(step.device)
         return DecodeWork(ids_dev, max_keys, splits)
 
-    return step.plan(_DecodeKey(ids, cross, blocks_per_split, resident, forced_splits), build)
+    return step.plan(_DecodeKey(ids, cross, blocks_per_split, occupancy, forced_splits, target), build)
 
 
 @dataclass(frozen=True)
