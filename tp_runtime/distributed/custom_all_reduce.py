@@ -175,6 +175,15 @@ def _stream(device: torch.device):
     return s
 
 
+def kernel_names() -> dict:
+    """{(dtype, route): NVRTC name expression} of every variant of kernels/all_reduce.cu."""
+    return {
+        (dtype, kind): f"tp::ar::all_reduce_kernel<{ctype}, {'true' if kind is Route.TWO_SHOT else 'false'}>"
+        for dtype, ctype in _KERNEL_TYPES.items()
+        for kind in (Route.ONE_SHOT, Route.TWO_SHOT)
+    }
+
+
 class CustomAllReduce:
     """The custom all-reduce of one group (collective construction: every rank of ``mpi_comm``).
 
@@ -271,11 +280,7 @@ class CustomAllReduce:
     def _compile(self) -> dict:
         import cupy
 
-        names = {
-            (dtype, kind): f"tp::ar::all_reduce_kernel<{ctype}, {'true' if kind is Route.TWO_SHOT else 'false'}>"
-            for dtype, ctype in _KERNEL_TYPES.items()
-            for kind in (Route.ONE_SHOT, Route.TWO_SHOT)
-        }
+        names = kernel_names()
         arch = cupy.cuda.Device(self.device.index).compute_capability
         module = cupy.RawModule(
             code=(kernels_dir() / "all_reduce.cu").read_text(),
