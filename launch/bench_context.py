@@ -10,7 +10,9 @@ the same bytes (``cache[:, 0]`` is ``[B, H, S, D]``). FLOPs: ``4·B·H·S²·D``
 Timing: CUDA events around ``inner`` back-to-back calls after warm-up, median of ``repeats``
 measurements, rotating among several input sets. On a Hopper GPU "ours" is the sm_90a kernel
 where it serves the case (column ``kernel``: hopper or mma_sync), and the ``mma.sync`` kernel is
-timed as well in the same run (``TP_RUNTIME_HOPPER_CONTEXT=0``: columns ``mma_sync_*``). With
+timed as well in the same run (``TP_RUNTIME_HOPPER_CONTEXT=0``: columns ``mma_sync_*``), and
+where the Hopper kernel runs a persistent grid (D 128) also with one CTA per (query tile, head)
+(columns ``one_item_per_cta_*``, printed ``1/cta``). With
 ``--paged P`` ours is also timed on a paged cache of P-token pages holding the same K/V, its pages
 in shuffled pool order (columns ``paged_*``, ``ratio_paged_vs_contiguous``). Prints a
 table and writes JSON (GPU name, each figure, the baselines from the same run and the ratios).
@@ -134,6 +136,7 @@ def _sdpa_call(backend, q, k, v, causal):
 
 def _one(dtype, d, s, causal, args) -> dict:
     from tp_runtime.backends import cuda, cuda_context
+    from tp_runtime.backends import cuda_context_hopper as ch
     from tp_runtime.backends.base import AttentionSpec
     from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.batch.step import Step
@@ -174,6 +177,14 @@ def _one(dtype, d, s, causal, args) -> dict:
             ms_m = _column(row, "mma_sync", lambda: timed(ours))
         if ms_m is not None:
             row["mma_sync_ms"], row["mma_sync_tflops"] = ms_m, flops / ms_m / 1e9
+    if hopper and ch.persistent(d):  # the persistent grid vs one CTA per (tile, head), same run
+        ch.ONE_ITEM_PER_CTA = True
+        try:
+            ms_1 = _column(row, "one_item_per_cta", lambda: timed(ours))
+        finally:
+            ch.ONE_ITEM_PER_CTA = False
+        if ms_1 is not None:
+            row["one_item_per_cta_ms"], row["one_item_per_cta_tflops"] = ms_1, flops / ms_1 / 1e9
     if getattr(args, "paged", 0):  # the same K/V in a paged cache: what paging costs
         gen = torch.Generator().manual_seed(s)
 
@@ -347,6 +358,7 @@ def _print_row(r: dict, header: bool) -> None:
             if "ratio_paged_vs_contiguous" in r
             else ""
         )
+        + (f" 1/cta:{r['one_item_per_cta_tflops']:.0f}" if "one_item_per_cta_tflops" in r else "")
         + "".join(f" [{k[:-6]} failed: {v}]" for k, v in r.items() if k.endswith("_error")),
         flush=True,
     )
