@@ -13,7 +13,8 @@
 // b, b + gridDim.x, ...: the next item's Q and first K/V blocks load while the consumers finish
 // the current one); at D 64 one CTA per item. CTA = 1 + C warpgroups (384 or 512 threads, 1 CTA
 // per SM):
-//   WG0 producer: gives its registers away (setmaxnreg.dec 24); one thread issues the TMA loads:
+//   WG0 producer: gives its registers away (setmaxnreg.dec 24); one warp: lane 0 issues the TMA
+//       loads, the lanes read a paged cache's block table one block ahead:
 //       per item the Q tile (once the consumers' last S of the previous item has retired:
 //       q_empty), then each K/V block of BN keys into a 2-stage ring that runs on across items
 //       (full barriers carry the TMA byte counts, empty barriers the consumers' releases).
@@ -254,17 +255,23 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
 
   if (wg == 0) {  // ---------------------------------------------------------------- producer
     setmaxnreg_dec<24>();
-    if (threadIdx.x == 0) {
-      tma_prefetch_map(&map_q);
-      tma_prefetch_map(&map_kv);
+    if (threadIdx.x < 32) {  // one warp: lane 0 issues the loads, the lanes read the block table ahead
+      const int lane = threadIdx.x;
+      const bool leader = lane == 0;
+      if (leader) {
+        tma_prefetch_map(&map_q);
+        tma_prefetch_map(&map_kv);
+      }
       int it = 0, ti = 0;  // K/V blocks loaded so far; items
       for (int w = blockIdx.x; w < n_items; w += gridDim.x, ++ti) {
         const HopperTile tl = hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_heads, num_kv_heads);
         if (ti > 0) mbar_wait(q_empty, (ti - 1) & 1);  // the previous item's last S has retired
-        mbar_arrive_expect_tx(q_full, kC * kQBytes);
-        for (int c = 0; c < kC; ++c) {
-          for (int k = 0; k < kChunks; ++k) {
-            tma_load_3d(sQ + c * kQBytes + k * 64 * 128, &map_q, q_full, 64 * k, tl.h, tl.tok0 + tl.m0 + 64 * c);
+        if (leader) {
+          mbar_arrive_expect_tx(q_full, kC * kQBytes);
+          for (int c = 0; c < kC; ++c) {
+            for (int k = 0; k < kChunks; ++k) {
+              tma_load_3d(sQ + c * kQBytes + k * 64 * 128, &map_q, q_full, 64 * k, tl.h, tl.tok0 + tl.m0 + 64 * c);
+            }
           }
         }
         // A K/V block of BN keys = BN / kv_box boxes of kv_box rows each, box r landing at row r
@@ -274,31 +281,39 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         // page from the block table, row = position inside the page. Positions past n_keys (inside
         // the last block only) read the sequence's last page: finite data the mask and the V
         // zeroing discard, and never a table entry the sequence does not own.
+        // Lane i holds the page of box i of a block (BN / kv_box <= 16 boxes), read one block
+        // ahead: the table's latency overlaps the waits and loads of the block before, and the K
+        // and V loads of a block share one read (16-token pages: 8 boxes per block).
         const int slot = slots[tl.seq];
         const int* table_row = block_table != nullptr ? block_table + (long long)slot * table_stride : nullptr;
-        auto tile_load = [&](unsigned char* dst, u64* bar, int j, int kv) {
+        auto page_of_box = [&](int j) {
+          if (table_row == nullptr || lane * kv_box >= BN) return slot;
+          return __ldg(table_row + (min(j * BN + lane * kv_box, tl.nk - 1) >> log2_page));
+        };
+        auto tile_load = [&](unsigned char* dst, u64* bar, int j, int kv, int page) {
           for (int r = 0; r < BN; r += kv_box) {
             const int pos = j * BN + r;
-            int plane = slot, row = pos;
-            if (table_row != nullptr) {
-              plane = __ldg(table_row + (min(pos, tl.nk - 1) >> log2_page));
-              row = pos & ((1 << log2_page) - 1);
-            }
-            plane = (plane * 2 + kv) * num_kv_heads + tl.kvh;
-            for (int k = 0; k < kChunks; ++k) {
-              tma_load_3d(dst + k * BN * 128 + r * 128, &map_kv, bar, 64 * k, row, plane);
+            const int plane = (__shfl_sync(0xffffffffu, page, r / kv_box) * 2 + kv) * num_kv_heads + tl.kvh;
+            const int row = table_row != nullptr ? pos & ((1 << log2_page) - 1) : pos;
+            if (leader) {
+              for (int k = 0; k < kChunks; ++k) {
+                tma_load_3d(dst + k * BN * 128 + r * 128, &map_kv, bar, 64 * k, row, plane);
+              }
             }
           }
         };
+        int page = tl.n_kb > 0 ? page_of_box(0) : slot;
         for (int j = 0; j < tl.n_kb; ++j, ++it) {
+          const int next = j + 1 < tl.n_kb ? page_of_box(j + 1) : slot;
           const int s = it & 1;
           const u32 parity = ((it >> 1) - 1) & 1;  // the release of block it - 2 (same stage)
           if (it >= 2) mbar_wait(&k_empty[s], parity);
-          mbar_arrive_expect_tx(&k_full[s], kKVBytes);
-          tile_load(sK + s * kKVBytes, &k_full[s], j, 0);
+          if (leader) mbar_arrive_expect_tx(&k_full[s], kKVBytes);
+          tile_load(sK + s * kKVBytes, &k_full[s], j, 0, page);
           if (it >= 2) mbar_wait(&v_empty[s], parity);
-          mbar_arrive_expect_tx(&v_full[s], kKVBytes);
-          tile_load(sV + s * kKVBytes, &v_full[s], j, 1);
+          if (leader) mbar_arrive_expect_tx(&v_full[s], kKVBytes);
+          tile_load(sV + s * kKVBytes, &v_full[s], j, 1, page);
+          page = next;
         }
       }
     }
