@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         tma_prefetch_map(&map_q);
         tma_prefetch_map(&map_kv);
       }
-      int it = 0, ti = 0;  // K/V blocks loaded so far; items
+      int it = 0, ti = 0;  // ring position of the item's first K/V block; items
       for (int w = blockIdx.x; w < n_items; w += gridDim.x, ++ti) {
         const HopperTile tl = hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_heads, num_kv_heads);
         if (ti > 0) mbar_wait(q_empty, (ti - 1) & 1);  // the previous item's last S has retired
@@ -302,19 +302,23 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
             }
           }
         };
-        int page = tl.n_kb > 0 ? page_of_box(0) : slot;
-        for (int j = 0; j < tl.n_kb; ++j, ++it) {
+        // Order K_0, K_1, V_0, K_2, V_1, ...: the consumers' order of use (S_j is issued with
+        // P_{j-1}·V_{j-1}), so K_{j+1} never waits behind V_j's stage release (P·V_{j-2}).
+        auto load = [&](u64* empty, u64* full, unsigned char* base, int a, int j, int kv, int page) {
+          const int s = a & 1;
+          if (a >= 2) mbar_wait(&empty[s], ((a >> 1) - 1) & 1);  // the release of block a - 2 (same stage)
+          if (leader) mbar_arrive_expect_tx(&full[s], kKVBytes);
+          tile_load(base + s * kKVBytes, &full[s], j, kv, page);
+        };
+        int page = tl.n_kb > 0 ? page_of_box(0) : slot, prev = slot;  // pages of blocks j and j - 1
+        for (int j = 0; j <= tl.n_kb; ++j) {
           const int next = j + 1 < tl.n_kb ? page_of_box(j + 1) : slot;
-          const int s = it & 1;
-          const u32 parity = ((it >> 1) - 1) & 1;  // the release of block it - 2 (same stage)
-          if (it >= 2) mbar_wait(&k_empty[s], parity);
-          if (leader) mbar_arrive_expect_tx(&k_full[s], kKVBytes);
-          tile_load(sK + s * kKVBytes, &k_full[s], j, 0, page);
-          if (it >= 2) mbar_wait(&v_empty[s], parity);
-          if (leader) mbar_arrive_expect_tx(&v_full[s], kKVBytes);
-          tile_load(sV + s * kKVBytes, &v_full[s], j, 1, page);
+          if (j < tl.n_kb) load(k_empty, k_full, sK, it + j, j, 0, page);
+          if (j > 0) load(v_empty, v_full, sV, it + j - 1, j - 1, 1, prev);
+          prev = page;
           page = next;
         }
+        it += tl.n_kb;
       }
     }
   } else {  // ----------------------------------------------------------------------- consumers
@@ -398,12 +402,12 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           const int s = a & 1, sp = s ^ 1;
           turn_begin();
           mbar_wait(&k_full[s], (a >> 1) & 1);
-          mbar_wait(&v_full[sp], ((a - 1) >> 1) & 1);
           fence_operands(sc);
           fence_operands(o);
           wgmma_fence();
           issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));  // S_j
           wgmma_commit();
+          mbar_wait(&v_full[sp], ((a - 1) >> 1) & 1);  // V_{j-1} only now: S_j may start without it
           issue_pv<T, D, BN>(o, pa, smem_addr(sV + sp * kKVBytes));  // O += P_{j-1}·V_{j-1}, in flight
           wgmma_commit();
           turn_end(false);
