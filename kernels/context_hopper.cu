@@ -408,6 +408,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));  // S_j
           wgmma_commit();
           mbar_wait(&v_full[sp], ((a - 1) >> 1) & 1);  // V_{j-1} only now: S_j may start without it
+          wgmma_fence();  // (ptxas would inject this fence after the wait loop anyway)
           issue_pv<T, D, BN>(o, pa, smem_addr(sV + sp * kKVBytes));  // O += P_{j-1}·V_{j-1}, in flight
           wgmma_commit();
           turn_end(false);
