@@ -334,18 +334,13 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     // Ping-pong turns, round robin over the consumers and on across the CTA's items: n_kb + 1 per
     // consumer and item (S_0; S_j with P_{j-1}·V_{j-1}; the last P·V). In each, wait on this
     // consumer's barrier (its 128 threads + the previous consumer's 128 arrivals), issue, then
-    // hand the turn to the next consumer. Consumer 0 goes first (the last consumer opens its
-    // barrier once at the start), and the last consumer skips its final hand-over of the CTA's
-    // last item, so every barrier sees as many arrivals as waits. (Every item has n_kb >= 1: a
-    // tile's sequence has at least its own new tokens as keys; the n_kb == 0 branch below is a
-    // guard, after which at most one arrival would be left pending at exit.)
+    // hand the turn to the next consumer. Consumer 0 goes first: the last consumer opens its
+    // barrier once at the start, and consumer 0 takes that one extra arrival back with one extra
+    // wait at its end, so every barrier sees as many arrivals as waits whatever the items.
     const int my_bar = kTurnBar + cw, next_bar = kTurnBar + (cw + 1) % kC;
-    const bool last_consumer = cw == kC - 1;
-    if (last_consumer) named_barrier_arrive(next_bar, 256);
+    if (cw == kC - 1) named_barrier_arrive(next_bar, 256);
     auto turn_begin = [&]() { named_barrier_sync(my_bar, 256); };
-    auto turn_end = [&](bool final_turn) {
-      if (!(last_consumer && final_turn)) named_barrier_arrive(next_bar, 256);
-    };
+    auto turn_end = [&]() { named_barrier_arrive(next_bar, 256); };
 
     // The key loop counts in ring positions a = it .. it + n_kb - 1 (stage a & 1, phase (a >> 1) & 1),
     // and the positions of the item's keys and queries are shifted by it·BN so that block a starts
@@ -389,7 +384,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           wgmma_fence();
           issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));
           wgmma_commit();
-          turn_end(false);
+          turn_end();
           wgmma_wait<0>();
           fence_operands(sc);
           mbar_arrive(&k_empty[s]);
@@ -411,7 +406,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           wgmma_fence();  // (ptxas would inject this fence after the wait loop anyway)
           issue_pv<T, D, BN>(o, pa, smem_addr(sV + sp * kKVBytes));  // O += P_{j-1}·V_{j-1}, in flight
           wgmma_commit();
-          turn_end(false);
+          turn_end();
           wgmma_wait<1>();  // S_j retired (groups retire in order)
           fence_operands(sc);
           mbar_arrive(&k_empty[s]);
@@ -451,14 +446,14 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           wgmma_fence();
           issue_pv<T, D, BN>(o, pa, smem_addr(sV + s * kKVBytes));
           wgmma_commit();
-          turn_end(w + static_cast<int>(gridDim.x) >= n_items);  // the CTA's last item
+          turn_end();
           wgmma_wait<0>();
           fence_operands(o);
 #pragma unroll
           for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
           mbar_arrive(&v_empty[s]);
         }
-      } else {
+      } else {  // (not reached: a tile's sequence has its own new tokens as keys)
         mbar_arrive(q_empty);
       }
       it = a_end;
@@ -498,6 +493,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       }
       if (!HopperConsumers<D>::kPersistent) break;  // (the compiler then keeps no loop state)
     }
+    if (cw == 0) turn_begin();  // the last consumer's opening arrival (see the turns above)
   }
 #endif
 }
