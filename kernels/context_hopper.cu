@@ -9,9 +9,10 @@
 //
 // Work item = (query tile of 64·C rows, head), C consumer warpgroups (HopperConsumers: 2 at D 128,
 // 3 at D 64); the tile list comes from cuda_plan.context_tiles, heaviest causal work first, items
-// numbered tile-major. Grid: at D 128 persistent (at most one CTA per SM, each looping over items
-// b, b + gridDim.x, ...: the next item's Q and first K/V blocks load while the consumers finish
-// the current one); at D 64 one CTA per item. CTA = 1 + C warpgroups (384 or 512 threads, 1 CTA
+// numbered head-major at D 128 (concurrent CTAs share a head's K/V in L2). Grid: at D 128
+// persistent (at most one CTA per SM, one item per round in snake order, the next item's Q and
+// first K/V blocks loading while the consumers finish the current one); at D 64 one CTA per
+// item, tile-major (heaviest first). CTA = 1 + C warpgroups (384 or 512 threads, 1 CTA
 // per SM):
 //   WG0 producer: gives its registers away (setmaxnreg.dec 24); one warp: lane 0 issues the TMA
 //       loads, the lanes read a paged cache's block table one block ahead:
@@ -169,8 +170,11 @@ struct HopperConsumers {
   static constexpr bool kPersistent = D == 128;
 };
 
-// One work item of the persistent grid: query tile `w / num_heads` of head `w % num_heads`, and
-// what the producer and the consumers derive from it (both compute it, from the same loads).
+// One work item: a (query tile, head), and what the producer and the consumers derive from it
+// (both compute it, from the same loads). Item w: persistent grid (D 128), head-major — head
+// w / num_tiles, tile w % num_tiles — so the CTAs running at the same time mostly read the K/V of
+// the same head (kept in L2 for all its tiles); one item per CTA (D 64), tile-major — tile
+// w / num_heads, head w % num_heads — so the hardware starts the heaviest tiles first.
 struct HopperTile {
   int h, seq, m0, tok0, qpos0, nk, kvh, rows;
   int n_kb;    // K/V blocks of BN keys any row of the tile may see
@@ -180,11 +184,18 @@ struct HopperTile {
 template <int D, typename Mask>
 __device__ __forceinline__ HopperTile hopper_tile(int w, const int* __restrict__ tiles,
                                                   const int* __restrict__ cu_seqlens, const int* __restrict__ past,
-                                                  const int* __restrict__ n_keys, int num_heads, int num_kv_heads) {
+                                                  const int* __restrict__ n_keys, int num_tiles, int num_heads,
+                                                  int num_kv_heads) {
   constexpr int BN = 128, kRows = 64 * HopperConsumers<D>::kCount;
   HopperTile tl;
-  const int tile = w / num_heads;
-  tl.h = w - tile * num_heads;
+  int tile;
+  if (HopperConsumers<D>::kPersistent) {
+    tl.h = w / num_tiles;
+    tile = w - tl.h * num_tiles;
+  } else {
+    tile = w / num_heads;
+    tl.h = w - tile * num_heads;
+  }
   tl.seq = tiles[2 * tile];
   tl.m0 = tiles[2 * tile + 1];
   tl.tok0 = cu_seqlens[tl.seq];
@@ -196,6 +207,18 @@ __device__ __forceinline__ HopperTile hopper_tile(int w, const int* __restrict__
   tl.n_kb = k_end > 0 ? (k_end + BN - 1) / BN : 0;
   tl.n_open = (Mask::kCausal ? min(tl.nk, tl.qpos0 + 1) : tl.nk) / BN;
   return tl;
+}
+
+// This CTA's item in round r of a persistent grid, or -1 (the last round has fewer items than
+// CTAs): round r serves items r·G .. r·G + G - 1 (G = gridDim.x), CTA b taking the b-th of them
+// in even rounds and the (G - 1 - b)-th in odd ones — a snake order: with the items of a head
+// heaviest first, a CTA that drew a heavy item in one round draws a light one in the next.
+// One item per CTA (gridDim.x = items): item blockIdx.x.
+template <int D>
+__device__ __forceinline__ int hopper_item(int r, int n_items) {
+  const int g = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  const int w = r * g + (HopperConsumers<D>::kPersistent && (r & 1) ? g - 1 - b : b);
+  return w < n_items ? w : -1;
 }
 
 template <typename T, int D, typename Mask, typename Bias>
@@ -232,12 +255,14 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
   u64* k_empty = bars + 6;  // [2]
   u64* v_empty = bars + 8;  // [2]
 
-  // Persistent grid: CTA b serves work items b, b + gridDim.x, ... (item w = tile w / num_heads of
-  // head w % num_heads; the tile list is heaviest first, so each round of gridDim.x items is of
-  // nearly equal weight). The K/V ring's position `it` and the Q buffer's phase `ti` run on
-  // across items, so the producer loads item i+1's Q and first K/V blocks while the consumers
-  // still finish item i (its last P·V, its epilogue). gridDim.x = items: one item per CTA.
+  // Persistent grid: CTA b serves one item per round (hopper_item: snake order over head-major
+  // items). The K/V ring's position `it` and the Q buffer's phase `ti` run on across items, so
+  // the producer loads item i+1's Q and first K/V blocks while the consumers still finish item i
+  // (its last P·V, its epilogue). gridDim.x = items: one item per CTA.
   const int n_items = num_tiles * num_heads;
+  auto tile_of = [&](int w) {
+    return hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_tiles, num_heads, num_kv_heads);
+  };
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -262,9 +287,11 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         tma_prefetch_map(&map_q);
         tma_prefetch_map(&map_kv);
       }
-      int it = 0, ti = 0;  // ring position of the item's first K/V block; items
-      for (int w = blockIdx.x; w < n_items; w += gridDim.x, ++ti) {
-        const HopperTile tl = hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_heads, num_kv_heads);
+      int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
+      for (int r = 0; r * static_cast<int>(gridDim.x) < n_items; ++r) {
+        const int w = hopper_item<D>(r, n_items);
+        if (w < 0) break;  // (only in the last round)
+        const HopperTile tl = tile_of(w);
         if (ti > 0) mbar_wait(q_empty, (ti - 1) & 1);  // the previous item's last S has retired
         if (leader) {
           mbar_arrive_expect_tx(q_full, kC * kQBytes);
@@ -319,6 +346,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           page = next;
         }
         it += tl.n_kb;
+        ++ti;
       }
     }
   } else {  // ----------------------------------------------------------------------- consumers
@@ -346,12 +374,14 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     // and the positions of the item's keys and queries are shifted by it·BN so that block a starts
     // at key a·BN: only differences and comparisons of positions are used, and the loop keeps one
     // counter fewer live (D 64 has no register to spare).
-    int it = 0;
-    for (int w = blockIdx.x; w < n_items; w += gridDim.x) {
+    int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
+    for (int r = 0; r * static_cast<int>(gridDim.x) < n_items; ++r, ++ti) {
+      const int w = hopper_item<D>(r, n_items);
+      if (w < 0) break;  // (only in the last round)
       int a_end, open_end;  // ring position past the item's last block; past its unmasked blocks
       RowInfo ri;
       {
-        const HopperTile tl = hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_heads, num_kv_heads);
+        const HopperTile tl = tile_of(w);
         const int shift = it * BN, nk = tl.nk + shift;
         a_end = it + tl.n_kb;
         open_end = it + tl.n_open;
@@ -371,9 +401,8 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       float sc[BN / 2];
       u32 pa[BN / 16][4];
 
-      // the item's Q (this CTA's (w - blockIdx.x) / gridDim.x-th); also with no key: the next Q
-      // load must not overtake this one
-      mbar_wait(q_full, ((w - blockIdx.x) / gridDim.x) & 1);
+      // the item's Q; also with no key: the next Q load must not overtake this one
+      mbar_wait(q_full, ti & 1);
       if (a_end > it) {  // (no key at all: O = 0, lse = -inf)
         // block 0: S_0 alone
         {
@@ -430,7 +459,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           // order the writes before the other consumers' P·V too; the stage is refilled by TMA only
           // after every consumer's P·V has released it.
           // n_keys, shifted as the loop's positions (derived again: one register fewer in the loop)
-          const HopperTile tl = hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_heads, num_kv_heads);
+          const HopperTile tl = tile_of(w);
           const int nk = tl.nk + (a_end - tl.n_kb) * BN;
           if (cw == 0 && n0 + BN > nk) {
             const int first = max(nk - n0, 0);
@@ -462,7 +491,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       // the 16-byte chunks of row r XOR-swizzled by r % 8 (the quad-wide 4-byte writes of 8 rows
       // then hit distinct banks), then 16-byte coalesced stores of the rows of this sequence. The
       // first barrier: the consumer's reads of the previous item's tile are done.
-      const HopperTile tl = hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_heads, num_kv_heads);
+      const HopperTile tl = tile_of(w);
       const int row0 = 64 * cw;  // the consumer's first tile row
       named_barrier_sync(kEpilogueBar + cw, 128);
 #pragma unroll
