@@ -54,7 +54,7 @@ def persistent(head_size: int) -> bool:
 
 # CTAs of a persistent launch at most, per SM (1: the kernel's shared memory allows one CTA per SM).
 # Tests set it lower (``MAX_CTAS``) to make each CTA serve many items; the bench sets
-# ``ONE_ITEM_PER_CTA`` to time the grid of one CTA per item in the same run.
+# ``ONE_ITEM_PER_CTA`` to time a grid of one CTA per item (same item order) in the same run.
 MAX_CTAS: int | None = None
 ONE_ITEM_PER_CTA = False
 
