@@ -288,8 +288,8 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         tma_prefetch_map(&map_kv);
       }
       int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
-      for (int r = 0; r * static_cast<int>(gridDim.x) < n_items; ++r) {
-        const int w = hopper_item<D>(r, n_items);
+      for (int rd = 0; rd * static_cast<int>(gridDim.x) < n_items; ++rd) {
+        const int w = hopper_item<D>(rd, n_items);
         if (w < 0) break;  // (only in the last round)
         const HopperTile tl = tile_of(w);
         if (ti > 0) mbar_wait(q_empty, (ti - 1) & 1);  // the previous item's last S has retired
@@ -375,8 +375,8 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     // at key a·BN: only differences and comparisons of positions are used, and the loop keeps one
     // counter fewer live (D 64 has no register to spare).
     int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
-    for (int r = 0; r * static_cast<int>(gridDim.x) < n_items; ++r, ++ti) {
-      const int w = hopper_item<D>(r, n_items);
+    for (int rd = 0; rd * static_cast<int>(gridDim.x) < n_items; ++rd, ++ti) {
+      const int w = hopper_item<D>(rd, n_items);
       if (w < 0) break;  // (only in the last round)
       int a_end, open_end;  // ring position past the item's last block; past its unmasked blocks
       RowInfo ri;
