@@ -357,7 +357,6 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     const int r0 = 64 * cw + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8 (tile rows)
     const int col = 2 * (lane % 4);                 // its first column inside each 8-column block
     const u32 q_addr = smem_addr(sQ + cw * kQBytes);
-    unsigned char* my_o = sO + cw * kQBytes;
 
     // Ping-pong turns, round robin over the consumers and on across the CTA's items: n_kb + 1 per
     // consumer and item (S_0; S_j with P_{j-1}·V_{j-1}; the last P·V). In each, wait on this
@@ -493,6 +492,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       // first barrier: the consumer's reads of the previous item's tile are done.
       const HopperTile tl = tile_of(w);
       const int row0 = 64 * cw;  // the consumer's first tile row
+      unsigned char* my_o = sO + cw * kQBytes;
       named_barrier_sync(kEpilogueBar + cw, 128);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
