@@ -7,12 +7,18 @@
 // semantics as that kernel: out [T, H, D] and lse [T, H] (natural log, -inf for a row with no
 // key) at the rows of the tiles' sequences only.
 //
-// Grid (num_heads, num_tiles): one CTA per (query tile of 64·C rows, head), C consumer warpgroups
-// (HopperConsumers: 2 at D 128, 3 at D 64); the tile list comes from cuda_plan.context_tiles,
-// heaviest causal work first. CTA = 1 + C warpgroups (384 or 512 threads, 1 CTA per SM):
-//   WG0 producer: gives its registers away (setmaxnreg.dec 24); one thread issues the TMA loads:
-//       the Q tile once, then each K/V block of BN keys into a 2-stage ring (full barriers carry
-//       the TMA byte counts, empty barriers the consumers' releases).
+// Work item = (query tile of 64·C rows, head), C consumer warpgroups (HopperConsumers: 2 at D 128,
+// 3 at D 64); the tile list comes from cuda_plan.context_tiles, heaviest causal work first, items
+// numbered head-major at D 128 (concurrent CTAs share a head's K/V in L2). Grid: at D 128
+// persistent (at most one CTA per SM, one item per round in snake order, the next item's Q and
+// first K/V blocks loading while the consumers finish the current one); at D 64 one CTA per
+// item, tile-major (heaviest first). CTA = 1 + C warpgroups (384 or 512 threads, 1 CTA
+// per SM):
+//   WG0 producer: gives its registers away (setmaxnreg.dec 24); one warp: lane 0 issues the TMA
+//       loads, the lanes read a paged cache's block table one block ahead:
+//       per item the Q tile (once the consumers' last S of the previous item has retired:
+//       q_empty), then each K/V block of BN keys into a 2-stage ring that runs on across items
+//       (full barriers carry the TMA byte counts, empty barriers the consumers' releases).
 //   WG1 .. WGC consumers (setmaxnreg.inc 240 / 160): 64 query rows each. Per K/V block:
 //       S = Q·Kᵀ (SS wgmma, D/16 k steps), mask + online softmax in registers (log2 domain),
 //       P packed to fp16/bf16 in registers = the A operand of O += P·V (RS wgmma, V MN-major).
@@ -28,10 +34,11 @@
 // diagonal and the one holding n_keys are masked).
 //
 // Shared memory (dynamic, aligned up to 1024 bytes in the kernel; layouts of kernels/hopper.cuh):
-//   sQ [C consumers][D/64][64 rows][128 B]      64·C·D·2 bytes (then each consumer's O for the epilogue)
+//   sQ [C consumers][D/64][64 rows][128 B]      64·C·D·2 bytes
 //   sK [2 stages][D/64][BN rows][128 B]         2·BN·D·2
 //   sV [2 stages][D/64][BN rows][128 B]         2·BN·D·2
-//   barriers: q_full, k_full[2], v_full[2], k_empty[2], v_empty[2]
+//   sO [C consumers][64 rows][D·2 B]            64·C·D·2 (the epilogue's staging: the next Q loads meanwhile)
+//   barriers: q_full, q_empty, k_full[2], v_full[2], k_empty[2], v_empty[2]
 // Tensor maps (tp_runtime/backends/cuda_context_hopper.py):
 //   map_q  over q  [T, H, D] as 3-D {D, H, T}, box {64, 1, 64}: one consumer's 64 rows of one head
 //   map_kv over the contiguous cache [B, 2, KV, S_max, D] as 3-D {D, S_max, B·2·KV}, box {64, BN, 1},
@@ -157,7 +164,62 @@ template <int D>
 struct HopperConsumers {
   static constexpr int kCount = D == 64 ? 3 : 2;
   static constexpr int kRegs = D == 64 ? 160 : 240;  // 128·24 + 128·kCount·kRegs <= 65536
+  // A CTA loops over work items (persistent grid) at D 128; at D 64 the loop's counters do not fit
+  // in 160 registers next to o, S and P (ptxas spills them into the key loop), so each CTA serves
+  // one item there (the launcher's grid has one CTA per item).
+  static constexpr bool kPersistent = D == 128;
 };
+
+// One work item: a (query tile, head), and what the producer and the consumers derive from it
+// (both compute it, from the same loads). Item w: persistent grid (D 128), head-major — head
+// w / num_tiles, tile w % num_tiles — so the CTAs running at the same time mostly read the K/V of
+// the same head (kept in L2 for all its tiles); one item per CTA (D 64), tile-major — tile
+// w / num_heads, head w % num_heads — so the hardware starts the heaviest tiles first.
+struct HopperTile {
+  int h, seq, m0, tok0, qpos0, nk, kvh, rows;
+  int n_kb;    // K/V blocks of BN keys any row of the tile may see
+  int n_open;  // blocks [0, n_open) are visible to every row of the tile in full: no mask
+};
+
+template <int D, typename Mask>
+__device__ __forceinline__ HopperTile hopper_tile(int w, const int* __restrict__ tiles,
+                                                  const int* __restrict__ cu_seqlens, const int* __restrict__ past,
+                                                  const int* __restrict__ n_keys, int num_tiles, int num_heads,
+                                                  int num_kv_heads) {
+  constexpr int BN = 128, kRows = 64 * HopperConsumers<D>::kCount;
+  HopperTile tl;
+  int tile;
+  if (HopperConsumers<D>::kPersistent) {
+    tl.h = w / num_tiles;
+    tile = w - tl.h * num_tiles;
+  } else {
+    tile = w / num_heads;
+    tl.h = w - tile * num_heads;
+  }
+  tl.seq = tiles[2 * tile];
+  tl.m0 = tiles[2 * tile + 1];
+  tl.tok0 = cu_seqlens[tl.seq];
+  tl.qpos0 = past[tl.seq] + tl.m0;
+  tl.nk = n_keys[tl.seq];
+  tl.kvh = tl.h / (num_heads / num_kv_heads);
+  tl.rows = min(kRows, cu_seqlens[tl.seq + 1] - tl.tok0 - tl.m0);
+  const int k_end = Mask::kCausal ? min(tl.nk, tl.qpos0 + tl.rows) : tl.nk;  // keys any row of the tile may see
+  tl.n_kb = k_end > 0 ? (k_end + BN - 1) / BN : 0;
+  tl.n_open = (Mask::kCausal ? min(tl.nk, tl.qpos0 + 1) : tl.nk) / BN;
+  return tl;
+}
+
+// This CTA's item in round r of a persistent grid, or -1 (the last round has fewer items than
+// CTAs): round r serves items r·G .. r·G + G - 1 (G = gridDim.x), CTA b taking the b-th of them
+// in even rounds and the (G - 1 - b)-th in odd ones — a snake order: with the items of a head
+// heaviest first, a CTA that drew a heavy item in one round draws a light one in the next.
+// One item per CTA (gridDim.x = items): item blockIdx.x.
+template <int D>
+__device__ __forceinline__ int hopper_item(int r, int n_items) {
+  const int g = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  const int w = r * g + (HopperConsumers<D>::kPersistent && (r & 1) ? g - 1 - b : b);
+  return w < n_items ? w : -1;
+}
 
 template <typename T, int D, typename Mask, typename Bias>
 __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) context_hopper_kernel(
@@ -165,7 +227,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     T* __restrict__ out, int out_stride, float* __restrict__ lse, const int* __restrict__ tiles,
     const int* __restrict__ cu_seqlens, const int* __restrict__ past, const int* __restrict__ n_keys,
     const int* __restrict__ slots, const int* __restrict__ block_table, int table_stride, int kv_box,
-    int log2_page, int num_heads, int num_kv_heads, float scale_log2, const float* __restrict__ alibi) {
+    int log2_page, int num_tiles, int num_heads, int num_kv_heads, float scale_log2, const float* __restrict__ alibi) {
 #if TP_HOPPER_ENABLED
   using namespace hopper;
   constexpr int BN = 128;          // keys per K/V block
@@ -184,29 +246,28 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
   unsigned char* sQ = align_smem(smem_raw);
   unsigned char* sK = sQ + kC * kQBytes;
   unsigned char* sV = sK + 2 * kKVBytes;
-  u64* bars = reinterpret_cast<u64*>(sV + 2 * kKVBytes);
+  unsigned char* sO = sV + 2 * kKVBytes;  // [kC][64 rows][D·2 bytes]: the epilogue's staging
+  u64* bars = reinterpret_cast<u64*>(sO + kC * kQBytes);
   u64* q_full = bars;
-  u64* k_full = bars + 1;   // [2]
-  u64* v_full = bars + 3;   // [2]
-  u64* k_empty = bars + 5;  // [2]
-  u64* v_empty = bars + 7;  // [2]
+  u64* q_empty = bars + 1;  // every consumer thread: its last S of the tile has retired
+  u64* k_full = bars + 2;   // [2]
+  u64* v_full = bars + 4;   // [2]
+  u64* k_empty = bars + 6;  // [2]
+  u64* v_empty = bars + 8;  // [2]
 
-  const int h = blockIdx.x;
-  const int seq = tiles[2 * blockIdx.y], m0 = tiles[2 * blockIdx.y + 1];
-  const int tok0 = cu_seqlens[seq];
-  const int new_len = cu_seqlens[seq + 1] - tok0;
-  const int qpos0 = past[seq] + m0;
-  const int nk = n_keys[seq];
-  const int kvh = h / (num_heads / num_kv_heads);
-  const int rows = min(64 * kC, new_len - m0);
-  const int k_end = Mask::kCausal ? min(nk, qpos0 + rows) : nk;  // keys any row of the tile may see
-  const int n_kb = k_end > 0 ? (k_end + BN - 1) / BN : 0;
-  // blocks [0, n_open) are visible to every row of the tile in full: no mask
-  const int n_open = (Mask::kCausal ? min(nk, qpos0 + 1) : nk) / BN;
+  // Persistent grid: CTA b serves one item per round (hopper_item: snake order over head-major
+  // items). The K/V ring's position `it` and the Q buffer's phase `ti` run on across items, so
+  // the producer loads item i+1's Q and first K/V blocks while the consumers still finish item i
+  // (its last P·V, its epilogue). gridDim.x = items: one item per CTA.
+  const int n_items = num_tiles * num_heads;
+  auto tile_of = [&](int w) {
+    return hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_tiles, num_heads, num_kv_heads);
+  };
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
+    mbar_init(q_empty, 128 * kC);
     for (int s = 0; s < 2; ++s) {
       mbar_init(&k_full[s], 1);
       mbar_init(&v_full[s], 1);
@@ -219,190 +280,249 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
 
   if (wg == 0) {  // ---------------------------------------------------------------- producer
     setmaxnreg_dec<24>();
-    if (threadIdx.x == 0) {
-      tma_prefetch_map(&map_q);
-      tma_prefetch_map(&map_kv);
-      mbar_arrive_expect_tx(q_full, kC * kQBytes);
-      for (int c = 0; c < kC; ++c) {
-        for (int k = 0; k < kChunks; ++k) {
-          tma_load_3d(sQ + c * kQBytes + k * 64 * 128, &map_q, q_full, 64 * k, h, tok0 + m0 + 64 * c);
-        }
+    if (threadIdx.x < 32) {  // one warp: lane 0 issues the loads, the lanes read the block table ahead
+      const int lane = threadIdx.x;
+      const bool leader = lane == 0;
+      if (leader) {
+        tma_prefetch_map(&map_q);
+        tma_prefetch_map(&map_kv);
       }
-      // A K/V block of BN keys = BN / kv_box boxes of kv_box rows each, box r landing at row r of
-      // the tile (kv_box >= 8 rows = whole 1024-byte swizzle atoms, so the layout is the same as
-      // one box's). Contiguous: one box, plane (slot, K|V, head), row = position. Paged: one box
-      // per page (or per BN rows of a page larger than BN), plane (page, K|V, head) with the page
-      // from the block table, row = position inside the page. Positions past n_keys (inside the
-      // last block only) read the sequence's last page: finite data the mask and the V zeroing
-      // discard, and never a table entry the sequence does not own.
-      const int slot = slots[seq];
-      const int* table_row = block_table != nullptr ? block_table + (long long)slot * table_stride : nullptr;
-      auto tile_load = [&](unsigned char* dst, u64* bar, int j, int kv) {
-        for (int r = 0; r < BN; r += kv_box) {
-          const int pos = j * BN + r;
-          int plane = slot, row = pos;
-          if (table_row != nullptr) {
-            plane = __ldg(table_row + (min(pos, nk - 1) >> log2_page));
-            row = pos & ((1 << log2_page) - 1);
-          }
-          plane = (plane * 2 + kv) * num_kv_heads + kvh;
-          for (int k = 0; k < kChunks; ++k) {
-            tma_load_3d(dst + k * BN * 128 + r * 128, &map_kv, bar, 64 * k, row, plane);
+      int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
+      for (int rd = 0; rd * static_cast<int>(gridDim.x) < n_items; ++rd) {
+        const int w = hopper_item<D>(rd, n_items);
+        if (w < 0) break;  // (only in the last round)
+        const HopperTile tl = tile_of(w);
+        if (ti > 0) mbar_wait(q_empty, (ti - 1) & 1);  // the previous item's last S has retired
+        if (leader) {
+          mbar_arrive_expect_tx(q_full, kC * kQBytes);
+          for (int c = 0; c < kC; ++c) {
+            for (int k = 0; k < kChunks; ++k) {
+              tma_load_3d(sQ + c * kQBytes + k * 64 * 128, &map_q, q_full, 64 * k, tl.h, tl.tok0 + tl.m0 + 64 * c);
+            }
           }
         }
-      };
-      for (int j = 0; j < n_kb; ++j) {
-        const int s = j & 1;
-        const u32 parity = ((j >> 1) - 1) & 1;  // the release of block j - 2 (same stage)
-        if (j >= 2) mbar_wait(&k_empty[s], parity);
-        mbar_arrive_expect_tx(&k_full[s], kKVBytes);
-        tile_load(sK + s * kKVBytes, &k_full[s], j, 0);
-        if (j >= 2) mbar_wait(&v_empty[s], parity);
-        mbar_arrive_expect_tx(&v_full[s], kKVBytes);
-        tile_load(sV + s * kKVBytes, &v_full[s], j, 1);
+        // A K/V block of BN keys = BN / kv_box boxes of kv_box rows each, box r landing at row r
+        // of the tile (kv_box >= 8 rows = whole 1024-byte swizzle atoms, so the layout is the same
+        // as one box's). Contiguous: one box, plane (slot, K|V, head), row = position. Paged: one
+        // box per page (or per BN rows of a page larger than BN), plane (page, K|V, head) with the
+        // page from the block table, row = position inside the page. Positions past n_keys (inside
+        // the last block only) read the sequence's last page: finite data the mask and the V
+        // zeroing discard, and never a table entry the sequence does not own.
+        // Lane i holds the page of box i of a block (BN / kv_box <= 16 boxes), read one block
+        // ahead: the table's latency overlaps the waits and loads of the block before, and the K
+        // and V loads of a block share one read (16-token pages: 8 boxes per block).
+        const int slot = slots[tl.seq];
+        const int* table_row = block_table != nullptr ? block_table + (long long)slot * table_stride : nullptr;
+        auto page_of_box = [&](int j) {
+          if (table_row == nullptr || lane * kv_box >= BN) return slot;
+          return __ldg(table_row + (min(j * BN + lane * kv_box, tl.nk - 1) >> log2_page));
+        };
+        auto tile_load = [&](unsigned char* dst, u64* bar, int j, int kv, int page) {
+          for (int r = 0; r < BN; r += kv_box) {
+            const int pos = j * BN + r;
+            const int plane = (__shfl_sync(0xffffffffu, page, r / kv_box) * 2 + kv) * num_kv_heads + tl.kvh;
+            const int row = table_row != nullptr ? pos & ((1 << log2_page) - 1) : pos;
+            if (leader) {
+              for (int k = 0; k < kChunks; ++k) {
+                tma_load_3d(dst + k * BN * 128 + r * 128, &map_kv, bar, 64 * k, row, plane);
+              }
+            }
+          }
+        };
+        // Order K_0, K_1, V_0, K_2, V_1, ...: the consumers' order of use (S_j is issued with
+        // P_{j-1}·V_{j-1}), so K_{j+1} never waits behind V_j's stage release (P·V_{j-2}).
+        auto load = [&](u64* empty, u64* full, unsigned char* base, int a, int j, int kv, int page) {
+          const int s = a & 1;
+          if (a >= 2) mbar_wait(&empty[s], ((a >> 1) - 1) & 1);  // the release of block a - 2 (same stage)
+          if (leader) mbar_arrive_expect_tx(&full[s], kKVBytes);
+          tile_load(base + s * kKVBytes, &full[s], j, kv, page);
+        };
+        int page = tl.n_kb > 0 ? page_of_box(0) : slot, prev = slot;  // pages of blocks j and j - 1
+        for (int j = 0; j <= tl.n_kb; ++j) {
+          const int next = j + 1 < tl.n_kb ? page_of_box(j + 1) : slot;
+          if (j < tl.n_kb) load(k_empty, k_full, sK, it + j, j, 0, page);
+          if (j > 0) load(v_empty, v_full, sV, it + j - 1, j - 1, 1, prev);
+          prev = page;
+          page = next;
+        }
+        it += tl.n_kb;
+        ++ti;
       }
     }
   } else {  // ----------------------------------------------------------------------- consumers
     setmaxnreg_inc<HopperConsumers<D>::kRegs>();
-    const int cw = wg - 1;  // which 64 rows of the tile
+    const int cw = wg - 1;  // which 64 rows of a tile
     const int t = threadIdx.x - 128 * wg;
     const int warp = t / 32, lane = t % 32;
     const int r0 = 64 * cw + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8 (tile rows)
     const int col = 2 * (lane % 4);                 // its first column inside each 8-column block
     const u32 q_addr = smem_addr(sQ + cw * kQBytes);
-    RowInfo ri;
-    ri.col = col;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      ri.qpos[r] = qpos0 + r0 + 8 * r;
-      ri.lim[r] = Mask::kCausal ? min(nk, ri.qpos[r] + 1) : nk;
-    }
-    ri.slope_raw = Bias::kAlibi ? alibi[h] * 1.4426950408889634f / scale_log2 : 0.f;  // slope / softmax_scale
 
-    // Ping-pong turns, round robin over the consumers: n_kb + 1 per consumer (S_0; S_j with
-    // P_{j-1}·V_{j-1}; the last P·V). In each, wait on this consumer's barrier (its 128 threads +
-    // the previous consumer's 128 arrivals), issue, then hand the turn to the next consumer.
-    // Consumer 0 goes first (the last consumer opens its barrier once at the start), and the last
-    // consumer skips its final hand-over, so every barrier sees as many arrivals as waits.
+    // Ping-pong turns, round robin over the consumers and on across the CTA's items: n_kb + 1 per
+    // consumer and item (S_0; S_j with P_{j-1}·V_{j-1}; the last P·V). In each, wait on this
+    // consumer's barrier (its 128 threads + the previous consumer's 128 arrivals), issue, then
+    // hand the turn to the next consumer. Consumer 0 goes first: the last consumer opens its
+    // barrier once at the start, and consumer 0 takes that one extra arrival back with one extra
+    // wait at its end, so every barrier sees as many arrivals as waits whatever the items.
     const int my_bar = kTurnBar + cw, next_bar = kTurnBar + (cw + 1) % kC;
-    int turn = 0;
+    if (cw == kC - 1) named_barrier_arrive(next_bar, 256);
     auto turn_begin = [&]() { named_barrier_sync(my_bar, 256); };
-    auto turn_end = [&]() {
-      if (cw != kC - 1 || turn < n_kb) named_barrier_arrive(next_bar, 256);
-      ++turn;
-    };
+    auto turn_end = [&]() { named_barrier_arrive(next_bar, 256); };
 
-    float o[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, alpha[2];
-    float sc[BN / 2];
-    u32 pa[BN / 16][4];
-
-    mbar_wait(q_full, 0);  // also with no key: the CTA must not exit with the Q load in flight
-    if (n_kb > 0) {  // (no key at all: O = 0, lse = -inf)
-      if (cw == kC - 1) named_barrier_arrive(next_bar, 256);
-      // block 0: S_0 alone
-      turn_begin();
-      mbar_wait(&k_full[0], 0);
-      fence_operands(sc);
-      wgmma_fence();
-      issue_s<T, D, BN>(sc, q_addr, smem_addr(sK));
-      wgmma_commit();
-      turn_end();
-      wgmma_wait<0>();
-      fence_operands(sc);
-      mbar_arrive(&k_empty[0]);
-      softmax_any<Bias::kAlibi, BN>(0 >= n_open, sc, m_r, l_r, alpha, 0, ri, scale_log2);
-      rescale_pack<T, D, BN>(o, pa, sc, alpha);
-
-      for (int j = 1; j < n_kb; ++j) {
-        const int s = j & 1, sp = s ^ 1;
-        turn_begin();
-        mbar_wait(&k_full[s], (j >> 1) & 1);
-        mbar_wait(&v_full[sp], ((j - 1) >> 1) & 1);
-        fence_operands(sc);
-        fence_operands(o);
-        wgmma_fence();
-        issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));  // S_j
-        wgmma_commit();
-        issue_pv<T, D, BN>(o, pa, smem_addr(sV + sp * kKVBytes));  // O += P_{j-1}·V_{j-1}, in flight
-        wgmma_commit();
-        turn_end();
-        wgmma_wait<1>();  // S_j retired (groups retire in order)
-        fence_operands(sc);
-        mbar_arrive(&k_empty[s]);
-        softmax_any<Bias::kAlibi, BN>(j >= n_open, sc, m_r, l_r, alpha, j * BN, ri, scale_log2);
-        wgmma_wait<0>();  // P_{j-1}·V_{j-1} retired: O and P's registers are free again
-        fence_operands(o);
-#pragma unroll
-        for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
-        mbar_arrive(&v_empty[sp]);
-        rescale_pack<T, D, BN>(o, pa, sc, alpha);
-      }
-
-      // the last block's P·V
+    // The key loop counts in ring positions a = it .. it + n_kb - 1 (stage a & 1, phase (a >> 1) & 1),
+    // and the positions of the item's keys and queries are shifted by it·BN so that block a starts
+    // at key a·BN: only differences and comparisons of positions are used, and the loop keeps one
+    // counter fewer live (D 64 has no register to spare).
+    int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
+    for (int rd = 0; rd * static_cast<int>(gridDim.x) < n_items; ++rd, ++ti) {
+      const int w = hopper_item<D>(rd, n_items);
+      if (w < 0) break;  // (only in the last round)
+      int a_end, open_end;  // ring position past the item's last block; past its unmasked blocks
+      RowInfo ri;
       {
-        const int jl = n_kb - 1, s = jl & 1, n0 = jl * BN;
-        turn_begin();
-        mbar_wait(&v_full[s], (jl >> 1) & 1);
-        // Zero the V rows of keys past n_keys (the cache may hold NaN there; 0·NaN would poison O).
-        // Consumer 0 writes them in its turn; its proxy fence + the chain of turn barriers order
-        // the writes before the other consumers' P·V too.
-        if (cw == 0 && n0 + BN > nk) {
-          const int first = max(nk - n0, 0);
-          for (int i = t; i < (BN - first) * kChunks * 8; i += 128) {
-            const int row = first + i / (kChunks * 8), rest = i % (kChunks * 8);
-            *reinterpret_cast<uint4*>(sV + s * kKVBytes + (rest / 8) * BN * 128 + row * 128 + (rest % 8) * 16) =
-                make_uint4(0, 0, 0, 0);
-          }
-          fence_proxy_async();
-          named_barrier_sync(kZeroBar, 128);  // before consumer 0's own P·V
+        const HopperTile tl = tile_of(w);
+        const int shift = it * BN, nk = tl.nk + shift;
+        a_end = it + tl.n_kb;
+        open_end = it + tl.n_open;
+        ri.col = col;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          ri.qpos[r] = tl.qpos0 + r0 + 8 * r + shift;
+          ri.lim[r] = Mask::kCausal ? min(nk, ri.qpos[r] + 1) : nk;
         }
-        fence_operands(o);
-        wgmma_fence();
-        issue_pv<T, D, BN>(o, pa, smem_addr(sV + s * kKVBytes));
-        wgmma_commit();
-        turn_end();
-        wgmma_wait<0>();
-        fence_operands(o);
-#pragma unroll
-        for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
+        ri.slope_raw = Bias::kAlibi ? alibi[tl.h] * 1.4426950408889634f / scale_log2 : 0.f;  // slope / softmax_scale
       }
-    }
 
-    // Epilogue: O / l converted to T into this consumer's Q tile (free: its last S has retired),
-    // [64 rows][D·2 bytes] with the 16-byte chunks of row r XOR-swizzled by r % 8 (the quad-wide
-    // 4-byte writes of 8 rows then hit distinct banks), then 16-byte coalesced stores of the rows
-    // of this sequence.
-    unsigned char* sO = sQ + cw * kQBytes;
-    const int row0 = 64 * cw;  // the consumer's first tile row
+      float o[D / 2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
-      l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
-      const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
-      const int rl = r0 - row0 + 8 * r;  // row inside the consumer's 64
+      for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+      float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, alpha[2];
+      float sc[BN / 2];
+      u32 pa[BN / 16][4];
+
+      // the item's Q; also with no key: the next Q load must not overtake this one
+      mbar_wait(q_full, ti & 1);
+      if (a_end > it) {  // (no key at all: O = 0, lse = -inf)
+        // block 0: S_0 alone
+        {
+          const int s = it & 1;
+          turn_begin();
+          mbar_wait(&k_full[s], (it >> 1) & 1);
+          fence_operands(sc);
+          wgmma_fence();
+          issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));
+          wgmma_commit();
+          turn_end();
+          wgmma_wait<0>();
+          fence_operands(sc);
+          mbar_arrive(&k_empty[s]);
+          if (it + 1 == a_end) mbar_arrive(q_empty);
+          softmax_any<Bias::kAlibi, BN>(it >= open_end, sc, m_r, l_r, alpha, it * BN, ri, scale_log2);
+          rescale_pack<T, D, BN>(o, pa, sc, alpha);
+        }
+
+        for (int a = it + 1; a < a_end; ++a) {
+          const int s = a & 1, sp = s ^ 1;
+          turn_begin();
+          mbar_wait(&k_full[s], (a >> 1) & 1);
+          fence_operands(sc);
+          fence_operands(o);
+          wgmma_fence();
+          issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));  // S_j
+          wgmma_commit();
+          mbar_wait(&v_full[sp], ((a - 1) >> 1) & 1);  // V_{j-1} only now: S_j may start without it
+          wgmma_fence();  // (ptxas would inject this fence after the wait loop anyway)
+          issue_pv<T, D, BN>(o, pa, smem_addr(sV + sp * kKVBytes));  // O += P_{j-1}·V_{j-1}, in flight
+          wgmma_commit();
+          turn_end();
+          wgmma_wait<1>();  // S_j retired (groups retire in order)
+          fence_operands(sc);
+          mbar_arrive(&k_empty[s]);
+          if (a + 1 == a_end) mbar_arrive(q_empty);  // Q is read by no later wgmma of this item
+          softmax_any<Bias::kAlibi, BN>(a >= open_end, sc, m_r, l_r, alpha, a * BN, ri, scale_log2);
+          wgmma_wait<0>();  // P_{j-1}·V_{j-1} retired: O and P's registers are free again
+          fence_operands(o);
 #pragma unroll
-      for (int jb = 0; jb < D / 8; ++jb) {
-        *reinterpret_cast<u32*>(sO + rl * D * 2 + ((jb ^ (rl & 7)) * 16) + (col / 2) * 4) =
-            pack2<T>(o[4 * jb + 2 * r] * inv, o[4 * jb + 2 * r + 1] * inv);
+          for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
+          mbar_arrive(&v_empty[sp]);
+          rescale_pack<T, D, BN>(o, pa, sc, alpha);
+        }
+
+        // the last block's P·V
+        {
+          const int al = a_end - 1, s = al & 1, n0 = al * BN;
+          turn_begin();
+          mbar_wait(&v_full[s], (al >> 1) & 1);
+          // Zero the V rows of keys past n_keys (the cache may hold NaN there; 0·NaN would poison
+          // O). Consumer 0 writes them in its turn; its proxy fence + the chain of turn barriers
+          // order the writes before the other consumers' P·V too; the stage is refilled by TMA only
+          // after every consumer's P·V has released it.
+          // n_keys, shifted as the loop's positions (derived again: one register fewer in the loop)
+          const HopperTile tl = tile_of(w);
+          const int nk = tl.nk + (a_end - tl.n_kb) * BN;
+          if (cw == 0 && n0 + BN > nk) {
+            const int first = max(nk - n0, 0);
+            for (int i = t; i < (BN - first) * kChunks * 8; i += 128) {
+              const int row = first + i / (kChunks * 8), rest = i % (kChunks * 8);
+              *reinterpret_cast<uint4*>(sV + s * kKVBytes + (rest / 8) * BN * 128 + row * 128 + (rest % 8) * 16) =
+                  make_uint4(0, 0, 0, 0);
+            }
+            fence_proxy_async();
+            named_barrier_sync(kZeroBar, 128);  // before consumer 0's own P·V
+          }
+          fence_operands(o);
+          wgmma_fence();
+          issue_pv<T, D, BN>(o, pa, smem_addr(sV + s * kKVBytes));
+          wgmma_commit();
+          turn_end();
+          wgmma_wait<0>();
+          fence_operands(o);
+#pragma unroll
+          for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
+          mbar_arrive(&v_empty[s]);
+        }
+      } else {  // (not reached: a tile's sequence has its own new tokens as keys)
+        mbar_arrive(q_empty);
       }
-      const int row = r0 + 8 * r;
-      if (lse != nullptr && (lane % 4) == 0 && row < rows) {
-        const long long tok = tok0 + m0 + row;
-        lse[tok * num_heads + h] = l_r[r] > 0.f ? (m_r[r] * scale_log2 + log2f(l_r[r])) * kLn2 : -INFINITY;
+      it = a_end;
+
+      // Epilogue: O / l converted to T into this consumer's staging tile, [64 rows][D·2 bytes] with
+      // the 16-byte chunks of row r XOR-swizzled by r % 8 (the quad-wide 4-byte writes of 8 rows
+      // then hit distinct banks), then 16-byte coalesced stores of the rows of this sequence. The
+      // first barrier: the consumer's reads of the previous item's tile are done.
+      const HopperTile tl = tile_of(w);
+      const int row0 = 64 * cw;  // the consumer's first tile row
+      unsigned char* my_o = sO + cw * kQBytes;
+      named_barrier_sync(kEpilogueBar + cw, 128);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
+        l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
+        const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+        const int rl = r0 - row0 + 8 * r;  // row inside the consumer's 64
+#pragma unroll
+        for (int jb = 0; jb < D / 8; ++jb) {
+          *reinterpret_cast<u32*>(my_o + rl * D * 2 + ((jb ^ (rl & 7)) * 16) + (col / 2) * 4) =
+              pack2<T>(o[4 * jb + 2 * r] * inv, o[4 * jb + 2 * r + 1] * inv);
+        }
+        const int row = r0 + 8 * r;
+        if (lse != nullptr && (lane % 4) == 0 && row < tl.rows) {
+          const long long tok = tl.tok0 + tl.m0 + row;
+          lse[tok * num_heads + tl.h] = l_r[r] > 0.f ? (m_r[r] * scale_log2 + log2f(l_r[r])) * kLn2 : -INFINITY;
+        }
       }
+      named_barrier_sync(kEpilogueBar + cw, 128);
+      constexpr int kRowChunks = D / 8;  // 16-byte chunks per row
+      for (int c = t; c < 64 * kRowChunks; c += 128) {
+        const int rl = c / kRowChunks, chunk = c % kRowChunks;
+        if (row0 + rl >= tl.rows) break;  // c grows with the row: every later chunk is past the sequence too
+        const uint4 v = *reinterpret_cast<const uint4*>(my_o + rl * D * 2 + ((chunk ^ (rl & 7)) * 16));
+        const long long tok = tl.tok0 + tl.m0 + row0 + rl;
+        *reinterpret_cast<uint4*>(out + tok * out_stride + (long long)tl.h * D + chunk * 8) = v;
+      }
+      if (!HopperConsumers<D>::kPersistent) break;  // (the compiler then keeps no loop state)
     }
-    named_barrier_sync(kEpilogueBar + cw, 128);
-    constexpr int kRowChunks = D / 8;  // 16-byte chunks per row
-    for (int c = t; c < 64 * kRowChunks; c += 128) {
-      const int rl = c / kRowChunks, chunk = c % kRowChunks;
-      if (row0 + rl >= rows) break;  // c grows with the row: every later chunk is past the sequence too
-      const uint4 v = *reinterpret_cast<const uint4*>(sO + rl * D * 2 + ((chunk ^ (rl & 7)) * 16));
-      const long long tok = tok0 + m0 + row0 + rl;
-      *reinterpret_cast<uint4*>(out + tok * out_stride + (long long)h * D + chunk * 8) = v;
-    }
+    if (cw == 0) turn_begin();  // the last consumer's opening arrival (see the turns above)
   }
 #endif
 }

@@ -10,7 +10,9 @@ the same bytes (``cache[:, 0]`` is ``[B, H, S, D]``). FLOPs: ``4·B·H·S²·D``
 Timing: CUDA events around ``inner`` back-to-back calls after warm-up, median of ``repeats``
 measurements, rotating among several input sets. On a Hopper GPU "ours" is the sm_90a kernel
 where it serves the case (column ``kernel``: hopper or mma_sync), and the ``mma.sync`` kernel is
-timed as well in the same run (``TP_RUNTIME_HOPPER_CONTEXT=0``: columns ``mma_sync_*``). With
+timed as well in the same run (``TP_RUNTIME_HOPPER_CONTEXT=0``: columns ``mma_sync_*``), and
+where the Hopper kernel runs a persistent grid (D 128) also with one CTA per (query tile, head)
+(columns ``one_item_per_cta_*``, printed ``1/cta``). With
 ``--paged P`` ours is also timed on a paged cache of P-token pages holding the same K/V, its pages
 in shuffled pool order (columns ``paged_*``, ``ratio_paged_vs_contiguous``). Prints a
 table and writes JSON (GPU name, each figure, the baselines from the same run and the ratios).
@@ -88,8 +90,8 @@ def _hopper_serves(dtype, d, causal) -> bool:
 
 
 def _paged_copy(kv, page: int, gen: torch.Generator):
-    """The contiguous cache ``[B, 2, H, S, D]`` as a paged ``LayerKV``: pool ``[B·S/P, 2, H, P, D]``
-    with the pages in a random pool order, and the block table that finds them."""
+    """The contiguous cache ``[B, 2, H, S, D]`` as a paged ``LayerKV``: a contiguous pool
+    ``[B·S/P, 2, H, P, D]`` with the pages in a random pool order, and the block table that finds them."""
     from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.config import KVCacheDType
 
@@ -99,10 +101,27 @@ def _paged_copy(kv, page: int, gen: torch.Generator):
     n = s // page
     pages = kv.data.view(b, 2, h, n, page, d).permute(0, 3, 1, 2, 4, 5).reshape(b * n, 2, h, page, d)
     where = torch.randperm(b * n, generator=gen).to(kv.data.device)  # pool row of page (sequence, i)
-    pool = torch.empty_like(pages)
+    # torch.empty, not empty_like: at B 1 the reshape above is a strided view, whose strides
+    # empty_like would keep (a non-contiguous pool, which the CUDA backend refuses).
+    pool = torch.empty(pages.shape, dtype=pages.dtype, device=pages.device)
     pool[where] = pages
     table = where.to(torch.int32).view(b, n).contiguous()
     return LayerKV(CacheLayout.paged, pool, KVCacheDType.auto, 1.0, table)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _column(row: dict, name: str, timed) -> float | None:
+    """``timed()``'s milliseconds, or None with ``row[name + "_error"]`` set: one failing column
+    (an unserved case, a bad input) is reported in its row and the run goes on."""
+    try:
+        return timed()
+    except Exception as e:  # noqa: BLE001 - any failure of one column is reported, not raised
+        row[f"{name}_error"] = _first_line(e)
+        return None
 
 
 def _sdpa_call(backend, q, k, v, causal):
@@ -117,6 +136,7 @@ def _sdpa_call(backend, q, k, v, causal):
 
 def _one(dtype, d, s, causal, args) -> dict:
     from tp_runtime.backends import cuda, cuda_context
+    from tp_runtime.backends import cuda_context_hopper as ch
     from tp_runtime.backends.base import AttentionSpec
     from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.batch.step import Step
@@ -144,25 +164,38 @@ def _one(dtype, d, s, causal, args) -> dict:
         "flops": flops,
     }
     ours = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in sets]
-    ms = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
+    timed = lambda calls: median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))  # noqa: E731
     hopper = _hopper_serves(dtype, d, causal)
     row["kernel"] = "hopper" if hopper else "mma_sync"
     chosen = cuda_context.tile_shape(d, causal=causal, max_new_len=s)
     row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]
-    row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
+    ms = _column(row, "ours", lambda: timed(ours))
+    if ms is not None:
+        row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
     if hopper:  # the fallback's figure in the same run
         with _mma_sync_only():
-            ms_m = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
-        row["mma_sync_ms"], row["mma_sync_tflops"] = ms_m, flops / ms_m / 1e9
-        row["ratio_vs_mma_sync"] = row["ours_tflops"] / row["mma_sync_tflops"]
+            ms_m = _column(row, "mma_sync", lambda: timed(ours))
+        if ms_m is not None:
+            row["mma_sync_ms"], row["mma_sync_tflops"] = ms_m, flops / ms_m / 1e9
+    if hopper and ch.persistent(d):  # the persistent grid vs one CTA per (tile, head), same run
+        ch.ONE_ITEM_PER_CTA = True
+        try:
+            ms_1 = _column(row, "one_item_per_cta", lambda: timed(ours))
+        finally:
+            ch.ONE_ITEM_PER_CTA = False
+        if ms_1 is not None:
+            row["one_item_per_cta_ms"], row["one_item_per_cta_tflops"] = ms_1, flops / ms_1 / 1e9
     if getattr(args, "paged", 0):  # the same K/V in a paged cache: what paging costs
         gen = torch.Generator().manual_seed(s)
-        paged = [(q, _paged_copy(kv, args.paged, gen)) for q, kv in sets]
-        calls = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in paged]
-        ms_p = median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))
-        row["paged_page"], row["paged_ms"], row["paged_tflops"] = args.paged, ms_p, flops / ms_p / 1e9
-        row["ratio_paged_vs_contiguous"] = row["paged_tflops"] / row["ours_tflops"]
-        del paged, calls
+
+        def paged_ms(sets=sets) -> float:
+            paged = [(q, _paged_copy(kv, args.paged, gen)) for q, kv in sets]
+            return timed([lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in paged])
+
+        ms_p = _column(row, "paged", paged_ms)
+        row["paged_page"] = args.paged
+        if ms_p is not None:
+            row["paged_ms"], row["paged_tflops"] = ms_p, flops / ms_p / 1e9
     default, wide = cuda_context.TILES[d], cuda_context.TILES_WIDE.pop(d, None)
     try:
         for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
@@ -188,15 +221,22 @@ def _one(dtype, d, s, causal, args) -> dict:
             for q, kv in sets:
                 qq = q.view(b, s, h, d).transpose(1, 2)  # [B, H, S, D], same bytes as ours
                 calls.append(_sdpa_call(backend, qq, kv.data[:, 0], kv.data[:, 1], causal))
-            try:
-                ms_b = median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))
+            ms_b = _column(row, label, lambda calls=calls: timed(calls))  # e.g. backend unavailable for the shape
+            if ms_b is not None:
                 row[f"{label}_ms"], row[f"{label}_tflops"] = ms_b, flops / ms_b / 1e9
-                row[f"ratio_vs_{label}"] = row["ours_tflops"] / row[f"{label}_tflops"]
-            except RuntimeError as e:  # backend unavailable for this shape/dtype
-                row[f"{label}_error"] = str(e).splitlines()[0][:200]
+    _ratios(row)
     del sets
     torch.cuda.empty_cache()
     return row
+
+
+def _ratios(row: dict) -> None:
+    """Ours against each column timed in the row (both figures present)."""
+    for other, key in (("mma_sync", "ratio_vs_mma_sync"), ("flash", "ratio_vs_flash"), ("cudnn", "ratio_vs_cudnn")):
+        if "ours_tflops" in row and f"{other}_tflops" in row:
+            row[key] = row["ours_tflops"] / row[f"{other}_tflops"]
+    if "ours_tflops" in row and "paged_tflops" in row:
+        row["ratio_paged_vs_contiguous"] = row["paged_tflops"] / row["ours_tflops"]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -210,7 +250,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         for d in args.head_sizes:
             for c in args.causal:
                 for s in args.seqlens:
-                    rows.append(_one(dtype, d, s, c == "causal", args))
+                    try:
+                        rows.append(_one(dtype, d, s, c == "causal", args))
+                    except Exception as e:  # noqa: BLE001 - e.g. out of memory setting up the row: report it, go on
+                        b, h = max(1, args.tokens // s), max(1, args.hidden // d)
+                        rows.append({"dtype": dt, "head_size": d, "seq_len": s, "batch": b, "heads": h,
+                                     "causal": c == "causal", "kernel": "-", "row_error": _first_line(e)})  # fmt: skip
+                        torch.cuda.empty_cache()
                     _print_row(rows[-1], header=len(rows) == 1)
     gpu = torch.cuda.get_device_name()
     payload = {"gpu": gpu, "torch": torch.__version__, "benchmark": "context attention (prefill)", "rows": rows}
@@ -309,9 +355,11 @@ def _print_row(r: dict, header: bool) -> None:
         + "".join(f" {k[6:-7]}:{v:.0f}" for k, v in r.items() if k.startswith("tiles_"))
         + (
             f" paged{r['paged_page']}:{r['paged_tflops']:.0f} ({r['ratio_paged_vs_contiguous']:.2f}x)"
-            if "paged_ms" in r
+            if "ratio_paged_vs_contiguous" in r
             else ""
-        ),
+        )
+        + (f" 1/cta:{r['one_item_per_cta_tflops']:.0f}" if "one_item_per_cta_tflops" in r else "")
+        + "".join(f" [{k[:-6]} failed: {v}]" for k, v in r.items() if k.endswith("_error")),
         flush=True,
     )
 

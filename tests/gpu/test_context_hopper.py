@@ -119,6 +119,25 @@ def test_context_hopper(case, gpu, poison_outputs, hopper_calls):
     print(f"hopper {case[0]}: max err {err:.2e} (torch {case[1]} {pt_err:.2e})")
 
 
+# cases for a persistent grid of 3 CTAs, each serving many (tile, head) items of unequal work in
+# turn: the K/V ring, the Q buffer's phases and the ping-pong turns run on across items (D 128; D 64
+# has one item per CTA)
+FEW_CTA_CASES = [c for c in CASES if c[2] == 128]
+
+
+@pytest.mark.parametrize("case", FEW_CTA_CASES, ids=[c[0] for c in FEW_CTA_CASES])
+def test_context_hopper_few_ctas(case, gpu, poison_outputs, hopper_calls, monkeypatch):
+    from tp_runtime.backends import cuda_context_hopper as ch
+
+    monkeypatch.setattr(ch, "MAX_CTAS", 3)
+    seed = int(torch.randint(2**31 - 1, ()))
+    torch.manual_seed(seed)
+    out, lse, q, kv, step, spec = _run(case, gpu, seed)
+    assert hopper_calls
+    err, _ = gpu.check_attention(out, lse, q, kv, step, spec, what=f"hopper 3 CTAs {case[0]} (seed {seed})")
+    print(f"hopper 3 CTAs {case[0]}: max err {err:.2e}")
+
+
 def test_switch_forces_the_fallback(gpu, poison_outputs, hopper_calls, monkeypatch):
     """TP_RUNTIME_HOPPER_CONTEXT=0: the mma.sync kernel serves the same case, within the same rule."""
     monkeypatch.setenv("TP_RUNTIME_HOPPER_CONTEXT", "0")

@@ -180,6 +180,21 @@ def test_hopper_context_kernel_choice(monkeypatch):
     assert not [f for f, _ in cuda.variants(desc) if f == "context_hopper"]
 
 
+def test_hopper_context_grid_and_shared_memory(monkeypatch):
+    """D 128: a persistent grid of at most one CTA per SM (fewer under MAX_CTAS, one per item under
+    ONE_ITEM_PER_CTA); D 64: one CTA per item. Both fit the 227 KB of an H100/H200 SM."""
+    from tp_runtime.backends import cuda_context_hopper as ch
+
+    assert ch.grid_ctas(128, 4096, 132) == 132 and ch.grid_ctas(128, 7, 132) == 7
+    assert ch.grid_ctas(64, 4096, 132) == 4096
+    monkeypatch.setattr(ch, "MAX_CTAS", 3)
+    assert ch.grid_ctas(128, 4096, 132) == 3 and ch.grid_ctas(128, 2, 132) == 2
+    monkeypatch.setattr(ch, "ONE_ITEM_PER_CTA", True)
+    assert ch.grid_ctas(128, 4096, 132) == 4096
+    for d in (64, 128):
+        assert ch.shared_bytes(d) <= 227 * 1024, d
+
+
 def test_tensor_map_arguments_are_checked_before_the_driver():
     """cuda_tma.tiled_map rejects what TMA cannot do with a message, before importing cuda.bindings."""
     from tp_runtime.backends.cuda_tma import tiled_map

@@ -22,7 +22,7 @@ from ..batch.step import Step
 from .base import AttentionSpec
 from .capabilities import CAPABILITIES, HOPPER_CONTEXT_BIASES, HOPPER_CONTEXT_MASKS, HOPPER_CONTEXT_MIN_PAGE
 from .compile import get_kernel
-from .cuda_common import checked_alibi, f32, i32, launch, ptr
+from .cuda_common import checked_alibi, f32, i32, launch, ptr, sm_count
 from .cuda_plan import context_tiles, route
 from .cuda_tma import tiled_map
 
@@ -46,15 +46,36 @@ def threads(head_size: int) -> int:
     return 128 * (consumers(head_size) + 1)
 
 
+def persistent(head_size: int) -> bool:
+    """Whether a CTA loops over work items (``HopperConsumers::kPersistent``: D 128; at D 64 each
+    CTA serves one item)."""
+    return head_size == 128
+
+
+# CTAs of a persistent launch at most, per SM (1: the kernel's shared memory allows one CTA per SM).
+# Tests set it lower (``MAX_CTAS``) to make each CTA serve many items; the bench sets
+# ``ONE_ITEM_PER_CTA`` to time a grid of one CTA per item (same item order) in the same run.
+MAX_CTAS: int | None = None
+ONE_ITEM_PER_CTA = False
+
+
+def grid_ctas(head_size: int, items: int, sms: int) -> int:
+    """CTAs of the launch for ``items`` work items (query tiles × heads) on ``sms`` SMs."""
+    if not persistent(head_size) or ONE_ITEM_PER_CTA:
+        return items
+    return max(1, min(items, sms, MAX_CTAS or sms))
+
+
 def enabled() -> bool:
     """False when ``TP_RUNTIME_HOPPER_CONTEXT=0`` forces the ``mma.sync`` kernel."""
     return os.environ.get("TP_RUNTIME_HOPPER_CONTEXT", "1") != "0"
 
 
 def shared_bytes(head_size: int) -> int:
-    """Dynamic shared memory: Q (block_m rows), 2 stages of K and V (BLOCK_N rows), 9 mbarriers (128
-    bytes kept), and 1024 bytes to align the tiles (the start of dynamic shared memory is aligned less)."""
-    return (block_m(head_size) + 4 * BLOCK_N) * head_size * 2 + 128 + 1024
+    """Dynamic shared memory: Q (block_m rows), 2 stages of K and V (BLOCK_N rows), the epilogue's
+    O staging (block_m rows), 10 mbarriers (128 bytes kept), and 1024 bytes to align the tiles (the
+    start of dynamic shared memory is aligned less)."""
+    return (2 * block_m(head_size) + 4 * BLOCK_N) * head_size * 2 + 128 + 1024
 
 
 def hopper_gpu(capability: tuple[int, int]) -> bool:
@@ -105,8 +126,9 @@ def context_hopper(
     kv_r = kv.num_kv_heads
     plan = route(step, spec.cross)
     tiles = context_tiles(step, ids, block_m(d), mask == "causal", spec.cross)
-    if tiles.shape[0] > 65535:
-        raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
+    items = tiles.shape[0] * h_r  # work items: (query tile, head), heaviest tiles first
+    if items == 0:
+        return
     e = q.element_size()
     # q [T, H, D] as {D, H, T}; box: 64 elements of one head for 64 tokens
     map_q = tiled_map(q.data_ptr(), q.dtype, (d, h_r, t), (d * e, q.stride(0) * e), (64, 1, 64))
@@ -132,8 +154,9 @@ def context_hopper(
         ptr(step.cu_seqlens), ptr(step.past), ptr(plan.n_keys_dev), ptr(step.slot),
         ptr(table), i32(table_stride),                # paged: block table [max_seqs, *] int32; else null
         i32(kv_box), i32(length.bit_length() - 1 if paged else 0),  # rows per K/V box; paged: log2(P)
-        i32(h_r), i32(kv_r), f32(scale_log2),
+        i32(tiles.shape[0]), i32(h_r), i32(kv_r), f32(scale_log2),
         ptr(alibi),                                   # [H] fp32 slopes or null
     )
     # fmt: on
-    launch(kernel, (h_r, tiles.shape[0], 1), (threads(d), 1, 1), args, q.device, shared_mem=shared_bytes(d))
+    grid = (grid_ctas(d, items, sm_count(q.device)), 1, 1)
+    launch(kernel, grid, (threads(d), 1, 1), args, q.device, shared_mem=shared_bytes(d))
