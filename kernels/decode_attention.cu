@@ -1089,7 +1089,7 @@ __global__ void __launch_bounds__(decode::kThreads) decode_merge_kernel(
   using namespace decode;
   constexpr int D4 = D / 4;
   constexpr int P = kThreads / D4;  // split residues (idle threads past P * D4)
-  constexpr int kBatch = 8;         // independent loads in flight per thread
+  constexpr int kBatch = 16;        // independent loads in flight per thread
   static_assert(P >= 1, "a row of float4 must fit the block");
   constexpr int kMaxSplits = 512;    // cuda_plan.MAX_SPLITS
   __shared__ float w[kMaxSplits];   // lse, then weights
