@@ -222,7 +222,7 @@ struct Traits {
   // As many stages as kPipeBytes holds (3 of 16 KB; up to kMaxStages of smaller tiles, e.g. 8-bit D 64
   // or 32-head tiles): the same shared memory keeps more bytes in flight per block.
   static constexpr int kStages = cmin(kMaxStages, kPipeBytes / kStageBytes);
-  static constexpr int kRedBytes = (2 + D) * kKG * HPB * 4;  // key-group merge scratch
+  static constexpr int kRedBytes = ((2 + D) * kKG + 2) * HPB * 4;  // key-group merge scratch (+ per-head factor, lse)
   // Blocks per SM (caps registers: no spills). 8-bit mma at D 128 (16 keys per warp, 64 Oᵀ values)
   // spilled at 4 blocks' 128 registers and takes 157-163: 3 blocks, still 3 x 32 KB in flight per SM, above the ~30 KB the
   // bandwidth needs (PERF_NOTES §2.2 b), and the split count aims at 2 blocks per SM anyway.
@@ -504,7 +504,8 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
     float* __restrict__ lse,            // [T, H_r]: natural-log log-sum-exp, -inf for no keys
     float* __restrict__ part_o,         // [n, H_r, num_splits, D] split outputs (num_splits > 1)
     float* __restrict__ part_lse,       // [n, H_r, num_splits] their base-2 lse
-    int* __restrict__ counters,         // [n, KV_r, head_chunks, 1 or 1 + groups], zero on entry, left zero
+    int* __restrict__ counters,         // [n, KV_r, head_chunks, 1 or 1 + groups], zero on entry, left zero;
+                                        // null: the splits are merged by decode_merge_kernel after this launch
     const void* __restrict__ cache,     // LayerKV.data (storage type of Cache)
     long long s_row,                    // element strides of cache: slot (contiguous) / block (paged)
     long long s_kv,                     //   K -> V
@@ -982,32 +983,54 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
     }
   }
   __syncthreads();
-  const bool multi = num_splits > 1;
-  for (int idx = tid; idx < HPB * D; idx += kThreads) {
-    const int hh = idx / D, d = idx - hh * D;
-    const int hig = hc * HPB + hh;
-    if (hig >= group) continue;
-    const int head = kvh * group + hig;
+  // The key groups' softmax states per head, once per head (a thread each), then the channels by
+  // float4: per channel this is only the sum of the groups' outputs and one multiply (the per-channel
+  // max/sum/exp2/divide over the groups was ~32 dependent rounds per thread at 32 heads).
+  float* red_f = red_o + KG * HPB * D;  // [HPB] output factor v_scale / sum (0 without keys)
+  float* red_lse = red_f + HPB;         // [HPB] base-2 lse
+#pragma unroll 1
+  for (int hh = tid; hh < HPB; hh += kThreads) {
     float mx = kNegInf;
     for (int g = 0; g < KG; ++g) mx = fmaxf(mx, red_m[g * HPB + hh]);
     const float mu = mx == kNegInf ? 0.f : mx;
-    float sum = 0.f, o = 0.f;
+    float sum = 0.f;
+    for (int g = 0; g < KG; ++g) sum += red_l[g * HPB + hh] * exp2f(red_m[g * HPB + hh] - mu);
+    red_f[hh] = sum > 0.f ? v_scale / sum : 0.f;
+    red_lse[hh] = sum > 0.f ? mu + log2f(sum) : kNegInf;
+  }
+  __syncthreads();
+  const bool multi = num_splits > 1;
+  constexpr int D4 = D / 4;
+#pragma unroll 1
+  for (int idx = tid; idx < HPB * D4; idx += kThreads) {
+    const int hh = idx / D4, d = (idx - hh * D4) * 4;
+    const int hig = hc * HPB + hh;
+    if (hig >= group) continue;
+    const int head = kvh * group + hig;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int g = 0; g < KG; ++g) {
-      sum += red_l[g * HPB + hh] * exp2f(red_m[g * HPB + hh] - mu);
-      o += red_o[(g * HPB + hh) * D + d];
+      const float4 x = *reinterpret_cast<const float4*>(red_o + (g * HPB + hh) * D + d);
+      o.x += x.x;
+      o.y += x.y;
+      o.z += x.z;
+      o.w += x.w;
     }
-    const float val = sum > 0.f ? o / sum * v_scale : 0.f;
-    const float lse2 = sum > 0.f ? mu + log2f(sum) : kNegInf;
+    const float f = red_f[hh];
+    o = make_float4(o.x * f, o.y * f, o.z * f, o.w * f);
     if (!multi) {
-      out[((long long)row * num_heads + head) * D + d] = from_float<T>(val);
-      if (d == 0) lse[(long long)row * num_heads + head] = lse2 * kLn2;
+      T* dst = out + ((long long)row * num_heads + head) * D + d;
+      dst[0] = from_float<T>(o.x);
+      dst[1] = from_float<T>(o.y);
+      dst[2] = from_float<T>(o.z);
+      dst[3] = from_float<T>(o.w);
+      if (d == 0) lse[(long long)row * num_heads + head] = red_lse[hh] * kLn2;
     } else {
       const long long pb = ((long long)si * num_heads + head) * num_splits + split;
-      part_o[pb * D + d] = val;
-      if (d == 0) part_lse[pb] = lse2;
+      *reinterpret_cast<float4*>(part_o + pb * D + d) = o;
+      if (d == 0) part_lse[pb] = red_lse[hh];
     }
   }
-  if (!multi) return;
+  if (!multi || counters == nullptr) return;  // no counters: decode_merge_kernel merges the splits
 
   // Split merge, a two-level tree so that no block reads more than kMergeGroup partials per head:
   // splits form groups of kMergeGroup; the last block of a group to finish (an atomic counter,
@@ -1044,6 +1067,98 @@ __global__ void __launch_bounds__(decode::kThreads, decode::Traits<T, Cache, D, 
     if (!arrive(cnt, num_splits)) return;
     merge_splits<T, D, HPB>(part_o, part_lse, out, lse, pipe, si, kvh, hc, group, num_heads, num_splits, 0, 1,
                             num_splits, row);
+  }
+}
+
+
+// The split merge as a launch of its own, for blocks of many heads (16 or 32: MQA): there the
+// last-arriving block would merge S x HPB x D fp32 partials alone through a few loads in flight
+// per thread, two levels in turn (~20 us of a 49 us MQA call, NOTES_decode.md v6), while here every
+// (head, sequence) is a block and all of them read at once. Same arithmetic as merge_splits.
+// Grid (H_r, n); block kThreads: thread (quad c = tid % D4, residue r = tid / D4) sums channels
+// 4c..4c+3 over splits r, r + P, ... (P = kThreads / D4), then the P partial sums are added.
+template <typename T, int D>
+__global__ void __launch_bounds__(decode::kThreads) decode_merge_kernel(
+    const float* __restrict__ part_o,    // [n, H_r, num_splits, D] normalised split outputs
+    const float* __restrict__ part_lse,  // [n, H_r, num_splits] their base-2 lse (-inf: no keys)
+    T* __restrict__ out,                 // [T, H_r, D] at the sequences' rows
+    float* __restrict__ lse,             // [T, H_r] natural log
+    const int* __restrict__ seq_ids,     // [n] the sequences served
+    const int* __restrict__ cu_seqlens,  // [B+1] a sequence's token row
+    int num_heads, int num_splits) {
+  using namespace decode;
+  constexpr int D4 = D / 4;
+  constexpr int P = kThreads / D4;  // split residues (idle threads past P * D4)
+  constexpr int kBatch = 16;        // independent loads in flight per thread
+  static_assert(P >= 1, "a row of float4 must fit the block");
+  constexpr int kMaxSplits = 512;    // cuda_plan.MAX_SPLITS
+  __shared__ float w[kMaxSplits];   // lse, then weights
+  __shared__ float4 red[P][D4];
+  __shared__ float stat[2];         // max, sum
+  const int tid = threadIdx.x, head = blockIdx.x, si = blockIdx.y;
+  const long long pb = ((long long)si * num_heads + head) * num_splits;  // split 0 of this head
+  for (int k = tid; k < num_splits; k += kThreads) w[k] = __ldcg(part_lse + pb + k);
+  __syncthreads();
+  if (tid < 32) {
+    float mx = kNegInf;
+    for (int k = tid; k < num_splits; k += 32) mx = fmaxf(mx, w[k]);
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float mu = mx == kNegInf ? 0.f : mx;
+    float sum = 0.f;
+    for (int k = tid; k < num_splits; k += 32) sum += exp2f(w[k] - mu);
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (tid == 0) {
+      stat[0] = mu;
+      stat[1] = sum;
+    }
+  }
+  __syncthreads();
+  const float mu = stat[0], sum = stat[1];
+  for (int k = tid; k < num_splits; k += kThreads) w[k] = sum > 0.f ? exp2f(w[k] - mu) / sum : 0.f;
+  __syncthreads();
+  const int c = tid % D4, r = tid / D4;
+  if (r < P) {
+    const float4* src = reinterpret_cast<const float4*>(part_o + pb * D) + c;  // split k at src[k * D4]
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = r; k0 < num_splits; k0 += P * kBatch) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = k0 + u * P;
+        if (k < num_splits) v[u] = __ldcg(src + (long long)k * D4);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = k0 + u * P;
+        if (k < num_splits && w[k] > 0.f) {  // empty splits (weight 0) add nothing
+          o.x = fmaf(w[k], v[u].x, o.x);
+          o.y = fmaf(w[k], v[u].y, o.y);
+          o.z = fmaf(w[k], v[u].z, o.z);
+          o.w = fmaf(w[k], v[u].w, o.w);
+        }
+      }
+    }
+    red[r][c] = o;
+  }
+  __syncthreads();
+  if (tid < D4) {
+    float4 o = red[0][tid];
+#pragma unroll
+    for (int j = 1; j < P; ++j) {
+      o.x += red[j][tid].x;
+      o.y += red[j][tid].y;
+      o.z += red[j][tid].z;
+      o.w += red[j][tid].w;
+    }
+    const long long orow = (long long)cu_seqlens[seq_ids[si]] * num_heads + head;
+    T* dst = out + orow * D + 4 * tid;
+    dst[0] = from_float<T>(o.x);
+    dst[1] = from_float<T>(o.y);
+    dst[2] = from_float<T>(o.z);
+    dst[3] = from_float<T>(o.w);
+    if (tid == 0) lse[orow] = sum > 0.f ? (mu + log2f(sum)) * kLn2 : kNegInf;
   }
 }
 

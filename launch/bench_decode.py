@@ -235,8 +235,9 @@ def cases(quick: bool) -> list[dict]:
     for b, length in ((1, 32768), (16, 2048)):  # ALiBi against the same call without it (BLOOM, tp 1)
         out.append(dict(group="alibi", heads="bloom", batch=b, context=length, kv="auto", layout="contiguous"))
     # one long sequence: time against the split count (the heuristic's data; around its v5 choices: MHA
-    # 8, GQA 66, MQA 128, the key minimum: 256 shows whether a lower minimum would pay)
-    sweep = {"mha": (4, 8, 16, 32, 64), "gqa": (16, 32, 48, 66, 96), "mqa": (32, 64, 128, 256)}
+    # 8, GQA 66, MQA 128, the key minimum: 256 and 384 (3 blocks/SM, v6's separate merge) show whether
+    # a lower minimum would pay)
+    sweep = {"mha": (4, 8, 16, 32, 64), "gqa": (16, 32, 48, 66, 96), "mqa": (32, 64, 128, 256, 384)}
     for heads, forces in sweep.items():
         for force in forces:
             out.append(

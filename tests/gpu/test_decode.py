@@ -215,7 +215,8 @@ def test_beam_indirection(gpu, layout):
 @pytest.mark.parametrize("heads", [(8, 2), (32, 1)], ids=["gqa4", "mqa32"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 def test_forced_splits_equal_single(gpu, layout, heads):
-    """Up to 16 splits one merge; more: the two-level merge (groups of 16, the last one partial)."""
+    """gqa4: up to 16 splits one merge in the kernel; more: the two-level merge (groups of 16, the
+    last one partial). mqa32 (32-head blocks): decode_merge_kernel, up to MAX_SPLITS (512)."""
     torch.manual_seed(11)
     lengths = (4097, 700, 33, 1)
     step, kv, q = setup(gpu, lengths=lengths, layout=layout, h_r=heads[0], kv_r=heads[1])
@@ -223,7 +224,7 @@ def test_forced_splits_equal_single(gpu, layout, heads):
     ref_out, ref_lse = run(q, kv, step, spec, splits=1)
     gpu.check_attention(ref_out, ref_lse, q, kv, step, spec, what="splits=1")
     ulp = torch.finfo(q.dtype).eps * ref_out.float().abs().max().item()
-    for splits in [2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 64, 130]:
+    for splits in [2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 64, 130, 512]:
         out, lse = run(q, kv, step, spec, splits=splits)
         diff = (out.float() - ref_out.float()).abs().max().item()
         assert diff <= ulp, f"splits={splits}: output differs from splits=1 by {diff:.2e} (> {ulp:.2e})"

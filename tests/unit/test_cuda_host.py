@@ -11,6 +11,7 @@ from tp_runtime.backends import compile as kc  # CuPy is imported lazily: these 
 from tp_runtime.backends import cuda, cuda_context, cuda_decode, cuda_plan, cuda_prepare
 from tp_runtime.backends.cuda_common import check_activation
 from tp_runtime.batch.step import Step
+from tp_runtime.resources import kernels_dir
 
 
 def test_route_sends_generation_tokens_to_decode():
@@ -100,6 +101,19 @@ def test_context_tiles_are_in_the_compile_table(head_size, causal, max_new):
     tiles = cuda_context.tile_shape(head_size, causal=causal, max_new_len=max_new)
     params = dict(dtype=torch.float16, head_size=head_size, mask="causal", bias="none", layout="paged", cache="int8")
     kc._resolve("context", {**params, **tiles})  # raises NotImplementedError if the table lacks it
+
+
+def test_separate_merge_for_blocks_of_16_heads_or_more():
+    """16/32-head blocks (MQA 32/1, groups of 16) merge their splits by decode_merge_kernel; smaller
+    blocks, one split or D 256 (8 heads per block at most) keep the in-kernel merge."""
+    assert cuda_decode.separate_merge(32, 128, 2) and cuda_decode.separate_merge(16, 80, 512)
+    assert not cuda_decode.separate_merge(32, 128, 1)
+    assert not cuda_decode.separate_merge(8, 128, 64) and not cuda_decode.separate_merge(64, 256, 8)
+    _, _, expr = kc._resolve("decode_merge", cuda_decode.merge_variant(torch.bfloat16, 80))
+    assert expr == "tp::decode_merge_kernel<__nv_bfloat16, 80>"
+    # the kernel's weight array holds MAX_SPLITS splits
+    source = (kernels_dir() / "decode_attention.cu").read_text()
+    assert f"constexpr int kMaxSplits = {cuda_plan.MAX_SPLITS};" in source
 
 
 def test_unsupported_variants_list_what_is_supported():

@@ -179,6 +179,13 @@ FAMILIES: dict[str, Family] = {
         },
         rule=lambda p: "16 or 32 heads per block need D <= 128" if p["heads"] > 8 and p["head_size"] > 128 else None,
     ),
+    # The decode split merge as a launch of its own (decode_attention.cu), for blocks of 16 or 32
+    # heads (cuda_decode.SEPARATE_MERGE_HEADS), whose in-kernel merge by one block is slow.
+    "decode_merge": Family(
+        source="decode_attention.cu",
+        template="tp::decode_merge_kernel<{dtype}, {head_size}>",
+        params={"dtype": _HALF_TYPES, "head_size": _head_sizes("decode")},
+    ),
     # Per-tensor FP8 quantization of a projection's input (kernels/fp8_quant.cu): max |x|, then
     # x / scale rounded to e4m3. Elementwise and memory-bound: only the input type is compile-time.
     "fp8_amax": Family(

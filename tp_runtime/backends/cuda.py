@@ -86,6 +86,8 @@ def variants(desc: AttentionDesc, *, fp8_units: bool = True, hopper: bool = Fals
         if desc.keeps_cache:
             group = desc.head_layout.group_size
             out.append(("decode", cuda_decode.variant(desc.dtype, kv, desc.head_size, group)))
+            if cuda_decode.heads_per_block(group, desc.head_size) >= cuda_decode.SEPARATE_MERGE_HEADS:
+                out.append(("decode_merge", cuda_decode.merge_variant(desc.dtype, desc.head_size)))
     if desc.fp8_projections and fp8_units:
         out += cuda_fp8.variants(desc.dtype)
     return _unique(out)

@@ -10,8 +10,10 @@ semantics it shares with ``reference``.
 
 One thread block per (head chunk, key split, KV head, sequence) serves the query heads of its KV
 head together, so K/V are read once. ``splits`` (None: ``cuda_plan.choose_splits``) cuts each
-sequence's keys into that many chunks; the kernel merges the chunks by log-sum-exp in the same
-launch, so any split count gives the single-split result up to rounding.
+sequence's keys into that many chunks, merged by log-sum-exp: in the same launch by the last
+block of each (sequence, KV head, head chunk) to finish, or, for blocks of 16 or more heads, by a
+second launch (``decode_merge_kernel``, a block per head and sequence); any split count gives the
+single-split result up to rounding.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ TABLE_CAP = 1024  # paged: block-table entries of a split kept in shared memory 
 MAX_HEADS_PER_BLOCK = 32  # on the tensor-core path (D <= 128): 2 head sets of the MMA's 16 rows
 MAX_HEADS_PER_BLOCK_CUDA_CORES = 8  # D 256
 MERGE_GROUP = 16  # decode::kMergeGroup: splits per first-level merge (two levels past 16 splits)
+# Blocks of this many heads or more leave the split merge to decode_merge_kernel, a launch of its own
+# with a block per (head, sequence): their in-kernel merge reads S x heads x D partials in one block.
+SEPARATE_MERGE_HEADS = 16
 
 
 def heads_per_block(group: int, head_size: int) -> int:
@@ -56,6 +61,17 @@ def heads_per_block(group: int, head_size: int) -> int:
     padded heads compute nothing that is stored)."""
     cap = MAX_HEADS_PER_BLOCK if head_size <= 128 else MAX_HEADS_PER_BLOCK_CUDA_CORES
     return min(cap, 1 << (group - 1).bit_length())
+
+
+def separate_merge(group: int, head_size: int, splits: int) -> bool:
+    """Whether a launch of ``splits`` key splits is merged by ``decode_merge_kernel`` (after it)
+    rather than inside the decode kernel by its last-arriving blocks."""
+    return splits > 1 and heads_per_block(group, head_size) >= SEPARATE_MERGE_HEADS
+
+
+def merge_variant(dtype: torch.dtype, head_size: int) -> dict:
+    """Template parameters of the separate split merge (compile.FAMILIES["decode_merge"])."""
+    return {"dtype": dtype, "head_size": head_size}
 
 
 def merge_counters(splits: int) -> int:
@@ -208,10 +224,11 @@ def decode(
 
     alibi = checked_alibi(spec, h_r, q.device)
     table = bias_table(spec, step, ids, plan.n_keys) if score_bias_kind(spec) == "table" else NO_BIAS_TABLE
+    separate = separate_merge(group, d, work.splits)
     if work.splits > 1:
         part_o = torch.empty((n, h_r, work.splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((n, h_r, work.splits), dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, n * kv_r * head_chunks * merge_counters(work.splits))
+        counters = None if separate else _split_counters(q.device, n * kv_r * head_chunks * merge_counters(work.splits))
     else:
         part_o = part_lse = counters = None
     dq = kv.dequant_scale if kv.cache_dtype.is_quantized else 1.0
@@ -221,3 +238,10 @@ def decode(
         (h_r, group, head_chunks, work.splits), scales, spec.cross,
     )  # fmt: skip
     launch(kernel, (head_chunks * work.splits, kv_r, n), (THREADS, 1, 1), args, q.device, shared_mem=smem)
+    if separate:  # the decode kernel left the partials (counters null): merge them, a block per (head, sequence)
+        merge = get_kernel("decode_merge", **merge_variant(q.dtype, d))
+        merge_args = (
+            ptr(part_o), ptr(part_lse), ptr(out), ptr(lse),  # [n, H_r, S, D], [n, H_r, S]; out, lse
+            ptr(work.ids_dev), ptr(step.cu_seqlens), i32(h_r), i32(work.splits),
+        )  # fmt: skip
+        launch(merge, (h_r, n), (THREADS, 1, 1), merge_args, q.device)
