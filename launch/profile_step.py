@@ -36,11 +36,11 @@ from tp_runtime import DecodeGraph, KVCache, Step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli  # noqa: E402
-from bench_tp import DECODE, MODELS, BaselineLayer, build, graph_splits  # noqa: E402
+from bench_tp import DECODE, GRAPH_JUMP, MODELS, BaselineLayer, build, graph_splits  # noqa: E402
 from benchlib import gpu_busy_ms, host_ms, init_torch_distributed, median_ms  # noqa: E402
 
 PROFILED_STEPS = 5
-BLOCK = 32  # replays queued between drains (and per wall-time sample); the cache has room for them
+BLOCK = GRAPH_JUMP  # replays queued between drains (and per wall-time sample); the cache has room for them
 
 
 def op_tables(fn, top: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
