@@ -49,25 +49,30 @@ def cuda_include() -> str:
     raise SystemExit("check_nvrtc: CUDA's headers (cuda_fp16.h) not found; set CUDA_INCLUDE")
 
 
-def sources() -> dict[str, tuple[str, str, list[str]]]:
-    """{name: (source file, architecture, name expressions)}: every family of compile.FAMILIES (its
-    covering set of variants) and the custom all-reduce, which distributed/ compiles itself."""
+def sources() -> dict[str, tuple[str, tuple[str, ...], list[str]]]:
+    """{name: (source file, NVRTC options, name expressions)}: every family of compile.FAMILIES (its
+    covering set of variants, compile.kernel_options for its architecture) and the custom all-reduce,
+    which distributed/ compiles itself with its own options."""
     table = {
-        family: (fam.source, fam.arch or DEFAULT_ARCH, kernel_instances.covering_set(family))
+        family: (fam.source, kc.kernel_options(fam.arch or DEFAULT_ARCH), kernel_instances.covering_set(family))
         for family, fam in kc.FAMILIES.items()
     }
-    table["all_reduce"] = ("all_reduce.cu", DEFAULT_ARCH, list(custom_all_reduce.kernel_names().values()))
+    table["all_reduce"] = (
+        "all_reduce.cu",
+        custom_all_reduce.compile_options(DEFAULT_ARCH),
+        list(custom_all_reduce.kernel_names().values()),
+    )
     return table
 
 
-def compile_source(nvrtc, source_file: str, arch: str, exprs: list[str]) -> str | None:
+def compile_source(nvrtc, source_file: str, options: tuple[str, ...], exprs: list[str]) -> str | None:
     """NVRTC's complaint about ``source_file`` with ``exprs`` instantiated (errors or warnings), or None."""
-    options = [*kc.kernel_options(arch), f"-I{cuda_include()}", *CUPY_ADDS]
+    flags = [*options, f"-I{cuda_include()}", *CUPY_ADDS]
     source = (kernels_dir() / source_file).read_text()
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), source_file.encode(), 0, [], [])
     for expr in exprs:
         nvrtc.nvrtcAddNameExpression(prog, expr.encode())
-    (result,) = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+    (result,) = nvrtc.nvrtcCompileProgram(prog, len(flags), [o.encode() for o in flags])
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
     log = b" " * size
     nvrtc.nvrtcGetProgramLog(prog, log)
@@ -93,8 +98,9 @@ def main(argv: list[str]) -> int:
         return 0
     failed = 0
     for family in families:
-        source_file, arch, exprs = table[family]
-        complaint = compile_source(nvrtc, source_file, arch, exprs)
+        source_file, options, exprs = table[family]
+        complaint = compile_source(nvrtc, source_file, options, exprs)
+        arch = next(o for o in options if o.startswith("-arch=")).removeprefix("-arch=")
         if complaint is None:
             print(f"ok      {family} (NVRTC, {arch})")
         else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tp_runtime.distributed import custom_all_reduce as car
-from tp_runtime.distributed.comm import NoComm
+from tp_runtime.distributed.comm import NoComm, agree_no_error
 from tp_runtime.distributed.custom_all_reduce import Limits, Route, agree, route
 
 MiB, KiB = car.MiB, car.KiB
@@ -225,3 +225,24 @@ def test_a_kernel_timeout_ends_the_process_through_the_watchdog_naming_the_colle
         "aborting the job" in out
     ), out
     assert time.monotonic() - start < 15, out
+
+
+class _TwoRanks(NoComm):
+    """A host exchange seen from rank 0 of two, where rank 1 reports ``peer_code``."""
+
+    def __init__(self, peer_code: int):
+        self.peer_code = peer_code
+
+    def host_allgather(self, values, what):
+        return [list(values), [self.peer_code]]
+
+
+def test_agree_no_error_raises_on_every_rank_when_one_failed():
+    def fails():
+        raise RuntimeError("kernel gave up waiting for rank 1")
+
+    with pytest.raises(RuntimeError, match="kernel gave up"):  # the failing rank: its own error
+        agree_no_error(_TwoRanks(0), fails, "barrier")
+    with pytest.raises(RuntimeError, match=r"barrier: failed on rank\(s\) \[1\]"):  # a healthy rank
+        agree_no_error(_TwoRanks(1), lambda: None, "barrier")
+    agree_no_error(_TwoRanks(0), lambda: None, "barrier")  # nobody failed: no error

@@ -117,6 +117,17 @@ def test_freed_slot_and_unwritten_past_are_refused():
         state.before([9, 0 + 1])  # a jump beyond what slot 2 holds (4 written)
 
 
+def test_a_refused_jump_is_staged_again_when_retried():
+    cache = contiguous()
+    state = captured(cache, [2, 0], [3, 3])
+    with pytest.raises(CacheStateError, match="past_lens=9"):
+        state.before([9, 1])  # slot 2 holds 4 written positions
+    assert state.past.tolist() == [3, 3], "the host mirror moved although the jump never reached the device"
+    cache.set_written([2], [9])
+    assert state.before([9, 1]) is not None, "the retried jump must be staged for the device"
+    assert state.past.tolist() == [9, 1]
+
+
 def test_slots_out_of_order_record_their_writes():
     cache = contiguous()
     state = captured(cache, [3, 1], [2, 6])

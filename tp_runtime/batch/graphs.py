@@ -39,13 +39,13 @@ Forward = Callable[[torch.Tensor, Step], torch.Tensor]  # (x [B, hidden], step) 
 def check_graphable(config: AttentionConfig) -> None:
     """Raise ``ValueError`` for configurations whose kernels size or compute something per step on the host."""
     if config.rotary_scaling is RotaryScalingType.dynamic:
-        raise ValueError("DecodeGraph: rotary_scaling='dynamic' recomputes the RoPE base per length on the host")
+        raise ValueError("CUDA-graph steps: rotary_scaling='dynamic' recomputes the RoPE base per length on the host")
     if config.position_embedding is PositionEmbeddingType.relative:
-        raise ValueError("DecodeGraph: relative attention sizes its bias table per step on the host")
+        raise ValueError("CUDA-graph steps: relative attention sizes its bias table per step on the host")
     if config.cross_attention:
-        raise ValueError("DecodeGraph: cross attention is not captured (its keys do not grow)")
+        raise ValueError("CUDA-graph steps: cross attention is not captured (its keys do not grow)")
     if config.check_finite:
-        raise ValueError("DecodeGraph: check_finite reads the output on the host, which a graph cannot capture")
+        raise ValueError("CUDA-graph steps: check_finite reads the output on the host, which a graph cannot capture")
 
 
 def graph_launcher(graph: torch.cuda.CUDAGraph, device: torch.device) -> Callable[[], object]:

@@ -70,13 +70,19 @@ class ReplayState:
         self._epoch = None
 
     def before(self, past_lens: Sequence[int] | np.ndarray | None) -> torch.Tensor | None:
-        staged = None
+        staged, previous = None, self.past
         if past_lens is not None:
             past = past_lens if isinstance(past_lens, np.ndarray) else np.asarray(past_lens, dtype=np.int64)
             if not np.array_equal(past, self.past):
                 staged = self._stage(self.valid(past))
         if self.headroom < 1 or self._epoch != self.cache.epoch:
-            self._check()
+            try:
+                self._check()
+            except Exception:
+                # A refused jump never reaches the device: the host mirror must not claim it did, or a
+                # retry with the same lengths would stage nothing and replay the old device lengths.
+                self.past, self._epoch = previous, None
+                raise
         return staged
 
     def staged(self, event) -> None:

@@ -135,6 +135,22 @@ def raise_if_any(mpi_comm, error: str | None, what: str, payload: object = None)
     return gathered[0][1]
 
 
+def agree_no_error(host: Communicator, check, what: str) -> None:
+    """Run ``check()`` (raises on a local failure) on every rank, then raise on every rank if it raised
+    on any: one host exchange under the collective deadline, so no rank is left waiting in the
+    next collective while another raises alone. Also a barrier."""
+    error: Exception | None = None
+    try:
+        check()
+    except Exception as exc:  # reported to every rank below, then re-raised here
+        error = exc
+    failed = [rank for rank, (code,) in enumerate(host.host_allgather([int(error is not None)], what)) if code]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what}: failed on rank(s) {failed} (their own message says why)")
+
+
 def check_root(who: str, root: int, size: int) -> None:
     if not 0 <= root < size:
         raise ValueError(f"{who}: expected root in [0, {size}), got {root}")
@@ -335,8 +351,8 @@ class NcclComm(Communicator):
     def barrier(self) -> None:
         """Return once every rank's work enqueued so far on its current stream has finished."""
         torch.cuda.current_stream(self.device).synchronize()
-        self.custom.check_async_error()  # a custom all-reduce that gave up: say so here, not later
-        self._host.barrier()  # with the same deadline as every collective
+        # A custom all-reduce that gave up says so here, on every rank, under the collective deadline.
+        agree_no_error(self._host, self.custom.check_async_error, "barrier")
 
     def host_allgather(self, values: list[int], what: str) -> list[list[int]]:
         return self._host.host_allgather(values, what)

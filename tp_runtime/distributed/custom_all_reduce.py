@@ -175,6 +175,12 @@ def _stream(device: torch.device):
     return s
 
 
+def compile_options(arch: str) -> tuple[str, ...]:
+    """NVRTC options of kernels/all_reduce.cu (self-contained: no include path); launch/check_nvrtc.py
+    compiles it with these too."""
+    return (f"-arch={arch}", "-std=c++17")
+
+
 def kernel_names() -> dict:
     """{(dtype, route): NVRTC name expression} of every variant of kernels/all_reduce.cu."""
     return {
@@ -197,8 +203,6 @@ class CustomAllReduce:
     def __init__(
         self, mpi_comm, device: torch.device | str, buffer_bytes: int = DEFAULT_BUFFER_BYTES, watched: bool = True
     ):
-        from .comm import raise_if_any
-
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
         self._mpi, self._watched = mpi_comm, watched
         self.device = torch.device(device)
@@ -213,38 +217,39 @@ class CustomAllReduce:
         import cupy
 
         runtime = cupy.cuda.runtime
-        cupy.cuda.Device(self.device.index).use()
         from mpi4py import MPI
 
-        mine = (MPI.Get_processor_name(), runtime.deviceGetPCIBusId(self.device.index))
-        enabled, error = False, None
-        try:
-            enabled = enabled_by_env(os.environ)
-        except ValueError as exc:  # a bad value on one rank must stop every rank, not leave them waiting
-            error = str(exc)
-        raise_if_any(mpi_comm, error, "custom all-reduce setup")
+        def local_facts():
+            cupy.cuda.Device(self.device.index).use()
+            return (MPI.Get_processor_name(), runtime.deviceGetPCIBusId(self.device.index)), enabled_by_env(os.environ)
+
+        # Every step that can fail on one rank runs through _everywhere before the next collective: an
+        # error on one rank alone would leave the others waiting in an allgather with no deadline.
+        mine, enabled = self._everywhere("custom all-reduce setup", local_facts)
         gpus = mpi_comm.allgather(mine)
-        facts = mpi_comm.allgather((enabled, peer_reasons(mine, gpus, self._can_access)))
-        self.why_not = agree(self.size, facts)
+        reasons = self._everywhere("custom all-reduce: peer access", lambda: peer_reasons(mine, gpus, self._can_access))
+        self.why_not = agree(self.size, mpi_comm.allgather((enabled, reasons)))
         if self.why_not is not None:
             return
-
-        error = None
-        try:
-            self._setup(runtime)
-        except Exception as exc:  # any failure must reach every rank
-            error = f"{type(exc).__name__}: {exc}"
-        raise_if_any(mpi_comm, error, "custom all-reduce setup (buffers, kernels)")
-        handles = mpi_comm.allgather((runtime.ipcGetMemHandle(self._data), runtime.ipcGetMemHandle(self._signal)))
-        error = None
-        try:
-            self._open_peers(runtime, handles)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        raise_if_any(mpi_comm, error, "custom all-reduce: opening the peers' IPC handles")
+        mine_handles = self._everywhere("custom all-reduce setup (buffers, kernels)", lambda: self._setup(runtime))
+        handles = mpi_comm.allgather(mine_handles)
+        what = "custom all-reduce: opening the peers' IPC handles"
+        self._everywhere(what, lambda: self._open_peers(runtime, handles))
         self.usable = True
         if watched:
             self.watchdog = NcclWatchdog(self)
+
+    def _everywhere(self, what: str, step):
+        """``step()`` on this rank; if it raised on any rank, every rank raises (naming ``what``)."""
+        from .comm import raise_if_any
+
+        result, error = None, None
+        try:
+            result = step()
+        except Exception as exc:  # any failure must reach every rank
+            error = f"{type(exc).__name__}: {exc}"
+        raise_if_any(self._mpi, error, what)
+        return result
 
     @staticmethod
     def _can_access(bus: str) -> bool:
@@ -257,7 +262,8 @@ class CustomAllReduce:
             return False
         return bool(runtime.deviceCanAccessPeer(cupy.cuda.Device().id, other))
 
-    def _setup(self, runtime) -> None:
+    def _setup(self, runtime) -> tuple[bytes, bytes]:
+        """Buffers, error word and kernels; returns this rank's IPC handles (data, signal)."""
         import cupy
 
         nbytes = self.limits.two_shot_max
@@ -276,6 +282,7 @@ class CustomAllReduce:
             cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(memory, 0)), device=self.device
         )
         self._kernels = self._compile()
+        return runtime.ipcGetMemHandle(self._data), runtime.ipcGetMemHandle(self._signal)
 
     def _compile(self) -> dict:
         import cupy
@@ -284,7 +291,7 @@ class CustomAllReduce:
         arch = cupy.cuda.Device(self.device.index).compute_capability
         module = cupy.RawModule(
             code=(kernels_dir() / "all_reduce.cu").read_text(),
-            options=(f"-arch=sm_{arch}", "-std=c++17"),
+            options=compile_options(f"sm_{arch}"),
             name_expressions=list(names.values()),
         )
         return {key: module.get_function(name) for key, name in names.items()}
@@ -407,7 +414,8 @@ class CustomAllReduce:
         (``watched``), wait for this rank's kernels, unmap the peers' buffers, then -- once no peer
         maps them any more -- free this rank's. Unusable afterwards (``route`` gives NCCL); idempotent.
         Interpreter exit stops every watchdog by itself (``watchdog``), so a job that never calls it
-        still ends cleanly; the driver frees the memory with the process."""
+        still ends cleanly; the driver frees the memory with the process. CUDA graphs captured with
+        this all-reduce hold its buffers as kernel arguments: drop them before closing."""
         if self._watched and self.watchdog is not None:
             self.watchdog.close()
             self.watchdog = None
@@ -415,19 +423,20 @@ class CustomAllReduce:
             return
         import cupy
 
-        from .comm import MpiComm
+        from .comm import MpiComm, agree_no_error
 
         runtime = cupy.cuda.runtime
         torch.cuda.synchronize(self.device)  # this rank's last kernel finished: it reads no peer any more
-        self.check_async_error()  # one that gave up says so (and frees nothing a peer may still use)
         self.usable, self.why_not = False, "closed"
         pointers = self._peers.view(np.uint64).reshape(2, MAX_RANKS)  # [data, signal] x rank
         for peer in range(self.size):
             if peer != self.rank:
                 runtime.ipcCloseMemHandle(int(pointers[0, peer]))
                 runtime.ipcCloseMemHandle(int(pointers[1, peer]))
-        MpiComm(self._mpi).barrier()  # every peer has unmapped this rank's buffers (under the deadline)
-        del self._staging  # tensors from all_reduce_buffer must not outlive the buffer
+        # Every peer has unmapped this rank's buffers (the exchange is a barrier under the deadline); a
+        # kernel that gave up on any rank raises on every rank, and then nothing is freed.
+        agree_no_error(MpiComm(self._mpi), self.check_async_error, "custom all-reduce close")
+        del self._staging  # the buffer's tensor view; one returned by all_reduce_buffer must not be used after
         runtime.free(self._data)
         runtime.free(self._signal)
         runtime.freeHost(self._error_host)

@@ -52,8 +52,11 @@ class GreedyDecodeGraph(StepGraph):
         The caller reserved the cache for all of them (checked, as a replay checks)."""
         if not 1 <= steps <= self.chunk:
             raise ValueError(f"steps: expected 1 to chunk={self.chunk}, got {steps}")
+        ids = list(ids)
+        if len(ids) != len(self.slots):  # copy_ would broadcast a single id to every sequence
+            raise ValueError(f"ids: expected {len(self.slots)} token ids (one per slot), got {len(ids)}")
         # Once per chunk, after the previous chunk's read-back: the inputs may come from eager steps.
-        self.ids.copy_(torch.tensor(list(ids), dtype=torch.long))
+        self.ids.copy_(torch.tensor(ids, dtype=torch.long))
         self.count.zero_()
         if self.graph is None:
             self._capture(self.state.valid(np.asarray(past, dtype=np.int64)))

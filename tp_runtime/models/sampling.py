@@ -1,7 +1,9 @@
 """Choosing the next token from the logits: greedy, or temperature / top-k / top-p sampling.
 
-The same token on every rank: the group's rank 0 chooses and broadcasts (``generate`` does that), so
-sampling needs no shared random state and greedy needs no bitwise-equal logits across ranks.
+The same token on every rank: for sampling, the group's rank 0 chooses and broadcasts (``generate``
+does that), so no shared random state is needed. Greedy steps replayed as one graph
+(``greedy_graph``) broadcast nothing: every rank takes the argmax of the same all-gathered logits,
+which are the same bytes on every rank (an all-gather copies, it does not reduce).
 """
 
 from __future__ import annotations
