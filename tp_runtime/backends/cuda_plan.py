@@ -151,7 +151,7 @@ def decode_work(
     blocks_per_split: int,
     occupancy: tuple[int, int],
     forced_splits: int | None,
-    target: int = TARGET_BLOCKS_PER_SM,
+    target: int,
 ) -> DecodeWork:
     def build() -> DecodeWork:
         n_keys = route(step, cross).n_keys

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import watchdog
-from .custom_all_reduce import CustomAllReduce, Route, route
+from .custom_all_reduce import CustomAllReduce, Route
 from .watchdog import TIMEOUT_ENV, CollectiveTimeout, NcclWatchdog, world_rank
 
 
@@ -327,7 +327,7 @@ class NcclComm(Communicator):
         """The custom path's registered buffer where the message routes there, else None (NCCL
         reduces the producer's own tensor in place)."""
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        if route(nbytes, dtype, self.size, self.custom.usable, self.custom.limits) in (Route.ONE_SHOT, Route.TWO_SHOT):
+        if self.custom.route_bytes(nbytes, dtype) in (Route.ONE_SHOT, Route.TWO_SHOT):
             return self.custom.all_reduce_buffer(shape, dtype)
         return None
 

@@ -309,7 +309,11 @@ class CustomAllReduce:
 
     # ---- the collective ------------------------------------------------------------------------
     def route(self, tensor: torch.Tensor) -> Route:
-        return route(tensor.numel() * tensor.element_size(), tensor.dtype, self.size, self.usable, self.limits)
+        return self.route_bytes(tensor.numel() * tensor.element_size(), tensor.dtype)
+
+    def route_bytes(self, nbytes: int, dtype: torch.dtype) -> Route:
+        """The path a message of ``nbytes`` of ``dtype`` takes in this group."""
+        return route(nbytes, dtype, self.size, self.usable, self.limits)
 
     def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor in this rank's registered buffer for a producer (a GEMM's ``out=``) to write its
