@@ -1,27 +1,30 @@
 // Hopper (sm_90a) context (prefill) attention: wgmma + TMA + warp specialisation.
 //
-// Serves what capabilities.CAPABILITIES["context_hopper"] lists (fp16/bf16; D 64 and 128; causal
-// or padding mask; no bias or ALiBi; contiguous or paged (pages >= 8 tokens) fp16/bf16 cache;
-// GQA/MQA by head mapping; cached past allowed); every other case stays on
+// Serves what capabilities.CAPABILITIES["context_hopper"] lists (fp16/bf16; D 64, 128 and 256;
+// causal, padding or bidirectional mask; no bias, ALiBi or a relative (T5) table; contiguous or
+// paged (pages >= 8 tokens) fp16/bf16 cache; GQA/MQA by head mapping; cached past allowed); every
+// other case (D 80/96, int8/fp8 caches, cross attention, beams) stays on
 // kernels/context_attention.cu (mma.sync). Same
 // semantics as that kernel: out [T, H, D] and lse [T, H] (natural log, -inf for a row with no
 // key) at the rows of the tiles' sequences only.
 //
-// Work item = (query tile of 64·C rows, head), C consumer warpgroups (HopperConsumers: 2 at D 128,
-// 3 at D 64); the tile list comes from cuda_plan.context_tiles, heaviest causal work first, items
-// numbered head-major at D 128 (concurrent CTAs share a head's K/V in L2). Grid: at D 128
-// persistent (at most one CTA per SM, one item per round in snake order, the next item's Q and
-// first K/V blocks loading while the consumers finish the current one); at D 64 one CTA per
-// item, tile-major (heaviest first). CTA = 1 + C warpgroups (384 or 512 threads, 1 CTA
-// per SM):
+// Work item = (query tile of 64·C rows, head), C consumer warpgroups (HopperConsumers: 3 at D 64
+// without a table bias, else 2); the tile list comes from cuda_plan.context_tiles, heaviest causal
+// work first, items numbered head-major at D 128 (concurrent CTAs share a head's K/V in L2). Grid:
+// causal D 128 persistent (at most one CTA per SM, one item per round in snake order, the next
+// item's Q and first K/V blocks loading while the consumers finish the current one); otherwise one
+// CTA per item (D 64/256 tile-major, heaviest first; full-mask D 128 head-major). CTA = 1 + C
+// warpgroups (384 or 512 threads, 1 CTA per SM):
 //   WG0 producer: gives its registers away (setmaxnreg.dec 24); one warp: lane 0 issues the TMA
 //       loads, the lanes read a paged cache's block table one block ahead:
 //       per item the Q tile (once the consumers' last S of the previous item has retired:
-//       q_empty), then each K/V block of BN keys into a 2-stage ring that runs on across items
+//       q_empty), then each K/V block of BN keys (128; 64 at D 256) into a 2-stage ring that runs
+//       on across items
 //       (full barriers carry the TMA byte counts, empty barriers the consumers' releases).
 //   WG1 .. WGC consumers (setmaxnreg.inc 240 / 160): 64 query rows each. Per K/V block:
-//       S = Q·Kᵀ (SS wgmma, D/16 k steps), mask + online softmax in registers (log2 domain),
-//       P packed to fp16/bf16 in registers = the A operand of O += P·V (RS wgmma, V MN-major).
+//       S = Q·Kᵀ (SS wgmma, D/16 k steps), bias + mask + online softmax in registers (log2
+//       domain), P packed to fp16/bf16 in registers = the A operand of O += P·V (RS wgmma, V
+//       MN-major; two N = 128 halves at D 256).
 // Overlap (FA3's two levels; kernels/NOTES_context.md, "Hopper kernel", round 2):
 //   - inside a consumer: S_j = Q·K_jᵀ and O += P_{j-1}·V_{j-1} are issued together; the softmax of
 //     block j runs while P_{j-1}·V_{j-1} is still on the tensor cores (wgmma wait<1>, then wait<0>
@@ -37,7 +40,9 @@
 //   sQ [C consumers][D/64][64 rows][128 B]      64·C·D·2 bytes
 //   sK [2 stages][D/64][BN rows][128 B]         2·BN·D·2
 //   sV [2 stages][D/64][BN rows][128 B]         2·BN·D·2
-//   sO [C consumers][64 rows][D·2 B]            64·C·D·2 (the epilogue's staging: the next Q loads meanwhile)
+//   sO [C consumers][64 rows][D·2 B]            64·C·D·2 (the epilogue's staging: the next Q loads
+//                                               meanwhile; none at D 256, which stages in its Q tile)
+//   D 256: Q 64 KB + K/V 2 · 2 · 32 KB = 192 KB; D 128: 32 + 128 + 32 = 192 KB; D 64: 24 + 64 + 24 KB
 //   barriers: q_full, q_empty, k_full[2], v_full[2], k_empty[2], v_empty[2]
 // Tensor maps (tp_runtime/backends/cuda_context_hopper.py):
 //   map_q  over q  [T, H, D] as 3-D {D, H, T}, box {64, 1, 64}: one consumer's 64 rows of one head
@@ -51,16 +56,31 @@
 namespace tp {
 
 struct HopperMaskCausal {
-  static constexpr bool kCausal = true;
+  static constexpr bool kCausal = true, kBidirectional = false;
 };
 struct HopperMaskPadding {
-  static constexpr bool kCausal = false;
+  static constexpr bool kCausal = false, kBidirectional = false;
+};
+struct HopperMaskBidirectional {  // ChatGLM-6B: as padding, -10000 on the last key for every earlier query
+  static constexpr bool kCausal = false, kBidirectional = true;
 };
 struct HopperBiasNone {
-  static constexpr bool kAlibi = false;
+  static constexpr int kind = 0;
 };
 struct HopperBiasAlibi {  // + slope_h · (k − q), slopes already effective (as the mma.sync kernel's)
-  static constexpr bool kAlibi = true;
+  static constexpr int kind = 1;
+};
+struct HopperBiasTable {  // + table[h·sh + q·sq + k·sk + off] (explicit T5 table, or per-distance bucket table)
+  static constexpr int kind = 2;
+};
+
+// The relative-bias table operand: tp_runtime/backends/cuda_common.BiasTable, entry (h, q, k) at
+// table[h·head_stride + q·q_stride + k·k_stride + offset] (element offsets below 2^31: the launcher
+// checks), and raw_scale = 1 / softmax_scale (entries are added to raw scores).
+struct HopperTable {
+  const float* __restrict__ table;
+  int head_stride, q_stride, k_stride, offset;
+  float raw_scale;
 };
 
 // S [64, BN] (accumulate 0 on the first k step) = Q [64, D] · K_jᵀ, both K-major 128B-swizzled.
@@ -72,46 +92,85 @@ __device__ __forceinline__ void issue_s(float (&sc)[BN / 2], hopper::u32 q_addr,
   }
 }
 
-// O [64, D] += P [64, BN] (registers) · V_j [BN, D] (MN-major 128B-swizzled).
+// O [64, D] += P [64, BN] (registers) · V_j [BN, D] (MN-major 128B-swizzled). D 256 as two
+// m64n128 halves over D columns [0, 128) and [128, 256): half h's accumulators are o[64h ..
+// 64h + 63], the same registers an m64n256 accumulator would use for those columns, so the rest of
+// the kernel indexes o the same way for every D; its V columns start 2 column tiles (2·BN·128 B) on.
 template <typename T, int D, int BN>
 __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const hopper::u32 (&pa)[BN / 16][4],
                                          hopper::u32 v_addr) {
+  constexpr int kN = D < 128 ? D : 128;  // wgmma N per instruction
 #pragma unroll
   for (int k = 0; k < BN / 16; ++k) {
-    hopper::Wgmma<D, T>::template rs<1>(o, pa[k], hopper::desc_mn_major(v_addr, BN, k), 1);
+    if constexpr (D == kN) {
+      hopper::Wgmma<D, T>::template rs<1>(o, pa[k], hopper::desc_mn_major(v_addr, BN, k), 1);
+    } else {
+#pragma unroll
+      for (int h = 0; h < D / kN; ++h) {
+        float(&oh)[kN / 2] = *reinterpret_cast<float(*)[kN / 2]>(o + h * (kN / 2));
+        hopper::Wgmma<kN, T>::template rs<1>(oh, pa[k], hopper::desc_mn_major(v_addr + h * 2 * BN * 128, BN, k), 1);
+      }
+    }
   }
 }
 
+constexpr float kBidirectionalMask = -10000.0f;  // reference.BIDIRECTIONAL_MASK_VALUE (natural-log units)
+
 // Where a thread's scores sit and what it adds/hides: rows r0 + 8r at query positions qpos[r]
-// (keys key < lim[r] visible), its first column col in each 8-column block, and the ALiBi slope in
-// raw-score units (slope / softmax_scale; 0 without ALiBi).
+// (keys key < lim[r] visible), its first column col in each 8-column block, and in raw-score units
+// (divided by softmax_scale, as the running max) the ALiBi slope (0 without ALiBi). With a table
+// bias: the element offset of the row's entries, key k's at trow[r] + min(k, lim[r] - 1) · k_stride
+// (keys past the row's limit read a valid entry and are masked anyway). The table's pointer,
+// strides and factor stay in the kernel's parameters (constant bank: no registers; D 64 has none
+// to spare).
 struct RowInfo {
   int qpos[2];
   int lim[2];
   int col;
   float slope_raw;
+  int trow[2];
 };
 
 // Online softmax of one key block, in place: raw scores sc -> unnormalised probabilities
 // exp2(s·scale_log2 - m·scale_log2) (one FFMA + EX2 per element; the running max m_r is kept in raw
-// score units, which needs scale_log2 > 0 — the launcher's `serves` checks it). kAlibi: + the bias
-// slope·(key - qpos) in raw units first. kMasked: keys `key >= lim[r]` (past n_keys, or past the
-// row's causal limit) become -inf; the blocks wholly visible to every row skip that. Returns
-// alpha[r] = exp2((m_old - m_new)·scale_log2), the factor O must be rescaled by; l_r is updated.
-template <bool kMasked, bool kAlibi, int BN>
+// score units, which needs scale_log2 > 0 — the launcher's `serves` checks it). First, in raw
+// units: kBias 1 adds ALiBi's slope·(key - qpos), kBias 2 the table's entry. kMasked: keys
+// `key >= lim[r]` (past n_keys, or past the row's causal limit) become -inf, and with kBidir
+// (lim[r] = n_keys) the last key gets -10000 / softmax_scale for the rows before it; the blocks
+// wholly visible to every row (and before the bidirectional column) skip that. Returns alpha[r] = exp2((m_old - m_new)·scale_log2), the factor O must be
+// rescaled by; l_r is updated.
+template <bool kMasked, bool kBidir, int kBias, int BN>
 __device__ __forceinline__ void softmax_block(float (&sc)[BN / 2], float (&m_r)[2], float (&l_r)[2],
-                                              float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2) {
+                                              float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2,
+                                              const HopperTable& tab) {
   float rel0[2];  // key - qpos of the thread's first column in this block, per row
 #pragma unroll
   for (int r = 0; r < 2; ++r) rel0[r] = static_cast<float>(n0 + ri.col - ri.qpos[r]);
   // element i: row (i >> 1) & 1, so chains c = i & 3 are rows c >> 1 (four independent chains)
+  if (kBias == 2) {
+    // the table's entries, 16 loads at a time: the compiler barrier between groups keeps it from
+    // hoisting all BN / 2 loads ahead (their registers on top of S, O and P spill at D 64)
+#pragma unroll
+    for (int g = 0; g < BN / 2; g += 16) {
+#pragma unroll
+      for (int i = g; i < g + 16; ++i) {
+        const int r = (i >> 1) & 1, key = n0 + ri.col + 8 * (i >> 2) + (i & 1);
+        sc[i] = fmaf(tab.raw_scale, __ldg(tab.table + ri.trow[r] + min(key, ri.lim[r] - 1) * tab.k_stride), sc[i]);
+      }
+      asm volatile("" ::: "memory");
+    }
+  }
   float mx4[4] = {m_r[0], m_r[0], m_r[1], m_r[1]};
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) {
     const int r = (i >> 1) & 1;
     const int dk = 8 * (i >> 2) + (i & 1);  // key - (n0 + col), a compile-time constant
-    if (kAlibi) sc[i] = fmaf(ri.slope_raw, rel0[r] + static_cast<float>(dk), sc[i]);
-    if (kMasked) sc[i] = n0 + ri.col + dk < ri.lim[r] ? sc[i] : -INFINITY;
+    const int key = n0 + ri.col + dk;
+    if (kBias == 1) sc[i] = fmaf(ri.slope_raw, rel0[r] + static_cast<float>(dk), sc[i]);
+    if (kMasked) {
+      if (kBidir && key == ri.lim[r] - 1 && ri.qpos[r] < key) sc[i] = fmaf(kBidirectionalMask, tab.raw_scale, sc[i]);
+      sc[i] = key < ri.lim[r] ? sc[i] : -INFINITY;
+    }
     mx4[i & 3] = fmaxf(mx4[i & 3], sc[i]);
   }
   float mx[2] = {fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3])}, base[2];
@@ -147,27 +206,37 @@ __device__ __forceinline__ void rescale_pack(float (&o)[D / 2], hopper::u32 (&pa
 }
 
 // One uniform branch per block (the mask depends only on the block index).
-template <bool kAlibi, int BN>
+template <typename Mask, typename Bias, int BN>
 __device__ __forceinline__ void softmax_any(bool masked, float (&sc)[BN / 2], float (&m_r)[2], float (&l_r)[2],
-                                            float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2) {
+                                            float (&alpha)[2], int n0, const RowInfo& ri, float scale_log2,
+                                            const HopperTable& tab) {
   if (masked) {
-    softmax_block<true, kAlibi, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2);
+    softmax_block<true, Mask::kBidirectional, Bias::kind, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2, tab);
   } else {
-    softmax_block<false, kAlibi, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2);
+    softmax_block<false, false, Bias::kind, BN>(sc, m_r, l_r, alpha, n0, ri, scale_log2, tab);
   }
 }
 
 // Consumer warpgroups (64 query rows each) per CTA: 3 at D 64, where the softmax of a 64×128 block
 // takes longer than its two GEMMs, so a third warpgroup's softmax is needed to keep the tensor
-// cores busy (and its registers fit: o 32 + S 64 + P 32 at 160 per thread); 2 at D 128 (240 each).
-template <int D>
+// cores busy (and its registers fit: o 32 + S 64 + P 32 at 160 per thread); 2 at D 128 and 256
+// (240 each: D 256 holds o 128 + S 32 + P 16), and 2 for a table bias at D 64 too (its loads need
+// registers: at 160, 100-300 bytes spilled).
+// Keys per K/V block kBN: 128, or 64 at D 256, where a 128-key block of K or V alone is 64 KB (two
+// stages of K and V at BN 64 and the Q tiles: 192 KB of the 227 KB an SM has).
+template <int D, int kBias>
 struct HopperConsumers {
-  static constexpr int kCount = D == 64 ? 3 : 2;
-  static constexpr int kRegs = D == 64 ? 160 : 240;  // 128·24 + 128·kCount·kRegs <= 65536
-  // A CTA loops over work items (persistent grid) at D 128; at D 64 the loop's counters do not fit
-  // in 160 registers next to o, S and P (ptxas spills them into the key loop), so each CTA serves
-  // one item there (the launcher's grid has one CTA per item).
+  static constexpr int kCount = D == 64 && kBias != 2 ? 3 : 2;
+  static constexpr int kRegs = kCount == 3 ? 160 : 240;  // 128·24 + 128·kCount·kRegs <= 65536
+  static constexpr int kBN = D == 256 ? 64 : 128;
+  // The D 128 variants may loop over work items (persistent grid; the launcher decides the grid:
+  // causal masks only) and stage the epilogue in a tile of its own (the next item's Q loads
+  // meanwhile). At D 64 the loop's counters do not fit in 160 registers next to o, S and P (ptxas
+  // spills them into the key loop); at D 256 the extra staging tile does not fit in shared memory.
+  // There each CTA serves one item (the launcher's grid has one CTA per item) and the epilogue
+  // stages O in the consumer's own Q tile, free once its last S has retired.
   static constexpr bool kPersistent = D == 128;
+  static constexpr bool kOwnStaging = D != 256;  // (at D 64 staging in sQ made ptxas spill)
 };
 
 // One work item: a (query tile, head), and what the producer and the consumers derive from it
@@ -181,15 +250,15 @@ struct HopperTile {
   int n_open;  // blocks [0, n_open) are visible to every row of the tile in full: no mask
 };
 
-template <int D, typename Mask>
+template <typename Cfg, typename Mask>
 __device__ __forceinline__ HopperTile hopper_tile(int w, const int* __restrict__ tiles,
                                                   const int* __restrict__ cu_seqlens, const int* __restrict__ past,
                                                   const int* __restrict__ n_keys, int num_tiles, int num_heads,
                                                   int num_kv_heads) {
-  constexpr int BN = 128, kRows = 64 * HopperConsumers<D>::kCount;
+  constexpr int BN = Cfg::kBN, kRows = 64 * Cfg::kCount;
   HopperTile tl;
   int tile;
-  if (HopperConsumers<D>::kPersistent) {
+  if (Cfg::kPersistent) {
     tl.h = w / num_tiles;
     tile = w - tl.h * num_tiles;
   } else {
@@ -205,7 +274,8 @@ __device__ __forceinline__ HopperTile hopper_tile(int w, const int* __restrict__
   tl.rows = min(kRows, cu_seqlens[tl.seq + 1] - tl.tok0 - tl.m0);
   const int k_end = Mask::kCausal ? min(tl.nk, tl.qpos0 + tl.rows) : tl.nk;  // keys any row of the tile may see
   tl.n_kb = k_end > 0 ? (k_end + BN - 1) / BN : 0;
-  tl.n_open = (Mask::kCausal ? min(tl.nk, tl.qpos0 + 1) : tl.nk) / BN;
+  // (bidirectional: the block holding the last key is masked, it carries that key's -10000)
+  tl.n_open = (Mask::kCausal ? min(tl.nk, tl.qpos0 + 1) : tl.nk - (Mask::kBidirectional ? 1 : 0)) / BN;
   return tl;
 }
 
@@ -214,40 +284,44 @@ __device__ __forceinline__ HopperTile hopper_tile(int w, const int* __restrict__
 // in even rounds and the (G - 1 - b)-th in odd ones — a snake order: with the items of a head
 // heaviest first, a CTA that drew a heavy item in one round draws a light one in the next.
 // One item per CTA (gridDim.x = items): item blockIdx.x.
-template <int D>
+template <typename Cfg>
 __device__ __forceinline__ int hopper_item(int r, int n_items) {
   const int g = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
-  const int w = r * g + (HopperConsumers<D>::kPersistent && (r & 1) ? g - 1 - b : b);
+  const int w = r * g + (Cfg::kPersistent && (r & 1) ? g - 1 - b : b);
   return w < n_items ? w : -1;
 }
 
 template <typename T, int D, typename Mask, typename Bias>
-__global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) context_hopper_kernel(
+__global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount + 1), 1) context_hopper_kernel(
     const __grid_constant__ hopper::TensorMap map_q, const __grid_constant__ hopper::TensorMap map_kv,
     T* __restrict__ out, int out_stride, float* __restrict__ lse, const int* __restrict__ tiles,
     const int* __restrict__ cu_seqlens, const int* __restrict__ past, const int* __restrict__ n_keys,
     const int* __restrict__ slots, const int* __restrict__ block_table, int table_stride, int kv_box,
-    int log2_page, int num_tiles, int num_heads, int num_kv_heads, float scale_log2, const float* __restrict__ alibi) {
+    int log2_page, int num_tiles, int num_heads, int num_kv_heads, float scale_log2, const float* __restrict__ alibi,
+    HopperTable bias_table) {
 #if TP_HOPPER_ENABLED
   using namespace hopper;
-  constexpr int BN = 128;          // keys per K/V block
+  using Cfg = HopperConsumers<D, Bias::kind>;
+  constexpr int BN = Cfg::kBN;  // keys per K/V block
   constexpr int kChunks = D / 64;  // 64-element (128-byte) column tiles per row
   constexpr int kQBytes = 64 * D * 2;        // one consumer's Q rows
   constexpr int kKVBytes = BN * D * 2;       // one K or V block
-  constexpr int kC = HopperConsumers<D>::kCount;
+  constexpr int kC = Cfg::kCount;
   // Named barriers (0 is __syncthreads): 1 consumer 0's V zeroing; kTurnBar + c consumer c's turn
   // to issue wgmma (128 waiting + 128 arriving); kEpilogueBar + c consumer c's epilogue tile.
   constexpr int kZeroBar = 1, kTurnBar = 2, kEpilogueBar = kTurnBar + kC;
   static_assert(kEpilogueBar + kC <= 16, "16 named barriers per CTA");
   constexpr float kLn2 = 0.6931471805599453f;
-  static_assert(D == 64 || D == 128, "the Hopper context kernel serves D 64 and 128");
+  static_assert(D == 64 || D == 128 || D == 256, "the Hopper context kernel serves D 64, 128 and 256");
+  constexpr bool kOwnStaging = Cfg::kOwnStaging;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* sQ = align_smem(smem_raw);
   unsigned char* sK = sQ + kC * kQBytes;
   unsigned char* sV = sK + 2 * kKVBytes;
-  unsigned char* sO = sV + 2 * kKVBytes;  // [kC][64 rows][D·2 bytes]: the epilogue's staging
-  u64* bars = reinterpret_cast<u64*>(sO + kC * kQBytes);
+  // [kC][64 rows][D·2 bytes]: the epilogue's staging, a tile of its own or the consumer's Q tile
+  unsigned char* sO = kOwnStaging ? sV + 2 * kKVBytes : sQ;
+  u64* bars = reinterpret_cast<u64*>(sV + 2 * kKVBytes + (kOwnStaging ? kC * kQBytes : 0));
   u64* q_full = bars;
   u64* q_empty = bars + 1;  // every consumer thread: its last S of the tile has retired
   u64* k_full = bars + 2;   // [2]
@@ -261,7 +335,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
   // (its last P·V, its epilogue). gridDim.x = items: one item per CTA.
   const int n_items = num_tiles * num_heads;
   auto tile_of = [&](int w) {
-    return hopper_tile<D, Mask>(w, tiles, cu_seqlens, past, n_keys, num_tiles, num_heads, num_kv_heads);
+    return hopper_tile<Cfg, Mask>(w, tiles, cu_seqlens, past, n_keys, num_tiles, num_heads, num_kv_heads);
   };
   const int wg = threadIdx.x / 128;
 
@@ -289,7 +363,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       }
       int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
       for (int rd = 0; rd * static_cast<int>(gridDim.x) < n_items; ++rd) {
-        const int w = hopper_item<D>(rd, n_items);
+        const int w = hopper_item<Cfg>(rd, n_items);
         if (w < 0) break;  // (only in the last round)
         const HopperTile tl = tile_of(w);
         if (ti > 0) mbar_wait(q_empty, (ti - 1) & 1);  // the previous item's last S has retired
@@ -350,7 +424,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
       }
     }
   } else {  // ----------------------------------------------------------------------- consumers
-    setmaxnreg_inc<HopperConsumers<D>::kRegs>();
+    setmaxnreg_inc<Cfg::kRegs>();
     const int cw = wg - 1;  // which 64 rows of a tile
     const int t = threadIdx.x - 128 * wg;
     const int warp = t / 32, lane = t % 32;
@@ -375,7 +449,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
     // counter fewer live (D 64 has no register to spare).
     int it = 0, ti = 0;  // ring position of the item's first K/V block; items served
     for (int rd = 0; rd * static_cast<int>(gridDim.x) < n_items; ++rd, ++ti) {
-      const int w = hopper_item<D>(rd, n_items);
+      const int w = hopper_item<Cfg>(rd, n_items);
       if (w < 0) break;  // (only in the last round)
       int a_end, open_end;  // ring position past the item's last block; past its unmasked blocks
       RowInfo ri;
@@ -384,13 +458,20 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         const int shift = it * BN, nk = tl.nk + shift;
         a_end = it + tl.n_kb;
         open_end = it + tl.n_open;
+        constexpr float kLog2e = 1.4426950408889634f;  // x / softmax_scale = x · kLog2e / scale_log2
         ri.col = col;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           ri.qpos[r] = tl.qpos0 + r0 + 8 * r + shift;
           ri.lim[r] = Mask::kCausal ? min(nk, ri.qpos[r] + 1) : nk;
+          // the table's row of this query position (rows past the sequence read its last row), with
+          // key k's entry at k - shift: the loop's key positions are shifted by `shift`
+          const int q_row = min(tl.qpos0 + r0 + 8 * r, tl.qpos0 + tl.rows - 1);
+          ri.trow[r] = Bias::kind == 2 ? tl.h * bias_table.head_stride + q_row * bias_table.q_stride +
+                                             bias_table.offset - shift * bias_table.k_stride
+                                       : 0;
         }
-        ri.slope_raw = Bias::kAlibi ? alibi[tl.h] * 1.4426950408889634f / scale_log2 : 0.f;  // slope / softmax_scale
+        ri.slope_raw = Bias::kind == 1 ? alibi[tl.h] * kLog2e / scale_log2 : 0.f;  // slope / softmax_scale
       }
 
       float o[D / 2];
@@ -417,7 +498,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           fence_operands(sc);
           mbar_arrive(&k_empty[s]);
           if (it + 1 == a_end) mbar_arrive(q_empty);
-          softmax_any<Bias::kAlibi, BN>(it >= open_end, sc, m_r, l_r, alpha, it * BN, ri, scale_log2);
+          softmax_any<Mask, Bias, BN>(it >= open_end, sc, m_r, l_r, alpha, it * BN, ri, scale_log2, bias_table);
           rescale_pack<T, D, BN>(o, pa, sc, alpha);
         }
 
@@ -439,7 +520,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
           fence_operands(sc);
           mbar_arrive(&k_empty[s]);
           if (a + 1 == a_end) mbar_arrive(q_empty);  // Q is read by no later wgmma of this item
-          softmax_any<Bias::kAlibi, BN>(a >= open_end, sc, m_r, l_r, alpha, a * BN, ri, scale_log2);
+          softmax_any<Mask, Bias, BN>(a >= open_end, sc, m_r, l_r, alpha, a * BN, ri, scale_log2, bias_table);
           wgmma_wait<0>();  // P_{j-1}·V_{j-1} retired: O and P's registers are free again
           fence_operands(o);
 #pragma unroll
@@ -520,7 +601,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D>::kCount + 1), 1) con
         const long long tok = tl.tok0 + tl.m0 + row0 + rl;
         *reinterpret_cast<uint4*>(out + tok * out_stride + (long long)tl.h * D + chunk * 8) = v;
       }
-      if (!HopperConsumers<D>::kPersistent) break;  // (the compiler then keeps no loop state)
+      if (!Cfg::kPersistent) break;  // (the compiler then keeps no loop state)
     }
     if (cw == 0) turn_begin();  // the last consumer's opening arrival (see the turns above)
   }

@@ -176,17 +176,19 @@ def test_hopper_context_kernel_choice(monkeypatch):
     monkeypatch.delenv(ch.ENV)
     auto, contiguous, paged = KVCacheDType.auto, CacheLayout.contiguous, CacheLayout.paged
     for layout in (contiguous, paged):  # one variant serves both layouts (the layout is a kernel argument)
-        for bias in ("none", "alibi"):
-            assert ch.variant(torch.bfloat16, 128, "causal", bias, auto, layout) == {
-                "dtype": torch.bfloat16, "head_size": 128, "mask": "causal", "bias": bias}  # fmt: skip
-    for args in [(80, "causal", "none", auto, contiguous), (128, "causal", "table", auto, contiguous),
-                 (128, "bidirectional", "none", auto, contiguous), (64, "padding", "none", KVCacheDType.int8,
-                 contiguous), (128, "causal", "none", KVCacheDType.fp8, paged)]:  # fmt: skip
+        for d in (64, 128, 256):
+            for mask in ("causal", "padding", "bidirectional"):
+                for bias in ("none", "alibi", "table"):
+                    assert ch.variant(torch.bfloat16, d, mask, bias, auto, layout) == {
+                        "dtype": torch.bfloat16, "head_size": d, "mask": mask, "bias": bias}  # fmt: skip
+    for args in [(80, "causal", "none", auto, contiguous), (96, "padding", "table", auto, paged),
+                 (64, "padding", "none", KVCacheDType.int8, contiguous),
+                 (128, "causal", "none", KVCacheDType.fp8, paged)]:  # fmt: skip
         assert ch.variant(torch.float16, *args) is None, args
     assert kc.FAMILIES["context_hopper"].arch == "sm_90a"
-    for mask in ("causal", "padding"):
-        for d in (64, 128):
-            kc._resolve("context_hopper", {"dtype": torch.float16, "head_size": d, "mask": mask, "bias": "alibi"})
+    for mask in ("causal", "padding", "bidirectional"):
+        for d in (64, 128, 256):
+            kc._resolve("context_hopper", {"dtype": torch.float16, "head_size": d, "mask": mask, "bias": "table"})
     cfg = AttentionConfig(hidden_size=1024, num_heads=8, dtype=torch.float16, num_kv_heads=2)
     desc = Attention(cfg, comm=NoComm(), backend="reference").desc
     on_hopper = [p for f, p in cuda.variants(desc, hopper=True) if f == "context_hopper"]
@@ -195,18 +197,43 @@ def test_hopper_context_kernel_choice(monkeypatch):
 
 
 def test_hopper_context_grid_and_shared_memory(monkeypatch):
-    """D 128: a persistent grid of at most one CTA per SM (fewer under MAX_CTAS, one per item under
-    ONE_ITEM_PER_CTA); D 64: one CTA per item. Both fit the 227 KB of an H100/H200 SM."""
+    """D 128 causal: a persistent grid of at most one CTA per SM (fewer under MAX_CTAS, one per item
+    under ONE_ITEM_PER_CTA); full masks and D 64/256: one CTA per item. Every variant fits the 227 KB
+    of an H100/H200 SM; the shapes follow HopperConsumers (kernels/context_hopper.cu)."""
     from tp_runtime.backends import cuda_context_hopper as ch
 
-    assert ch.grid_ctas(128, 4096, 132) == 132 and ch.grid_ctas(128, 7, 132) == 7
-    assert ch.grid_ctas(64, 4096, 132) == 4096
+    assert ch.grid_ctas(128, True, 4096, 132) == 132 and ch.grid_ctas(128, True, 7, 132) == 7
+    assert ch.grid_ctas(128, False, 4096, 132) == 4096
+    assert ch.grid_ctas(64, True, 4096, 132) == 4096 and ch.grid_ctas(256, True, 4096, 132) == 4096
     monkeypatch.setattr(ch, "MAX_CTAS", 3)
-    assert ch.grid_ctas(128, 4096, 132) == 3 and ch.grid_ctas(128, 2, 132) == 2
+    assert ch.grid_ctas(128, True, 4096, 132) == 3 and ch.grid_ctas(128, True, 2, 132) == 2
     monkeypatch.setattr(ch, "ONE_ITEM_PER_CTA", True)
-    assert ch.grid_ctas(128, 4096, 132) == 4096
-    for d in (64, 128):
-        assert ch.shared_bytes(d) <= 227 * 1024, d
+    assert ch.grid_ctas(128, True, 4096, 132) == 4096
+    for d in (64, 128, 256):
+        for bias in ("none", "alibi", "table"):
+            assert ch.shared_bytes(d, bias) <= 227 * 1024, (d, bias)
+    assert (ch.consumers(64), ch.consumers(64, "table"), ch.consumers(128), ch.consumers(256)) == (3, 2, 2, 2)
+    assert (ch.block_n(64), ch.block_n(128), ch.block_n(256)) == (128, 128, 64)
+    assert ch.shared_bytes(256) == (2 * 64 + 4 * 64) * 256 * 2 + 128 + 1024  # Q tiles double as O staging
+
+
+def test_hopper_table_argument():
+    """The HopperTable kernel parameter: 32 bytes, the fields at the kernel struct's offsets, and
+    tables whose offsets overflow int32 left to the fallback."""
+    import numpy as np
+
+    from tp_runtime.backends import cuda_context_hopper as ch
+    from tp_runtime.backends.cuda_common import NO_BIAS_TABLE, BiasTable
+
+    table = torch.zeros(3, 40)
+    arg = ch.table_arg(BiasTable(table, 40, -1, 1, 19), 0.125)
+    assert arg.shape == (1,) and arg.dtype.itemsize == 32
+    raw = arg.view(np.uint8)
+    assert int(raw[:8].view(np.uint64)[0]) == table.data_ptr()
+    assert raw[8:24].view(np.int32).tolist() == [40, -1, 1, 19] and raw[24:28].view(np.float32)[0] == 8.0
+    assert ch.table_arg(NO_BIAS_TABLE, 0.5).view(np.uint8)[24:28].view(np.float32)[0] == 2.0
+    assert ch.table_fits(BiasTable(table, 40, -1, 1, 19)) and ch.table_fits(NO_BIAS_TABLE)
+    assert not ch.table_fits(BiasTable(table, 2**31, 1, 1, 0))
 
 
 def test_tensor_map_arguments_are_checked_before_the_driver():

@@ -56,12 +56,11 @@ CAPABILITIES: dict[str, Capability] = {
     "prepare": Capability(dtypes=HALF_DTYPES),
     "context": Capability(dtypes=HALF_DTYPES, head_sizes=HEAD_SIZES),
     # the sm_90a context kernel (wgmma + TMA, kernels/context_hopper.cu), chosen on Hopper where it
-    # serves the case; the rest (D 80/96/256, relative (T5) tables, bidirectional masks, cross
-    # attention, int8/fp8 caches, pages of fewer than HOPPER_CONTEXT_MIN_PAGE tokens, beams) stays
-    # on "context": HOPPER_CONTEXT_* say which
+    # serves the case; the rest (D 80/96, cross attention, int8/fp8 caches, pages of fewer than
+    # HOPPER_CONTEXT_MIN_PAGE tokens, beams) stays on "context": HOPPER_CONTEXT_* say which
     "context_hopper": Capability(
         dtypes=HALF_DTYPES,
-        head_sizes=(64, 128),
+        head_sizes=(64, 128, 256),
         cache_dtypes=(KVCacheDType.auto,),
         cache_layouts=(CacheLayout.contiguous, CacheLayout.paged),
         min_capability=(9, 0),
@@ -72,8 +71,8 @@ CAPABILITIES: dict[str, Capability] = {
 
 
 # What the Hopper context kernel serves beyond its Capability row (the launcher checks these per step).
-HOPPER_CONTEXT_MASKS = ("causal", "padding")  # the kernel's mask: causal, or every key of the sequence
-HOPPER_CONTEXT_BIASES = ("none", "alibi")  # no relative (T5) table yet
+HOPPER_CONTEXT_MASKS = ("causal", "padding", "bidirectional")  # every mask of AttentionMaskType
+HOPPER_CONTEXT_BIASES = ("none", "alibi", "table")  # every bias the CUDA kernels add (score_bias_kind)
 HOPPER_CONTEXT_MIN_PAGE = 8  # paged: one TMA box per page must cover whole 1024-byte swizzle atoms (8 rows)
 
 

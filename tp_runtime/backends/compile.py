@@ -151,10 +151,16 @@ FAMILIES: dict[str, Family] = {
             "dtype": _HALF_TYPES,
             # accumulator registers and shared-memory tiles are sized by D
             "head_size": _head_sizes("context_hopper"),
-            # causal: keys up to the query's position; padding: every key of the sequence
-            "mask": {"causal": "tp::HopperMaskCausal", "padding": "tp::HopperMaskPadding"},
-            # additive score bias inside the softmax: none, or ALiBi from the per-head slopes
-            "bias": {"none": "tp::HopperBiasNone", "alibi": "tp::HopperBiasAlibi"},
+            # causal: keys up to the query's position; padding: every key of the sequence;
+            # bidirectional: padding plus ChatGLM's -10000 on the last key for earlier queries
+            "mask": {
+                "causal": "tp::HopperMaskCausal",
+                "padding": "tp::HopperMaskPadding",
+                "bidirectional": "tp::HopperMaskBidirectional",
+            },
+            # additive score bias inside the softmax: none; ALiBi from the per-head slopes; a
+            # relative table (T5 buckets expanded per distance, or an explicit [H, q, k] bias)
+            "bias": {"none": "tp::HopperBiasNone", "alibi": "tp::HopperBiasAlibi", "table": "tp::HopperBiasTable"},
         },
         arch="sm_90a",
     ),

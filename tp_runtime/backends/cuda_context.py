@@ -106,8 +106,9 @@ def context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...
     check_reach(kv, geometry, plan.max_keys, plan.max_slot)
     mask = "padding" if spec.cross else spec.mask.value
     bias = score_bias_kind(spec)
-    if serves(q, out, kv, step, spec, mask, bias):  # Hopper GPUs: the sm_90a kernel where it serves the case
-        context_hopper(q, kv, step, spec, ids, mask, bias, out, lse)
+    table = bias_table(spec, step, ids, plan.n_keys) if bias == "table" else NO_BIAS_TABLE
+    if serves(q, out, kv, step, spec, mask, bias, table):  # Hopper GPUs: the sm_90a kernel where it serves the case
+        context_hopper(q, kv, step, spec, ids, mask, bias, out, lse, table)
         return
     # the step's routed context sequences: their longest length is planned; any other set is measured
     longest = plan.context_max_new if ids == plan.context_ids else max(step.new_lens[i] for i in ids)
@@ -118,7 +119,6 @@ def context(q, kv: LayerKV, step: Step, spec: AttentionSpec, ids: tuple[int, ...
     if tiles.shape[0] > 65535:
         raise NotImplementedError(f"{tiles.shape[0]} query tiles in one step: more than a launch's grid.y (65535)")
     alibi = checked_alibi(spec, h_r, q.device)
-    table = bias_table(spec, step, ids, plan.n_keys) if params["bias"] == "table" else NO_BIAS_TABLE
     dq = kv.dequant_scale if kv.cache_dtype.is_quantized else 1.0
     scale_log2 = spec.softmax_scale * math.log2(math.e) * dq
     args = _args(q, out, lse, kv, geometry, tiles, step, plan.n_keys_dev, h_r, scale_log2, dq, alibi, table)
