@@ -108,8 +108,7 @@ def context_all(q, kv, step, spec):
     return out, lse
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_context_kernel(case, gpu, poison_outputs):
+def _check_case(case, gpu):
     name, dtype, d, h, kv_h, mask, bias, layout, cache, new, past, enc, block = case
     seed = int(torch.randint(2**31 - 1, ()))  # fresh inputs every run; the seed is in any failure message
     gen = torch.Generator().manual_seed(seed)
@@ -133,6 +132,42 @@ def test_context_kernel(case, gpu, poison_outputs):
     torch.cuda.synchronize()
     err, pt_err = gpu.check_attention(out, lse, q, kv, step, spec, what=f"{name} (seed {seed})")
     print(f"{name}: max err {err:.2e} (torch {dtype} {pt_err:.2e})")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_context_kernel(case, gpu, poison_outputs):
+    """On Hopper GPUs the sm_90a kernel serves the cases it can (tests/gpu/test_context_hopper.py)."""
+    _check_case(case, gpu)
+
+
+def _hopper_serves(case) -> bool:
+    """Whether the Hopper kernel takes this case on an sm_90 GPU (its capability row and page minimum)."""
+    from tp_runtime.backends import cuda_context_hopper as ch
+    from tp_runtime.backends.capabilities import HOPPER_CONTEXT_MIN_PAGE
+    from tp_runtime.batch.kv_cache import CacheLayout
+    from tp_runtime.config import KVCacheDType
+
+    _, dtype, d, _, _, mask, bias, layout, cache, *_, block = case
+    if mask == "cross" or (layout == "paged" and block < HOPPER_CONTEXT_MIN_PAGE):
+        return False
+    kernel_bias = {"none": "none", "alibi": "alibi", "relative": "table", "explicit": "table"}[bias]
+    return ch.variant(dtype, d, mask, kernel_bias, KVCacheDType(cache), CacheLayout(layout)) is not None
+
+
+HOPPER_SERVED = [c for c in CASES if _hopper_serves(c)]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="elsewhere test_context_kernel runs these cases on the mma.sync kernel already",
+)
+@pytest.mark.parametrize("case", HOPPER_SERVED, ids=[c[0] for c in HOPPER_SERVED])
+def test_context_kernel_on_mma_sync(case, gpu, poison_outputs, monkeypatch):
+    """On a Hopper GPU, the cases the sm_90a kernel takes over, on the mma.sync kernel (the fallback,
+    and the kernel of sm_80/sm_89 GPUs): its D 256, bidirectional, T5 and explicit-bias paths stay
+    tested on the GPUs we run."""
+    monkeypatch.setenv("TP_RUNTIME_HOPPER_CONTEXT", "0")
+    _check_case(case, gpu)
 
 
 @pytest.mark.parametrize("i", range(len(TILE_SHAPES)), ids=[f"d{d}-{w}x{mt}x{bn}" for d, (w, mt, bn) in TILE_SHAPES])

@@ -162,11 +162,10 @@ def test_layer_variants_are_in_the_compile_table(kw):
 
 
 def test_hopper_context_kernel_choice(monkeypatch):
-    """The sm_90a context kernel: on compute capability 9.x unless switched off, for the shapes its
-    capability row lists (the rest stays on mma.sync), built for sm_90a by the compile table."""
+    """The sm_90a context kernel: on compute capability 9.x unless switched off; a Llama layer asks
+    for its variant on Hopper only. (Which shapes it serves: tests/unit/test_hopper_context_selection.py.)"""
     from tp_runtime.backends import cuda_context_hopper as ch
-    from tp_runtime.batch.kv_cache import CacheLayout
-    from tp_runtime.config import AttentionConfig, KVCacheDType
+    from tp_runtime.config import AttentionConfig
     from tp_runtime.distributed.comm import NoComm
     from tp_runtime.layers.attention import Attention
 
@@ -174,21 +173,6 @@ def test_hopper_context_kernel_choice(monkeypatch):
     monkeypatch.setenv(ch.ENV, "0")
     assert not ch.hopper_gpu((9, 0))
     monkeypatch.delenv(ch.ENV)
-    auto, contiguous, paged = KVCacheDType.auto, CacheLayout.contiguous, CacheLayout.paged
-    for layout in (contiguous, paged):  # one variant serves both layouts (the layout is a kernel argument)
-        for d in (64, 128, 256):
-            for mask in ("causal", "padding", "bidirectional"):
-                for bias in ("none", "alibi", "table"):
-                    assert ch.variant(torch.bfloat16, d, mask, bias, auto, layout) == {
-                        "dtype": torch.bfloat16, "head_size": d, "mask": mask, "bias": bias}  # fmt: skip
-    for args in [(80, "causal", "none", auto, contiguous), (96, "padding", "table", auto, paged),
-                 (64, "padding", "none", KVCacheDType.int8, contiguous),
-                 (128, "causal", "none", KVCacheDType.fp8, paged)]:  # fmt: skip
-        assert ch.variant(torch.float16, *args) is None, args
-    assert kc.FAMILIES["context_hopper"].arch == "sm_90a"
-    for mask in ("causal", "padding", "bidirectional"):
-        for d in (64, 128, 256):
-            kc._resolve("context_hopper", {"dtype": torch.float16, "head_size": d, "mask": mask, "bias": "table"})
     cfg = AttentionConfig(hidden_size=1024, num_heads=8, dtype=torch.float16, num_kv_heads=2)
     desc = Attention(cfg, comm=NoComm(), backend="reference").desc
     on_hopper = [p for f, p in cuda.variants(desc, hopper=True) if f == "context_hopper"]
