@@ -39,7 +39,8 @@ Each compares with the plain row of the same shape in the same run (``ratio_vs_p
 fallback also ``ratio_vs_plain_mma_sync``, the same kernel without the feature); a plain row the
 grid lacks is added. ``--quick``: the closing-table preset (bf16 + fp16, D 64/128/256, causal + full,
 S 2k-16k, pages 16 and 64, every feature at S 4k, D 128); flags given beside it win.
-Prints a table and, with ``--out``, writes JSON (GPU name, each figure, the ratios).
+Prints a table and, with ``--out``, writes JSON (GPU name, each figure, the ratios). The rows, their
+columns and the kernel variants to compile are planned without a GPU (launch/bench_context_plan.py).
 ``run(args)`` is the entry point for launch/bench_attention.py.
 """
 
@@ -51,25 +52,17 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
+import bench_context_plan as bp
 import cli
 import torch
+from bench_context_plan import N_SETS, Case
 from benchlib import median_ms
 
-from tp_runtime.backends.capabilities import (
-    CAPABILITIES,
-    HOPPER_CONTEXT_BIASES,
-    HOPPER_CONTEXT_MASKS,
-    HOPPER_CONTEXT_MIN_PAGE,
-)
 from tp_runtime.batch.kv_cache import CacheLayout
 from tp_runtime.config import KVCacheDType
 
-N_SETS = 3  # input sets to rotate among
-FEATURES = ("alibi", "t5", "bidirectional", "int8", "fp8")
 T5_BUCKETS, T5_MAX_DISTANCE = 32, 128  # T5's defaults
 INT8_QUANT_SCALE = 32.0  # cache stores x·32 (randn K/V within ±4 fills the int8 range)
 QUICK = {
@@ -102,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--paged", nargs="*", type=int, default=[], metavar="P", help="also time ours on paged caches of P-token pages"
     )
-    p.add_argument("--features", nargs="+", default=[], choices=[*FEATURES, "all"], help="feature rows (see above)")
+    p.add_argument("--features", nargs="+", default=[], choices=[*bp.FEATURES, "all"], help="feature rows (see above)")
     p.add_argument("--feature-seqlens", nargs="+", type=int, default=[4096])
     p.add_argument("--feature-head-sizes", nargs="+", type=int, default=[128])
     p.add_argument("--prepare", action="store_true", help="also time the fused prepare kernel (bytes/s vs a copy)")
@@ -128,177 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ---- row planning (no GPU) ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Case:
-    """One row: the plain layer (``feature`` None) or the same layer with one feature turned on."""
-
-    dtype: str  # float16 | bfloat16
-    head_size: int
-    mask: str  # causal | full | bidirectional (ChatGLM's: full, the last key hidden from earlier queries)
-    seq_len: int
-    feature: str | None = None  # one of FEATURES
-
-    @property
-    def causal(self) -> bool:
-        return self.mask == "causal"
-
-    @property
-    def kernel_mask(self) -> str:
-        """The kernels' name of the mask (``full`` is their ``padding``: every key of the sequence)."""
-        return "padding" if self.mask == "full" else self.mask
-
-    @property
-    def bias(self) -> str:
-        """The kernels' bias parameter (``cuda_context.score_bias_kind`` of the row's spec)."""
-        return {"alibi": "alibi", "t5": "table"}.get(self.feature or "", "none")
-
-    @property
-    def cache_dtype(self) -> KVCacheDType:
-        return KVCacheDType(self.feature) if self.feature in ("int8", "fp8") else KVCacheDType.auto
-
-    def plain(self) -> Case:
-        """The row this one compares with: the same shape, no feature (bidirectional: the full mask)."""
-        return replace(self, feature=None, mask="full" if self.mask == "bidirectional" else self.mask)
-
-
-def features(args) -> list[str]:
-    return list(FEATURES) if "all" in args.features else list(dict.fromkeys(args.features))
-
-
-def plan(args) -> list[Case]:
-    """Every row in run order: the grid (dtype × D × mask × S), the plain rows the feature rows
-    compare with that the grid lacks, then the feature rows."""
-    grid = [Case(dt, d, m, s) for dt in args.dtypes for d in args.head_sizes for m in args.causal for s in args.seqlens]
-    featured = [
-        Case(dt, d, m, s, f)
-        for dt in args.dtypes
-        for d in args.feature_head_sizes
-        for s in args.feature_seqlens
-        for f in features(args)
-        for m in (["bidirectional"] if f == "bidirectional" else args.causal)
-    ]
-    have = set(grid)
-    bases = [c for c in dict.fromkeys(c.plain() for c in featured) if c not in have]
-    return grid + bases + featured
-
-
-def columns(case: Case, pages, *, hopper: bool, persistent: bool, baselines: bool) -> list[str]:
-    """The columns timed in ``case``'s row, given whether ours is the Hopper kernel (``hopper``)
-    and whether its grid is persistent. Feature rows time ours (and ``1/cta``) only."""
-    one_cta = hopper and persistent
-    cols = ["ours"]
-    if hopper and case.feature is None:
-        cols.append("mma_sync")
-    if one_cta:
-        cols.append("one_item_per_cta")
-    if case.feature is None:
-        for p in pages:
-            cols.append(f"paged{p}")
-            if one_cta and p >= HOPPER_CONTEXT_MIN_PAGE:  # smaller pages stay on mma.sync: no grid to compare
-                cols.append(f"paged{p}_one_item_per_cta")
-        cols += ["flash", "cudnn"] if baselines else []
-    return cols
-
-
-def shape(case: Case, args) -> tuple[int, int]:
-    """(sequences B, heads H) of a row."""
-    return max(1, args.tokens // case.seq_len), max(1, args.hidden // case.head_size)
-
-
-def flops(case: Case, args) -> float:
-    b, h = shape(case, args)
-    return 4.0 * b * h * case.seq_len**2 * case.head_size / (2 if case.causal else 1)
-
-
-def hopper_expected(case: Case, layout: CacheLayout, capability) -> bool:
-    """Whether the Hopper kernel will serve ``case`` on a GPU of ``capability`` (the capability
-    table's answer; at run time ``cuda_context_hopper.serves`` decides, on the real tensors)."""
-    from tp_runtime.backends import cuda_context_hopper as ch
-
-    dtype = getattr(torch, case.dtype)
-    served = ch.variant(dtype, case.head_size, case.kernel_mask, case.bias, case.cache_dtype, layout) is not None
-    return served and ch.hopper_gpu(capability)
-
-
-def fallback_reason(case: Case, capability) -> str:
-    """Why the Hopper kernel does not serve ``case``: the capability table's reason, else the GPU."""
-    from tp_runtime.backends import cuda_context_hopper as ch
-
-    if case.kernel_mask not in HOPPER_CONTEXT_MASKS:
-        return f"mask {case.kernel_mask} (Hopper kernel: {list(HOPPER_CONTEXT_MASKS)})"
-    if case.bias not in HOPPER_CONTEXT_BIASES:
-        return f"bias {case.bias} (Hopper kernel: {list(HOPPER_CONTEXT_BIASES)})"
-    why = CAPABILITIES["context_hopper"].problem(
-        dtype=getattr(torch, case.dtype), head_size=case.head_size, cache_dtype=case.cache_dtype, capability=capability
-    )
-    if why is not None:
-        return why
-    if not ch.enabled():
-        return f"{ch.ENV}=0"
-    return "serves() declined the call (alignment or cache geometry)"
-
-
-def persistent_grid(case: Case) -> bool:
-    """Whether the Hopper kernel runs ``case`` on a persistent grid."""
-    from tp_runtime.backends import cuda_context_hopper as ch
-
-    return ch.persistent(case.head_size, case.causal)
-
-
-def planned_columns(cases, args, capability) -> list[tuple[Case, list[str]]]:
-    """Each row with the columns it will time on a GPU of ``capability`` (as the capability table
-    says; the run decides per row with ``serves``)."""
-    out = []
-    for c in cases:
-        hopper = hopper_expected(c, CacheLayout.contiguous, capability)
-        cols = columns(
-            c, args.paged, hopper=hopper, persistent=hopper and persistent_grid(c), baselines=not args.no_baselines
-        )
-        out.append((c, cols))
-    return out
-
-
-def planned_flop(cases, args, capability) -> float:
-    """FLOPs the timed calls of the run execute (warm-up and measurements of every column)."""
-    calls = N_SETS + args.repeats * args.inner
-    return sum(calls * flops(c, args) * len(cols) for c, cols in planned_columns(cases, args, capability))
-
-
-def kernel_variants(cases, args, capability) -> list[tuple[str, dict]]:
-    """The compile-table variants the run launches on a GPU of ``capability``, each once."""
-    from tp_runtime.backends import compile as kc
-    from tp_runtime.backends import cuda_context
-    from tp_runtime.backends import cuda_context_hopper as ch
-
-    extra = [tuple(int(x) for x in t.split(",")) for t in args.tiles or []]
-    wanted: dict[tuple, tuple[str, dict]] = {}
-
-    def want(family: str, v: dict) -> None:
-        try:
-            kc._resolve(family, v)
-        except NotImplementedError:  # outside the family (e.g. a tile shape too large for D): not launched
-            return
-        wanted.setdefault((family, tuple(sorted((k, str(x)) for k, x in v.items()))), (family, v))
-
-    for c, cols in planned_columns(cases, args, capability):
-        dtype = getattr(torch, c.dtype)
-        layouts = [CacheLayout.contiguous] + [CacheLayout.paged] * (c.feature is None and bool(args.paged))
-        mma = {}  # layout -> the mma.sync kernel's variant at the row's tile shape
-        for layout in layouts:
-            kind = SimpleNamespace(cache_layout=layout, cache_dtype=c.cache_dtype)
-            mma[layout] = cuda_context.variant(dtype, c.head_size, c.kernel_mask, c.bias, kind, c.seq_len)
-            hopper = hopper_expected(c, layout, capability)
-            if hopper:
-                want("context_hopper", ch.variant(dtype, c.head_size, c.kernel_mask, c.bias, c.cache_dtype, layout))
-            small = layout is CacheLayout.paged and min(args.paged) < HOPPER_CONTEXT_MIN_PAGE
-            if not hopper or "mma_sync" in cols or small:
-                want("context", mma[layout])
-        for w, mt, bn in extra if c.feature is None else []:  # the tile sweep: contiguous, mma.sync
-            want("context", {**mma[CacheLayout.contiguous], "warps": w, "m_tiles": mt, "block_n": bn})
-    return list(wanted.values())
-
-
 # ---- one row on the GPU ------------------------------------------------------------------------
 @contextlib.contextmanager
 def _mma_sync_only():
@@ -319,11 +141,11 @@ def _one_item_per_cta():
     """Within: the Hopper kernel launches one CTA per work item instead of its persistent grid."""
     from tp_runtime.backends import cuda_context_hopper as ch
 
-    ch.ONE_ITEM_PER_CTA = True
+    old, ch.ONE_ITEM_PER_CTA = ch.ONE_ITEM_PER_CTA, True
     try:
         yield
     finally:
-        ch.ONE_ITEM_PER_CTA = False
+        ch.ONE_ITEM_PER_CTA = old
 
 
 def _mode(column: str):
@@ -333,11 +155,6 @@ def _mode(column: str):
     if column.endswith("one_item_per_cta"):
         return _one_item_per_cta()
     return contextlib.nullcontext()
-
-
-def _page(column: str) -> int:
-    """The page size of a ``paged<P>[_one_item_per_cta]`` column."""
-    return int(column.removeprefix("paged").split("_")[0])
 
 
 def _paged_copy(kv, page: int, gen: torch.Generator):
@@ -411,22 +228,7 @@ def _sdpa_call(backend, q, k, v, causal):
     return call
 
 
-def _row_head(case: Case, args) -> dict:
-    b, h = shape(case, args)
-    return {
-        "dtype": case.dtype,
-        "head_size": case.head_size,
-        "seq_len": case.seq_len,
-        "batch": b,
-        "heads": h,
-        "mask": case.mask,
-        "causal": case.causal,
-        "feature": case.feature,
-        "flops": flops(case, args),
-    }
-
-
-def _one(case: Case, args, plain: dict | None) -> dict:
+def _one(case: Case, args, plain: dict | None, dev: torch.device) -> dict:
     from torch.nn.attention import SDPBackend
 
     from tp_runtime.backends import cuda, cuda_context
@@ -434,21 +236,20 @@ def _one(case: Case, args, plain: dict | None) -> dict:
     from tp_runtime.batch.step import Step
 
     dtype, d, s = getattr(torch, case.dtype), case.head_size, case.seq_len
-    b, h = shape(case, args)
-    dev = torch.device("cuda")
+    b, h = bp.shape(case, args)
     step = Step(new_lens=[s] * b, device=dev)
     spec = _spec(case, h, dev)
     sets = [(torch.randn(b * s, h, d, device=dev, dtype=dtype), _cache(case, b, h, dtype, dev)) for _ in range(N_SETS)]
-    row = _row_head(case, args)
+    row = bp.row_head(case, args)
     q0, kv0 = sets[0]
     hopper = ch.serves(q0, torch.empty_like(q0), kv0, step, spec, case.kernel_mask, case.bias)
     row["kernel"] = "hopper" if hopper else "mma_sync"
     if not hopper:
-        row["fallback"] = fallback_reason(case, torch.cuda.get_device_capability())
+        row["fallback"] = bp.fallback_reason(case, torch.cuda.get_device_capability(dev))
     chosen = cuda_context.tile_shape(d, causal=case.causal, max_new_len=s)
     row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]  # the mma.sync kernel's
     attend = lambda pairs: [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in pairs]  # noqa: E731
-    timed = lambda calls: median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))  # noqa: E731
+    timed = lambda calls: median_ms(calls, args.repeats, device=dev, inner=args.inner, warmup=len(calls))  # noqa: E731
     paged: dict[int, list] = {}  # page size -> calls on paged copies of the sets (built once per row)
 
     def calls_of(column: str) -> list:
@@ -461,7 +262,7 @@ def _one(case: Case, args, plain: dict | None) -> dict:
             ]
         if not column.startswith("paged"):
             return attend(sets)
-        page = _page(column)
+        page = bp.page_of(column)
         if page not in paged:
             gen = torch.Generator().manual_seed(s)
             paged[page] = attend([(q, _paged_copy(kv, page, gen)) for q, kv in sets])
@@ -472,7 +273,7 @@ def _one(case: Case, args, plain: dict | None) -> dict:
         with _mode(column):
             return timed(calls)
 
-    cols = columns(case, args.paged, hopper=hopper, persistent=hopper and persistent_grid(case),
+    cols = bp.columns(case, args.paged, hopper=hopper, persistent=hopper and bp.persistent_grid(case),
                    baselines=not args.no_baselines)  # fmt: skip
     for column in cols:
         ms = _column(row, column, lambda column=column: measure(column))
@@ -480,7 +281,7 @@ def _one(case: Case, args, plain: dict | None) -> dict:
             row[f"{column}_ms"], row[f"{column}_tflops"] = ms, row["flops"] / ms / 1e9
     if case.feature is None:
         _tile_sweep(row, case, args, attend(sets), timed)
-    _ratios(row, args.paged, plain)
+    bp.ratios(row, args.paged, plain)
     return row
 
 
@@ -508,25 +309,6 @@ def _tile_sweep(row: dict, case: Case, args, ours: list, timed) -> None:
             cuda_context.TILES_WIDE[d] = wide
 
 
-def _ratios(row: dict, pages, plain: dict | None) -> None:
-    """Ours against each column timed in the row (both figures present); a feature row against
-    its plain row."""
-
-    def ratio(key: str, num: str, den: str, other: dict = row) -> None:
-        if f"{num}_tflops" in row and f"{den}_tflops" in other:
-            row[key] = row[f"{num}_tflops"] / other[f"{den}_tflops"]
-
-    for other in ("mma_sync", "flash", "cudnn"):
-        ratio(f"ratio_vs_{other}", "ours", other)
-    for p in pages:
-        ratio(f"ratio_paged{p}_vs_contiguous", f"paged{p}", "ours")
-        ratio(f"ratio_paged{p}_one_item_per_cta_vs_contiguous", f"paged{p}_one_item_per_cta", "one_item_per_cta")
-    if row.get("feature") and plain is not None:
-        ratio("ratio_vs_plain", "ours", "ours", plain)
-        if row.get("kernel") == "mma_sync":  # the same kernel without the feature
-            ratio("ratio_vs_plain_mma_sync", "ours", "mma_sync", plain)
-
-
 # ---- the run ------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> list[dict]:
     """Benchmark every row of ``plan(args)``; print a table, write JSON to ``args.out`` (if given)."""
@@ -534,39 +316,39 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise RuntimeError("bench_context needs a CUDA GPU")
     from tp_runtime.backends import compile as kc
 
-    cases = plan(args)
+    cases = bp.plan(args)
     capability = torch.cuda.get_device_capability()
-    print(_summary(cases, args, capability), flush=True)
-    kc.precompile(kernel_variants(cases, args, capability))
-    print(_header(args.paged), flush=True)
+    print(bp.summary(cases, args, capability), flush=True)
+    try:
+        kc.precompile(bp.kernel_variants(cases, args, capability))
+    except Exception as e:  # noqa: BLE001 - e.g. one variant fails to compile: it fails its own columns later
+        print(f"# precompiling failed ({_first_line(e)}); each variant compiles at its first use", flush=True)
+    print(bp.header(args.paged), flush=True)
+    gpu = torch.cuda.get_device_name()
     rows, done = [], {}
+    payload = {"gpu": gpu, "torch": torch.__version__, "benchmark": "context attention (prefill)", "rows": rows}
     for case in cases:
         try:
-            row = _one(case, args, done.get(case.plain()))
+            row = _one(case, args, done.get(case.plain()), torch.device("cuda"))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory setting up the row: report it, go on
-            row = {**_row_head(case, args), "kernel": "-", "row_error": _first_line(e)}
+            row = {**bp.row_head(case, args), "kernel": "-", "row_error": _first_line(e)}
         torch.cuda.empty_cache()  # the row's inputs (unreachable once _one returned) go back to the GPU
         done[case] = row
         rows.append(row)
-        print(_format_row(row, args.paged), flush=True)
-    gpu = torch.cuda.get_device_name()
-    payload = {"gpu": gpu, "torch": torch.__version__, "benchmark": "context attention (prefill)", "rows": rows}
+        print(bp.format_row(row, args.paged), flush=True)
+        _write(args.out, payload)  # after every row: a run stopped early keeps what it measured
     if getattr(args, "prepare", False):
         payload["prepare"] = bench_prepare(args)
+    _write(args.out, payload)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1))
         print(f"# {gpu}; JSON written to {args.out}")
     return rows
 
 
-def _summary(cases, args, capability) -> str:
-    n_feat = sum(c.feature is not None for c in cases)
-    n_cols = sum(len(cols) for _, cols in planned_columns(cases, args, capability))
-    return (
-        f"# {len(cases)} rows ({len(cases) - n_feat} plain, {n_feat} with a feature), {n_cols} timed columns,"
-        f" {planned_flop(cases, args, capability) / 1e15:.1f} PFLOP of attention"
-    )
+def _write(out: Path | None, payload: dict) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=1))
 
 
 def bench_prepare(args) -> dict:
@@ -603,60 +385,6 @@ def bench_prepare(args) -> dict:
            "ms": ms, "gb_per_s": moved / ms / 1e6, "copy_gb_per_s": moved / ms_copy / 1e6}  # fmt: skip
     print(f"# prepare: {ms * 1e3:.1f} us, {row['gb_per_s']:.0f} GB/s (device copy {row['copy_gb_per_s']:.0f} GB/s)")
     return row
-
-
-# ---- the table ----------------------------------------------------------------------------------
-# (header, width, row key, format): TFLOP/s figures, then ratios; one group per page size
-_FIXED = [
-    ("ours", 6, "ours_tflops", ".0f"),
-    ("mma", 6, "mma_sync_tflops", ".0f"),
-    ("1/cta", 6, "one_item_per_cta_tflops", ".0f"),
-    ("flash", 6, "flash_tflops", ".0f"),
-    ("cudnn", 6, "cudnn_tflops", ".0f"),
-    ("/mma", 5, "ratio_vs_mma_sync", ".2f"),
-    ("/flash", 6, "ratio_vs_flash", ".2f"),
-    ("/cudnn", 6, "ratio_vs_cudnn", ".2f"),
-]
-
-
-def _paged_fields(p: int) -> list[tuple[str, int, str, str]]:
-    return [
-        (f"p{p}", 6, f"paged{p}_tflops", ".0f"),
-        ("/ctg", 5, f"ratio_paged{p}_vs_contiguous", ".2f"),
-        (f"p{p}1/cta", 8, f"paged{p}_one_item_per_cta_tflops", ".0f"),
-        ("/1cta", 5, f"ratio_paged{p}_one_item_per_cta_vs_contiguous", ".2f"),
-    ]
-
-
-def _groups(pages) -> list[list[tuple[str, int, str, str]]]:
-    return [_FIXED[:5], _FIXED[5:]] + [_paged_fields(p) for p in pages]
-
-
-def _header(pages) -> str:
-    head = f"{'dtype':9} {'D':>4} {'mask':6} {'feat':5} {'S':>6} {'B':>3} {'H':>3} | {'kernel':8}"
-    body = " | ".join(" ".join(f"{name:>{w}}" for name, w, _, _ in g) for g in _groups(pages))
-    return f"{head} {body}   (TFLOP/s; /x: ours over x; feature rows: /plain)"
-
-
-def _format_row(r: dict, pages) -> str:
-    mask = {"bidirectional": "bidir"}.get(r["mask"], r["mask"])
-    feature = {"bidirectional": "bidir", None: "-"}.get(r["feature"], r["feature"])
-    head = (
-        f"{r['dtype']:9} {r['head_size']:>4} {mask:6} {feature:5} {r['seq_len']:>6} {r['batch']:>3} {r['heads']:>3}"
-        f" | {r['kernel']:8}"
-    )
-    cell = lambda key, w, fmt: f"{r[key]:{w}{fmt}}" if key in r else f"{'-':>{w}}"  # noqa: E731
-    body = " | ".join(" ".join(cell(key, w, fmt) for _, w, key, fmt in g) for g in _groups(pages))
-    tail = ""
-    if "ratio_vs_plain" in r:
-        tail += f" /plain {r['ratio_vs_plain']:.2f}"
-    if "ratio_vs_plain_mma_sync" in r:
-        tail += f" (/plain mma {r['ratio_vs_plain_mma_sync']:.2f})"
-    if "fallback" in r:
-        tail += f" [mma_sync: {r['fallback']}]"
-    tail += "".join(f" {k[6:-7]}:{v:.0f}" for k, v in r.items() if k.startswith("tiles_"))
-    tail += "".join(f" [{k[:-6]} failed: {v}]" for k, v in r.items() if k.endswith("_error"))
-    return f"{head} {body}{tail}"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""launch/bench_context.py on the CPU: the row plan (default grid, ``--quick``, ``--features``), the
-columns each row times (``1/cta`` wherever the Hopper grid is persistent, one paged column per page
-size), the kernel variants it compiles, the paged copy of every row (a cache the CUDA backend accepts,
-the same K/V), the feature rows' inputs, the ratios and the printed table, and a failing column
-reported in its row while the others are still timed."""
+"""launch/bench_context.py and its row plan (launch/bench_context_plan.py) on the CPU: the rows
+(default grid, ``--quick``, ``--features``), the columns each times (``1/cta`` wherever the Hopper
+grid is persistent, one paged column per page size), the kernel variants the run compiles, the paged
+copy of every row (a cache the CUDA backend accepts, the same K/V), the feature rows' inputs, the
+ratios and the printed table, and a failing column reported in its row while the others are timed."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))  # the launch scripts import cli, benchlib
 
 import bench_context as bc  # noqa: E402
+import bench_context_plan as bp  # noqa: E402
 
 from tp_runtime.backends import compile as kc  # noqa: E402
 from tp_runtime.backends import cuda_context  # noqa: E402
@@ -39,7 +40,7 @@ def test_defaults_and_the_quick_preset():
     assert DEFAULTS.head_sizes == [64, 128, 256] and DEFAULTS.paged == [] and DEFAULTS.features == []
     assert QUICK.dtypes == ["float16", "bfloat16"] and QUICK.head_sizes == [64, 128, 256]
     assert QUICK.causal == ["causal", "full"] and QUICK.seqlens == [2048, 4096, 8192, 16384]
-    assert QUICK.paged == [16, 64] and bc.features(QUICK) == list(bc.FEATURES)
+    assert QUICK.paged == [16, 64] and bp.features(QUICK) == list(bp.FEATURES)
     assert QUICK.feature_seqlens == [4096] and QUICK.feature_head_sizes == [128]
     assert (QUICK.repeats, QUICK.inner) == (DEFAULTS.repeats, DEFAULTS.inner)
     mine = bc.parse_args(["--quick", "--dtypes", "bfloat16", "--paged", "64", "--repeats", "5"])  # flags win
@@ -60,13 +61,13 @@ def test_help_has_examples(capsys):
 
 
 def test_default_plan_is_the_grid():
-    cases = bc.plan(DEFAULTS)
+    cases = bp.plan(DEFAULTS)
     assert len(cases) == 2 * 3 * 2 * 6 and all(c.feature is None for c in cases)
-    assert cases[0] == bc.Case("float16", 64, "causal", 512) and cases[-1] == bc.Case("bfloat16", 256, "full", 16384)
+    assert cases[0] == bp.Case("float16", 64, "causal", 512) and cases[-1] == bp.Case("bfloat16", 256, "full", 16384)
 
 
 def test_quick_plan_feature_rows_compare_with_grid_rows():
-    cases = bc.plan(QUICK)
+    cases = bp.plan(QUICK)
     grid = [c for c in cases if c.feature is None]
     featured = [c for c in cases if c.feature is not None]
     assert len(grid) == 2 * 3 * 2 * 4  # no plain row added: the grid holds every one the features need
@@ -82,19 +83,19 @@ def test_quick_plan_feature_rows_compare_with_grid_rows():
 def test_feature_plan_adds_the_missing_plain_rows():
     args = bc.parse_args(["--head-sizes", "64", "--seqlens", "2048", "--causal", "causal", "--features",
                           "bidirectional", "int8", "int8", "--dtypes", "bfloat16"])  # fmt: skip
-    cases = bc.plan(args)
+    cases = bp.plan(args)
     assert cases == [
-        bc.Case("bfloat16", 64, "causal", 2048),
-        bc.Case("bfloat16", 128, "full", 4096),  # bidirectional's plain row
-        bc.Case("bfloat16", 128, "causal", 4096),  # int8's
-        bc.Case("bfloat16", 128, "bidirectional", 4096, "bidirectional"),
-        bc.Case("bfloat16", 128, "causal", 4096, "int8"),
+        bp.Case("bfloat16", 64, "causal", 2048),
+        bp.Case("bfloat16", 128, "full", 4096),  # bidirectional's plain row
+        bp.Case("bfloat16", 128, "causal", 4096),  # int8's
+        bp.Case("bfloat16", 128, "bidirectional", 4096, "bidirectional"),
+        bp.Case("bfloat16", 128, "causal", 4096, "int8"),
     ]
 
 
 def test_columns():
-    plain, alibi = bc.Case("bfloat16", 128, "causal", 4096), bc.Case("bfloat16", 128, "causal", 4096, "alibi")
-    cols = bc.columns(plain, [16, 64, 4], hopper=True, persistent=True, baselines=True)
+    plain, alibi = bp.Case("bfloat16", 128, "causal", 4096), bp.Case("bfloat16", 128, "causal", 4096, "alibi")
+    cols = bp.columns(plain, [16, 64, 4], hopper=True, persistent=True, baselines=True)
     assert cols == [
         "ours",
         "mma_sync",
@@ -107,45 +108,45 @@ def test_columns():
         "flash",
         "cudnn",
     ]  # fmt: skip  (4-token pages: mma.sync)
-    assert bc.columns(plain, [64], hopper=True, persistent=False, baselines=False) == ["ours", "mma_sync", "paged64"]
-    assert bc.columns(plain, [64], hopper=False, persistent=True, baselines=True) == [
+    assert bp.columns(plain, [64], hopper=True, persistent=False, baselines=False) == ["ours", "mma_sync", "paged64"]
+    assert bp.columns(plain, [64], hopper=False, persistent=True, baselines=True) == [
         "ours",
         "paged64",
         "flash",
         "cudnn",
     ]
-    assert bc.columns(alibi, [64], hopper=True, persistent=True, baselines=True) == ["ours", "one_item_per_cta"]
-    assert bc.columns(alibi, [64], hopper=False, persistent=False, baselines=True) == ["ours"]
-    assert [bc._page(c) for c in ("paged16", "paged64_one_item_per_cta")] == [16, 64]
+    assert bp.columns(alibi, [64], hopper=True, persistent=True, baselines=True) == ["ours", "one_item_per_cta"]
+    assert bp.columns(alibi, [64], hopper=False, persistent=False, baselines=True) == ["ours"]
+    assert [bp.page_of(c) for c in ("paged16", "paged64_one_item_per_cta")] == [16, 64]
 
 
 def test_one_item_per_cta_wherever_the_grid_is_persistent(persistent_causal_d128):
-    planned = bc.planned_columns(bc.plan(QUICK), QUICK, HOPPER)
+    planned = bp.planned_columns(bp.plan(QUICK), QUICK, HOPPER)
     for case, cols in planned:
-        hopper = bc.hopper_expected(case, CacheLayout.contiguous, HOPPER)
+        hopper = bp.hopper_expected(case, CacheLayout.contiguous, HOPPER)
         assert ("one_item_per_cta" in cols) == (hopper and case.head_size == 128 and case.causal), case
         if case.feature is None:
             assert ("mma_sync" in cols) == hopper and {"flash", "cudnn"} <= set(cols)
             assert all(f"paged{p}" in cols for p in QUICK.paged)
             assert all((f"paged{p}_one_item_per_cta" in cols) == ("one_item_per_cta" in cols) for p in QUICK.paged)
     assert any("one_item_per_cta" in cols for _, cols in planned)
-    for case, cols in bc.planned_columns(bc.plan(QUICK), QUICK, AMPERE):  # no Hopper kernel: no mma/1cta column
+    for case, cols in bp.planned_columns(bp.plan(QUICK), QUICK, AMPERE):  # no Hopper kernel: no mma/1cta column
         assert not any(c == "mma_sync" or c.endswith("one_item_per_cta") for c in cols), case
 
 
 def test_quick_fits_its_time(persistent_causal_d128):
     """The closing table within ~4 minutes on an H200: the attention it times at 300 TFLOP/s (below
     the slowest column's average: the mma.sync kernel at ~270, paged 16 at ~300, cuDNN at ~550)."""
-    cases = bc.plan(QUICK)
-    seconds = bc.planned_flop(cases, QUICK, HOPPER) / 300e12
+    cases = bp.plan(QUICK)
+    seconds = bp.planned_flop(cases, QUICK, HOPPER) / 300e12
     assert 30 < seconds < 150, seconds
-    assert bc._summary(cases, QUICK, HOPPER).startswith(f"# {len(cases)} rows (48 plain, 18 with a feature)")
+    assert bp.summary(cases, QUICK, HOPPER).startswith(f"# {len(cases)} rows (48 plain, 18 with a feature)")
 
 
 @pytest.mark.parametrize("capability", [HOPPER, AMPERE])
 def test_kernel_variants_resolve(capability, persistent_causal_d128):
     args = bc.parse_args(["--quick", "--paged", "4", "64", "--tiles", "8,1,128", "4,1,32"])
-    variants = bc.kernel_variants(bc.plan(args), args, capability)
+    variants = bp.kernel_variants(bp.plan(args), args, capability)
     for family, v in variants:
         kc._resolve(family, v)  # precompile raises on any unresolvable request
     assert len({(f, tuple(sorted((k, str(x)) for k, x in v.items()))) for f, v in variants}) == len(variants)
@@ -163,9 +164,9 @@ def test_kernel_variants_resolve(capability, persistent_causal_d128):
 
 
 def test_feature_inputs_match_the_case():
-    for f in (None, *bc.FEATURES):
+    for f in (None, *bp.FEATURES):
         for mask in ("causal", "full", "bidirectional"):
-            case = bc.Case("bfloat16", 64, mask, 32, f)
+            case = bp.Case("bfloat16", 64, mask, 32, f)
             spec = bc._spec(case, 4, "cpu")
             assert spec.mask.value == case.kernel_mask and cuda_context.score_bias_kind(spec) == case.bias
             assert (spec.relative_table is not None) == (f == "t5") and (spec.alibi_slopes is not None) == (
@@ -174,16 +175,16 @@ def test_feature_inputs_match_the_case():
             kv = bc._cache(case, 2, 4, torch.bfloat16, "cpu")
             assert kv.cache_dtype is case.cache_dtype and kv.data.shape == (2, 2, 4, 32, 64)
             assert kv.data.dtype == case.cache_dtype.storage_dtype(torch.bfloat16)
-    int8 = bc._cache(bc.Case("bfloat16", 64, "causal", 32, "int8"), 2, 4, torch.bfloat16, "cpu")
+    int8 = bc._cache(bp.Case("bfloat16", 64, "causal", 32, "int8"), 2, 4, torch.bfloat16, "cpu")
     assert int8.dequant_scale == 1 / bc.INT8_QUANT_SCALE and int8.data.abs().max() > 64  # the range is used
 
 
 def test_fallback_reason(monkeypatch):
     monkeypatch.delenv(ch.ENV, raising=False)
-    assert "int8" in bc.fallback_reason(bc.Case("float16", 128, "causal", 4096, "int8"), HOPPER)
-    assert "compute capability 8.0" in bc.fallback_reason(bc.Case("float16", 128, "causal", 4096), AMPERE)
+    assert "int8" in bp.fallback_reason(bp.Case("float16", 128, "causal", 4096, "int8"), HOPPER)
+    assert "compute capability 8.0" in bp.fallback_reason(bp.Case("float16", 128, "causal", 4096), AMPERE)
     monkeypatch.setenv(ch.ENV, "0")
-    assert bc.fallback_reason(bc.Case("float16", 128, "causal", 4096), HOPPER) == f"{ch.ENV}=0"
+    assert bp.fallback_reason(bp.Case("float16", 128, "causal", 4096), HOPPER) == f"{ch.ENV}=0"
 
 
 @pytest.mark.parametrize("page", [16, 64])
@@ -212,34 +213,34 @@ def test_a_failing_column_is_reported_in_its_row():
     assert row == {"paged64_error": "ValueError: kv.data: the CUDA backend needs a contiguous cache tensor"}
 
 
-def _row(case: bc.Case, kernel: str, **tflops) -> dict:
-    return {**bc._row_head(case, DEFAULTS), "kernel": kernel, **{f"{k}_tflops": v for k, v in tflops.items()}}
+def _row(case: bp.Case, kernel: str, **tflops) -> dict:
+    return {**bp.row_head(case, DEFAULTS), "kernel": kernel, **{f"{k}_tflops": v for k, v in tflops.items()}}
 
 
 def test_ratios_and_the_table(capsys):
     pages = [16, 64]
-    case = bc.Case("bfloat16", 128, "causal", 4096)
+    case = bp.Case("bfloat16", 128, "causal", 4096)
     plain = _row(case, "hopper", ours=500.0, mma_sync=250.0, one_item_per_cta=400.0, paged16=300.0,
                  paged16_one_item_per_cta=200.0, paged64=450.0, cudnn=625.0)  # fmt: skip
     plain["flash_error"] = "RuntimeError: no kernel"
-    bc._ratios(plain, pages, None)
+    bp.ratios(plain, pages, None)
     assert plain["ratio_vs_mma_sync"] == 2.0 and plain["ratio_vs_cudnn"] == 0.8 and "ratio_vs_flash" not in plain
     assert plain["ratio_paged16_vs_contiguous"] == 0.6 and plain["ratio_paged64_vs_contiguous"] == 0.9
     assert plain["ratio_paged16_one_item_per_cta_vs_contiguous"] == 0.5
     assert "ratio_paged64_one_item_per_cta_vs_contiguous" not in plain and "ratio_vs_plain" not in plain
-    int8 = _row(bc.Case("bfloat16", 128, "causal", 4096, "int8"), "mma_sync", ours=200.0)
+    int8 = _row(bp.Case("bfloat16", 128, "causal", 4096, "int8"), "mma_sync", ours=200.0)
     int8["fallback"] = "kv_cache_dtype=int8 (supported: ['auto'])"
-    bc._ratios(int8, pages, plain)
+    bp.ratios(int8, pages, plain)
     assert int8["ratio_vs_plain"] == 0.4 and int8["ratio_vs_plain_mma_sync"] == 0.8
-    alibi = _row(bc.Case("bfloat16", 128, "causal", 4096, "alibi"), "hopper", ours=475.0)
-    bc._ratios(alibi, pages, plain)
+    alibi = _row(bp.Case("bfloat16", 128, "causal", 4096, "alibi"), "hopper", ours=475.0)
+    bp.ratios(alibi, pages, plain)
     assert alibi["ratio_vs_plain"] == 0.95 and "ratio_vs_plain_mma_sync" not in alibi
-    failed = {**bc._row_head(bc.Case("float16", 256, "bidirectional", 4096, "bidirectional"), DEFAULTS),
+    failed = {**bp.row_head(bp.Case("float16", 256, "bidirectional", 4096, "bidirectional"), DEFAULTS),
               "kernel": "-", "row_error": "OutOfMemoryError: CUDA out of memory"}  # fmt: skip
-    lines = [bc._header(pages)] + [bc._format_row(r, pages) for r in (plain, int8, alibi, failed)]
+    lines = [bp.header(pages)] + [bp.format_row(r, pages) for r in (plain, int8, alibi, failed)]
     bars = {line.split("(TFLOP/s")[0].count("|") for line in lines}
     assert bars == {1 + (2 + len(pages) - 1)}, lines  # the same column groups on every line
-    assert "p16" in lines[0] and "p641/cta" in lines[0]
+    assert "p16" in lines[0] and "p64:1cta" in lines[0]
     assert " 500 " in lines[1] and " 0.60 " in lines[1] and "[flash failed: RuntimeError: no kernel]" in lines[1]
     assert "int8" in lines[2] and "/plain 0.40 (/plain mma 0.80) [mma_sync: kv_cache_dtype=int8" in lines[2]
     assert "alibi" in lines[3] and "/plain 0.95" in lines[3] and "bidir" in lines[4] and "[row failed" in lines[4]
