@@ -1,21 +1,46 @@
 """Prefill attention throughput: our CUDA context kernels vs torch SDPA (flash and cuDNN backends).
 
-    PYTHONPATH=. python3 launch/bench_context.py [--out launch/results/bench_context.json]
-        [--dtypes float16 bfloat16] [--head-sizes 64 128] [--seqlens 512 ... 16384]
-        [--tokens 16384] [--hidden 4096] [--repeats 10] [--inner 5] [--paged 64]
+    PYTHONPATH=. python3 launch/bench_context.py [--quick] [--out launch/results/bench_context.json]
+        [--dtypes float16 bfloat16] [--head-sizes 64 128 256] [--seqlens 512 ... 16384]
+        [--causal causal full] [--tokens 16384] [--hidden 4096] [--repeats 10] [--inner 5]
+        [--paged 16 64] [--features all | alibi t5 bidirectional int8 fp8]
+        [--feature-seqlens 4096] [--feature-head-sizes 128] [--no-baselines] [--prepare] [--tiles W,MT,BN ...]
+
+Examples:
+    launch/bench_context.py --quick --out $OUT/bench_context.json   # the closing table (~3 min on an H200)
+    launch/bench_context.py --dtypes bfloat16 --head-sizes 128 --seqlens 4096 --paged 16 64
+    launch/bench_context.py --head-sizes 128 --seqlens 4096 --causal causal --features alibi int8
 
 Same process, same inputs: fp16/bf16, causal and not, ``tokens / S`` sequences of length S,
 ``hidden / D`` heads. Our kernel reads K/V from a contiguous cache ``[B, 2, H, S, D]``; SDPA reads
 the same bytes (``cache[:, 0]`` is ``[B, H, S, D]``). FLOPs: ``4·B·H·S²·D``, halved for causal.
 Timing: CUDA events around ``inner`` back-to-back calls after warm-up, median of ``repeats``
-measurements, rotating among several input sets. On a Hopper GPU "ours" is the sm_90a kernel
-where it serves the case (column ``kernel``: hopper or mma_sync), and the ``mma.sync`` kernel is
-timed as well in the same run (``TP_RUNTIME_HOPPER_CONTEXT=0``: columns ``mma_sync_*``), and
-where the Hopper kernel runs a persistent grid (D 128) also with one CTA per (query tile, head)
-(columns ``one_item_per_cta_*``, printed ``1/cta``). With
-``--paged P`` ours is also timed on a paged cache of P-token pages holding the same K/V, its pages
-in shuffled pool order (columns ``paged_*``, ``ratio_paged_vs_contiguous``). Prints a
-table and writes JSON (GPU name, each figure, the baselines from the same run and the ratios).
+measurements, rotating among several input sets.
+
+Columns of a row (each fails alone: ``<column>_error`` in the row, the others still timed):
+  ours        our kernel as the launcher picks it (``kernel``: hopper, the sm_90a kernel, where
+              ``cuda_context_hopper.serves`` says so, else mma_sync; ``fallback``: why not hopper)
+  mma_sync    the ``mma.sync`` kernel on the same call (``TP_RUNTIME_HOPPER_CONTEXT=0``), where
+              ours is the Hopper kernel
+  one_item_per_cta  (printed ``1/cta``) the Hopper kernel with one CTA per (query tile, head)
+              instead of its persistent grid (``ONE_ITEM_PER_CTA``), wherever the grid is persistent
+  paged<P>    ours on a paged cache of P-token pages holding the same K/V, its pages in shuffled
+              pool order, one column per ``--paged`` size; ``paged<P>_one_item_per_cta`` likewise
+              where the grid is persistent (what paging costs apart from the persistent grid's cost)
+  flash, cudnn  torch SDPA restricted to that backend
+Ratios: ``ratio_vs_{mma_sync,flash,cudnn}`` (ours / that), ``ratio_paged<P>_vs_contiguous``,
+``ratio_paged<P>_one_item_per_cta_vs_contiguous`` (against ``one_item_per_cta``).
+
+``--features``: rows with one thing a user turns on, at ``--feature-seqlens`` × ``--feature-head-sizes``
+(each dtype, each ``--causal`` mask): ALiBi (``alibi``), T5 relative buckets (``t5``), ChatGLM's
+bidirectional mask (``bidirectional``, against the full mask), int8/fp8 caches (``int8``, ``fp8``; on
+the ``mma.sync`` fallback where the Hopper kernel does not serve them: ``kernel``/``fallback`` say).
+Each compares with the plain row of the same shape in the same run (``ratio_vs_plain``; on the
+fallback also ``ratio_vs_plain_mma_sync``, the same kernel without the feature); a plain row the
+grid lacks is added. ``--quick``: the closing-table preset (bf16 + fp16, D 64/128/256, causal + full,
+S 2k-16k, pages 16 and 64, every feature at S 4k, D 128); flags given beside it win.
+Prints a table and, with ``--out``, writes JSON (GPU name, each figure, the ratios). The rows, their
+columns and the kernel variants to compile are planned without a GPU (launch/bench_context_plan.py).
 ``run(args)`` is the entry point for launch/bench_attention.py.
 """
 
@@ -23,37 +48,56 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+import bench_context_plan as bp
 import cli
 import torch
+from bench_context_plan import N_SETS, Case
 from benchlib import median_ms
 
-N_SETS = 3  # input sets to rotate among
+from tp_runtime.batch.kv_cache import CacheLayout
+from tp_runtime.config import KVCacheDType
+
+T5_BUCKETS, T5_MAX_DISTANCE = 32, 128  # T5's defaults
+INT8_QUANT_SCALE = 32.0  # cache stores x·32 (randn K/V within ±4 fills the int8 range)
+QUICK = {
+    "dtypes": ["float16", "bfloat16"],
+    "head_sizes": [64, 128, 256],
+    "causal": ["causal", "full"],
+    "seqlens": [2048, 4096, 8192, 16384],
+    "paged": [16, 64],
+    "features": ["all"],
+    "feature_seqlens": [4096],
+    "feature_head_sizes": [128],
+}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument(
         "--out", type=Path, default=None, help="write the JSON here (rank 0); default: print only, write nowhere"
     )
-    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
-    p.add_argument("--head-sizes", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--quick", action="store_true", help="the closing-table preset (see above); other flags win")
+    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16"])
+    p.add_argument("--head-sizes", nargs="+", type=int, default=[64, 128, 256])
     p.add_argument("--seqlens", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--causal", nargs="+", default=["causal", "full"], choices=["causal", "full"])
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens // S)")
     p.add_argument("--hidden", type=int, default=4096, help="H·D (heads = hidden // D)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--inner", type=int, default=5)
-    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-baselines", action="store_true", help="no flash/cuDNN columns")
     p.add_argument(
-        "--paged", type=int, default=0, metavar="P", help="also time ours on a paged cache of P-token pages (0: no)"
+        "--paged", nargs="*", type=int, default=[], metavar="P", help="also time ours on paged caches of P-token pages"
     )
+    p.add_argument("--features", nargs="+", default=[], choices=[*bp.FEATURES, "all"], help="feature rows (see above)")
+    p.add_argument("--feature-seqlens", nargs="+", type=int, default=[4096])
+    p.add_argument("--feature-head-sizes", nargs="+", type=int, default=[128])
     p.add_argument("--prepare", action="store_true", help="also time the fused prepare kernel (bytes/s vs a copy)")
     p.add_argument(
         "--tiles",
@@ -62,9 +106,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="W,MT,BN",
         help="also time these context-kernel tile shapes (warps, m-tiles per warp, keys per tile)",
     )
-    return p.parse_args(argv)
+    return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.quick:  # the preset replaces the defaults; flags given on the command line still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    for page in args.paged:
+        if page < 1:
+            p.error(f"--paged: page sizes must be positive, got {page}")
+    return args
+
+
+# ---- one row on the GPU ------------------------------------------------------------------------
 @contextlib.contextmanager
 def _mma_sync_only():
     """Within: the context launcher keeps every case on the mma.sync kernel."""
@@ -79,21 +136,31 @@ def _mma_sync_only():
             os.environ["TP_RUNTIME_HOPPER_CONTEXT"] = old
 
 
-def _hopper_serves(dtype, d, causal) -> bool:
+@contextlib.contextmanager
+def _one_item_per_cta():
+    """Within: the Hopper kernel launches one CTA per work item instead of its persistent grid."""
     from tp_runtime.backends import cuda_context_hopper as ch
-    from tp_runtime.batch.kv_cache import CacheLayout
-    from tp_runtime.config import KVCacheDType
 
-    mask = "causal" if causal else "padding"
-    fits = ch.variant(dtype, d, mask, "none", KVCacheDType.auto, CacheLayout.contiguous) is not None
-    return fits and ch.hopper_gpu(torch.cuda.get_device_capability())
+    old, ch.ONE_ITEM_PER_CTA = ch.ONE_ITEM_PER_CTA, True
+    try:
+        yield
+    finally:
+        ch.ONE_ITEM_PER_CTA = old
+
+
+def _mode(column: str):
+    """How ``column`` launches ours: forced onto mma.sync, one CTA per item, or as the launcher picks."""
+    if column == "mma_sync":
+        return _mma_sync_only()
+    if column.endswith("one_item_per_cta"):
+        return _one_item_per_cta()
+    return contextlib.nullcontext()
 
 
 def _paged_copy(kv, page: int, gen: torch.Generator):
     """The contiguous cache ``[B, 2, H, S, D]`` as a paged ``LayerKV``: a contiguous pool
     ``[B·S/P, 2, H, P, D]`` with the pages in a random pool order, and the block table that finds them."""
-    from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
-    from tp_runtime.config import KVCacheDType
+    from tp_runtime.batch.kv_cache import LayerKV
 
     b, _, h, s, d = kv.data.shape
     if s % page:
@@ -106,7 +173,34 @@ def _paged_copy(kv, page: int, gen: torch.Generator):
     pool = torch.empty(pages.shape, dtype=pages.dtype, device=pages.device)
     pool[where] = pages
     table = where.to(torch.int32).view(b, n).contiguous()
-    return LayerKV(CacheLayout.paged, pool, KVCacheDType.auto, 1.0, table)
+    return LayerKV(CacheLayout.paged, pool, kv.cache_dtype, kv.dequant_scale, table)
+
+
+def _cache(case: Case, b: int, h: int, dtype, dev):
+    """A contiguous ``LayerKV [B, 2, H, S, D]`` of random K/V in the row's cache dtype."""
+    from tp_runtime.batch.kv_cache import LayerKV
+    from tp_runtime.quant import quantize_kv
+
+    x = torch.randn(b, 2, h, case.seq_len, case.head_size, device=dev, dtype=dtype)
+    if case.cache_dtype is KVCacheDType.auto:
+        return LayerKV(CacheLayout.contiguous, x, KVCacheDType.auto, 1.0)
+    quant = INT8_QUANT_SCALE if case.cache_dtype is KVCacheDType.int8 else 1.0
+    return LayerKV(CacheLayout.contiguous, quantize_kv(x, quant, case.cache_dtype), case.cache_dtype, 1.0 / quant)
+
+
+def _spec(case: Case, h: int, dev):
+    from tp_runtime.backends.base import AttentionSpec
+    from tp_runtime.config import AttentionMaskType
+    from tp_runtime.position import alibi_slopes
+
+    mask = AttentionMaskType.padding if case.mask == "full" else AttentionMaskType(case.mask)
+    kw: dict = {}
+    if case.feature == "alibi":
+        kw["alibi_slopes"] = alibi_slopes(h).to(dev)
+    elif case.feature == "t5":  # implicit buckets: one-sided under the causal mask, two-sided otherwise
+        table = torch.randn(h, T5_BUCKETS, device=dev)
+        kw.update(relative_table=table, num_buckets=T5_BUCKETS, max_distance=T5_MAX_DISTANCE)
+    return AttentionSpec(mask=mask, softmax_scale=1.0 / math.sqrt(case.head_size), **kw)
 
 
 def _first_line(e: Exception) -> str:
@@ -134,139 +228,127 @@ def _sdpa_call(backend, q, k, v, causal):
     return call
 
 
-def _one(dtype, d, s, causal, args) -> dict:
+def _one(case: Case, args, plain: dict | None, dev: torch.device) -> dict:
+    from torch.nn.attention import SDPBackend
+
     from tp_runtime.backends import cuda, cuda_context
     from tp_runtime.backends import cuda_context_hopper as ch
-    from tp_runtime.backends.base import AttentionSpec
-    from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
     from tp_runtime.batch.step import Step
-    from tp_runtime.config import AttentionMaskType, KVCacheDType
 
-    b = max(1, args.tokens // s)
-    h = max(1, args.hidden // d)
-    dev = torch.device("cuda")
+    dtype, d, s = getattr(torch, case.dtype), case.head_size, case.seq_len
+    b, h = bp.shape(case, args)
     step = Step(new_lens=[s] * b, device=dev)
-    mask = AttentionMaskType.causal if causal else AttentionMaskType.padding
-    spec = AttentionSpec(mask=mask, softmax_scale=1.0 / math.sqrt(d))
-    sets = []
-    for _ in range(N_SETS):
-        q = torch.randn(b * s, h, d, device=dev, dtype=dtype)
-        cache = torch.randn(b, 2, h, s, d, device=dev, dtype=dtype)
-        sets.append((q, LayerKV(CacheLayout.contiguous, cache, KVCacheDType.auto, 1.0)))
-    flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
-    row = {
-        "dtype": str(dtype).removeprefix("torch."),
-        "head_size": d,
-        "seq_len": s,
-        "batch": b,
-        "heads": h,
-        "causal": causal,
-        "flops": flops,
-    }
-    ours = [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in sets]
-    timed = lambda calls: median_ms(calls, args.repeats, inner=args.inner, warmup=len(calls))  # noqa: E731
-    hopper = _hopper_serves(dtype, d, causal)
+    spec = _spec(case, h, dev)
+    sets = [(torch.randn(b * s, h, d, device=dev, dtype=dtype), _cache(case, b, h, dtype, dev)) for _ in range(N_SETS)]
+    row = bp.row_head(case, args)
+    q0, kv0 = sets[0]
+    hopper = ch.serves(q0, torch.empty_like(q0), kv0, step, spec, case.kernel_mask, case.bias)
     row["kernel"] = "hopper" if hopper else "mma_sync"
-    chosen = cuda_context.tile_shape(d, causal=causal, max_new_len=s)
-    row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]
-    ms = _column(row, "ours", lambda: timed(ours))
-    if ms is not None:
-        row["ours_ms"], row["ours_tflops"] = ms, flops / ms / 1e9
-    if hopper:  # the fallback's figure in the same run
-        with _mma_sync_only():
-            ms_m = _column(row, "mma_sync", lambda: timed(ours))
-        if ms_m is not None:
-            row["mma_sync_ms"], row["mma_sync_tflops"] = ms_m, flops / ms_m / 1e9
-    if hopper and ch.persistent(d):  # the persistent grid vs one CTA per (tile, head), same run
-        ch.ONE_ITEM_PER_CTA = True
-        try:
-            ms_1 = _column(row, "one_item_per_cta", lambda: timed(ours))
-        finally:
-            ch.ONE_ITEM_PER_CTA = False
-        if ms_1 is not None:
-            row["one_item_per_cta_ms"], row["one_item_per_cta_tflops"] = ms_1, flops / ms_1 / 1e9
-    if getattr(args, "paged", 0):  # the same K/V in a paged cache: what paging costs
-        gen = torch.Generator().manual_seed(s)
+    if not hopper:
+        row["fallback"] = bp.fallback_reason(case, torch.cuda.get_device_capability(dev))
+    chosen = cuda_context.tile_shape(d, causal=case.causal, max_new_len=s)
+    row["tiles"] = [chosen["warps"], chosen["m_tiles"], chosen["block_n"]]  # the mma.sync kernel's
+    attend = lambda pairs: [lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in pairs]  # noqa: E731
+    timed = lambda calls: median_ms(calls, args.repeats, device=dev, inner=args.inner, warmup=len(calls))  # noqa: E731
+    paged: dict[int, list] = {}  # page size -> calls on paged copies of the sets (built once per row)
 
-        def paged_ms(sets=sets) -> float:
-            paged = [(q, _paged_copy(kv, args.paged, gen)) for q, kv in sets]
-            return timed([lambda q=q, kv=kv: cuda.attend(q, kv, step, spec) for q, kv in paged])
+    def calls_of(column: str) -> list:
+        if column in ("flash", "cudnn"):
+            backend = SDPBackend.FLASH_ATTENTION if column == "flash" else SDPBackend.CUDNN_ATTENTION
+            # q as [B, H, S, D] and K/V as cache[:, 0] / cache[:, 1]: the same bytes as ours reads
+            return [
+                _sdpa_call(backend, q.view(b, s, h, d).transpose(1, 2), kv.data[:, 0], kv.data[:, 1], case.causal)
+                for q, kv in sets
+            ]
+        if not column.startswith("paged"):
+            return attend(sets)
+        page = bp.page_of(column)
+        if page not in paged:
+            gen = torch.Generator().manual_seed(s)
+            paged[page] = attend([(q, _paged_copy(kv, page, gen)) for q, kv in sets])
+        return paged[page]
 
-        ms_p = _column(row, "paged", paged_ms)
-        row["paged_page"] = args.paged
-        if ms_p is not None:
-            row["paged_ms"], row["paged_tflops"] = ms_p, flops / ms_p / 1e9
+    def measure(column: str) -> float:
+        calls = calls_of(column)
+        with _mode(column):
+            return timed(calls)
+
+    cols = bp.columns(case, args.paged, hopper=hopper, persistent=hopper and bp.persistent_grid(case),
+                   baselines=not args.no_baselines)  # fmt: skip
+    for column in cols:
+        ms = _column(row, column, lambda column=column: measure(column))
+        if ms is not None:
+            row[f"{column}_ms"], row[f"{column}_tflops"] = ms, row["flops"] / ms / 1e9
+    if case.feature is None:
+        _tile_sweep(row, case, args, attend(sets), timed)
+    bp.ratios(row, args.paged, plain)
+    return row
+
+
+def _tile_sweep(row: dict, case: Case, args, ours: list, timed) -> None:
+    """The mma.sync kernel at the ``--tiles`` shapes (tuning): ``tiles_<W,MT,BN>_tflops``."""
+    from tp_runtime.backends import cuda_context
+
+    d = case.head_size
     default, wide = cuda_context.TILES[d], cuda_context.TILES_WIDE.pop(d, None)
     try:
-        for text in getattr(args, "tiles", []) or []:  # alternative tile shapes (tuning)
+        for text in args.tiles or []:
             cfg = tuple(int(x) for x in text.split(","))
             if list(cfg) == row["tiles"]:
                 continue
             cuda_context.TILES[d] = cfg
             try:
                 with _mma_sync_only():  # tile shapes are the mma.sync kernel's
-                    ms_t = median_ms(ours, args.repeats, inner=args.inner, warmup=len(ours))
-                row[f"tiles_{text}_tflops"] = flops / ms_t / 1e9
+                    ms_t = timed(ours)
+                row[f"tiles_{text}_tflops"] = row["flops"] / ms_t / 1e9
             except NotImplementedError:  # the tile shape does not fit this head size
                 pass
     finally:
         cuda_context.TILES[d] = default
         if wide is not None:
             cuda_context.TILES_WIDE[d] = wide
-    if not args.no_baselines:
-        from torch.nn.attention import SDPBackend
-
-        for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            calls = []
-            for q, kv in sets:
-                qq = q.view(b, s, h, d).transpose(1, 2)  # [B, H, S, D], same bytes as ours
-                calls.append(_sdpa_call(backend, qq, kv.data[:, 0], kv.data[:, 1], causal))
-            ms_b = _column(row, label, lambda calls=calls: timed(calls))  # e.g. backend unavailable for the shape
-            if ms_b is not None:
-                row[f"{label}_ms"], row[f"{label}_tflops"] = ms_b, flops / ms_b / 1e9
-    _ratios(row)
-    del sets
-    torch.cuda.empty_cache()
-    return row
 
 
-def _ratios(row: dict) -> None:
-    """Ours against each column timed in the row (both figures present)."""
-    for other, key in (("mma_sync", "ratio_vs_mma_sync"), ("flash", "ratio_vs_flash"), ("cudnn", "ratio_vs_cudnn")):
-        if "ours_tflops" in row and f"{other}_tflops" in row:
-            row[key] = row["ours_tflops"] / row[f"{other}_tflops"]
-    if "ours_tflops" in row and "paged_tflops" in row:
-        row["ratio_paged_vs_contiguous"] = row["paged_tflops"] / row["ours_tflops"]
-
-
+# ---- the run ------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> list[dict]:
-    """Benchmark every configuration in ``args``; print a table, write JSON to ``args.out`` (if given)."""
+    """Benchmark every row of ``plan(args)``; print a table, write JSON to ``args.out`` (if given)."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_context needs a CUDA GPU")
-    _precompile(args)
-    rows = []
-    for dt in args.dtypes:
-        dtype = getattr(torch, dt)
-        for d in args.head_sizes:
-            for c in args.causal:
-                for s in args.seqlens:
-                    try:
-                        rows.append(_one(dtype, d, s, c == "causal", args))
-                    except Exception as e:  # noqa: BLE001 - e.g. out of memory setting up the row: report it, go on
-                        b, h = max(1, args.tokens // s), max(1, args.hidden // d)
-                        rows.append({"dtype": dt, "head_size": d, "seq_len": s, "batch": b, "heads": h,
-                                     "causal": c == "causal", "kernel": "-", "row_error": _first_line(e)})  # fmt: skip
-                        torch.cuda.empty_cache()
-                    _print_row(rows[-1], header=len(rows) == 1)
+    from tp_runtime.backends import compile as kc
+
+    cases = bp.plan(args)
+    capability = torch.cuda.get_device_capability()
+    print(bp.summary(cases, args, capability), flush=True)
+    try:
+        kc.precompile(bp.kernel_variants(cases, args, capability))
+    except Exception as e:  # noqa: BLE001 - e.g. one variant fails to compile: it fails its own columns later
+        print(f"# precompiling failed ({_first_line(e)}); each variant compiles at its first use", flush=True)
+    print(bp.header(args.paged), flush=True)
     gpu = torch.cuda.get_device_name()
+    rows, done = [], {}
     payload = {"gpu": gpu, "torch": torch.__version__, "benchmark": "context attention (prefill)", "rows": rows}
+    for case in cases:
+        try:
+            row = _one(case, args, done.get(case.plain()), torch.device("cuda"))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory setting up the row: report it, go on
+            row = {**bp.row_head(case, args), "kernel": "-", "row_error": _first_line(e)}
+        torch.cuda.empty_cache()  # the row's inputs (unreachable once _one returned) go back to the GPU
+        done[case] = row
+        rows.append(row)
+        print(bp.format_row(row, args.paged), flush=True)
+        _write(args.out, payload)  # after every row: a run stopped early keeps what it measured
     if getattr(args, "prepare", False):
         payload["prepare"] = bench_prepare(args)
+    _write(args.out, payload)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1))
         print(f"# {gpu}; JSON written to {args.out}")
     return rows
+
+
+def _write(out: Path | None, payload: dict) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=1))
 
 
 def bench_prepare(args) -> dict:
@@ -274,9 +356,9 @@ def bench_prepare(args) -> dict:
     H 32, KV 8, D 128: bytes moved (qkv read; q and the cache rows written) per second,
     against a device-to-device copy of the same number of bytes (read + write) in the same run."""
     from tp_runtime.backends import cuda_prepare
-    from tp_runtime.batch.kv_cache import CacheLayout, LayerKV
+    from tp_runtime.batch.kv_cache import LayerKV
     from tp_runtime.batch.step import Step
-    from tp_runtime.config import KVCacheDType, PositionEmbeddingType, RotaryScalingType
+    from tp_runtime.config import PositionEmbeddingType, RotaryScalingType
     from tp_runtime.position import RopeSpec
     from tp_runtime.sharding import HeadLayout
 
@@ -303,65 +385,6 @@ def bench_prepare(args) -> dict:
            "ms": ms, "gb_per_s": moved / ms / 1e6, "copy_gb_per_s": moved / ms_copy / 1e6}  # fmt: skip
     print(f"# prepare: {ms * 1e3:.1f} us, {row['gb_per_s']:.0f} GB/s (device copy {row['copy_gb_per_s']:.0f} GB/s)")
     return row
-
-
-def _precompile(args) -> None:
-    """Compile every kernel variant the run times, in parallel, before any timing."""
-    from tp_runtime.backends import compile as kc
-    from tp_runtime.backends.cuda_context import tile_shape
-
-    wanted = []
-    for dt in args.dtypes:
-        for d in args.head_sizes:
-            extra = [tuple(int(x) for x in t.split(",")) for t in args.tiles or []]
-            for c in args.causal:
-                chosen = [tile_shape(d, causal=c == "causal", max_new_len=s) for s in args.seqlens]
-                shapes = [(t["warps"], t["m_tiles"], t["block_n"]) for t in chosen] + extra
-                layouts = ["contiguous", "paged"] if getattr(args, "paged", 0) else ["contiguous"]
-                for (w, mt, bn), layout in itertools.product(dict.fromkeys(shapes), layouts):
-                    v = {
-                        "dtype": dt,
-                        "head_size": d,
-                        "mask": "causal" if c == "causal" else "padding",
-                        "bias": "none",
-                        "layout": layout,
-                        "cache": "auto",
-                        "warps": w,
-                        "m_tiles": mt,
-                        "block_n": bn,
-                    }
-                    try:
-                        kc._resolve("context", v)
-                    except NotImplementedError:
-                        continue
-                    wanted.append(("context", v))
-                if _hopper_serves(getattr(torch, dt), d, c == "causal"):
-                    wanted.append(("context_hopper", {"dtype": dt, "head_size": d, "mask": v["mask"], "bias": "none"}))
-    kc.precompile(wanted)
-
-
-def _print_row(r: dict, header: bool) -> None:
-    if header:
-        print(
-            f"{'dtype':9} {'D':>4} {'mask':6} {'S':>6} {'B':>3} {'H':>3} | {'kernel':8} {'ours':>7} {'mma':>7}"
-            f" {'flash':>7} {'cudnn':>7} | {'/mma':>6} {'/flash':>6} {'/cudnn':>6}   (TFLOP/s)"
-        )
-    f = lambda k: f"{r[k]:7.1f}" if k in r else "    n/a"  # noqa: E731
-    g = lambda k: f"{r[k]:6.2f}" if k in r else "   n/a"  # noqa: E731
-    print(
-        f"{r['dtype']:9} {r['head_size']:>4} {'causal' if r['causal'] else 'full':6} {r['seq_len']:>6} {r['batch']:>3}"
-        f" {r['heads']:>3} | {r['kernel']:8} {f('ours_tflops')} {f('mma_sync_tflops')} {f('flash_tflops')}"
-        f" {f('cudnn_tflops')} | {g('ratio_vs_mma_sync')} {g('ratio_vs_flash')} {g('ratio_vs_cudnn')}"
-        + "".join(f" {k[6:-7]}:{v:.0f}" for k, v in r.items() if k.startswith("tiles_"))
-        + (
-            f" paged{r['paged_page']}:{r['paged_tflops']:.0f} ({r['ratio_paged_vs_contiguous']:.2f}x)"
-            if "ratio_paged_vs_contiguous" in r
-            else ""
-        )
-        + (f" 1/cta:{r['one_item_per_cta_tflops']:.0f}" if "one_item_per_cta_tflops" in r else "")
-        + "".join(f" [{k[:-6]} failed: {v}]" for k, v in r.items() if k.endswith("_error")),
-        flush=True,
-    )
 
 
 if __name__ == "__main__":
