@@ -116,6 +116,11 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const hopper::u32 (&
 
 constexpr float kBidirectionalMask = -10000.0f;  // reference.BIDIRECTIONAL_MASK_VALUE (natural-log units)
 
+template <bool B>
+struct BoolTag {  // a compile-time flag for a generic lambda (NVRTC has no <type_traits>)
+  static constexpr bool value = B;
+};
+
 // Where a thread's scores sit and what it adds/hides: rows r0 + 8r at query positions qpos[r]
 // (keys key < lim[r] visible), its first column col in each 8-column block, and in raw-score units
 // (divided by softmax_scale, as the running max) the ALiBi slope (0 without ALiBi). With a table
@@ -220,13 +225,13 @@ __device__ __forceinline__ void softmax_any(bool masked, float (&sc)[BN / 2], fl
 // Consumer warpgroups (64 query rows each) per CTA: 3 at D 64, where the softmax of a 64×128 block
 // takes longer than its two GEMMs, so a third warpgroup's softmax is needed to keep the tensor
 // cores busy (and its registers fit: o 32 + S 64 + P 32 at 160 per thread); 2 at D 128 and 256
-// (240 each: D 256 holds o 128 + S 32 + P 16), and 2 for a table bias at D 64 too (its loads need
-// registers: at 160, 100-300 bytes spilled).
+// (240 each: D 256 holds o 128 + S 32 + P 16), and 2 at D 64 with a position bias too (ALiBi's
+// and the table's per-score terms need registers: at 160, ptxas spilled 20-300 bytes).
 // Keys per K/V block kBN: 128, or 64 at D 256, where a 128-key block of K or V alone is 64 KB (two
 // stages of K and V at BN 64 and the Q tiles: 192 KB of the 227 KB an SM has).
 template <int D, int kBias>
 struct HopperConsumers {
-  static constexpr int kCount = D == 64 && kBias != 2 ? 3 : 2;
+  static constexpr int kCount = D == 64 && kBias == 0 ? 3 : 2;
   static constexpr int kRegs = kCount == 3 ? 160 : 240;  // 128·24 + 128·kCount·kRegs <= 65536
   static constexpr int kBN = D == 256 ? 64 : 128;
   // The D 128 variants may loop over work items (persistent grid; the launcher decides the grid:
@@ -298,7 +303,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
     const int* __restrict__ cu_seqlens, const int* __restrict__ past, const int* __restrict__ n_keys,
     const int* __restrict__ slots, const int* __restrict__ block_table, int table_stride, int kv_box,
     int log2_page, int num_tiles, int num_heads, int num_kv_heads, float scale_log2, const float* __restrict__ alibi,
-    HopperTable bias_table) {
+    HopperTable bias_table, const T* __restrict__ kv_pool, int gather) {
 #if TP_HOPPER_ENABLED
   using namespace hopper;
   using Cfg = HopperConsumers<D, Bias::kind>;
@@ -342,9 +347,9 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     mbar_init(q_empty, 128 * kC);
-    for (int s = 0; s < 2; ++s) {
-      mbar_init(&k_full[s], 1);
-      mbar_init(&v_full[s], 1);
+    for (int s = 0; s < 2; ++s) {  // full: the TMA leader's one arrival, or every producer thread's (gather)
+      mbar_init(&k_full[s], gather ? 128 : 1);
+      mbar_init(&v_full[s], gather ? 128 : 1);
       mbar_init(&k_empty[s], 128 * kC);  // every consumer thread releases K_j once its S_j has retired
       mbar_init(&v_empty[s], 128 * kC);  // ... and V_j once its P_j·V_j has
     }
@@ -353,9 +358,14 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
   __syncthreads();
 
   if (wg == 0) {  // ---------------------------------------------------------------- producer
-    setmaxnreg_dec<24>();
-    if (threadIdx.x < 32) {  // one warp: lane 0 issues the loads, the lanes read the block table ahead
-      const int lane = threadIdx.x;
+    setmaxnreg_dec<32>();  // 128·32 + 128·kC·kRegs = 65536: the whole register file
+    // TMA: one warp (lane 0 issues the loads, the lanes read the block table ahead); gather (small
+    // pages): the whole warpgroup copies with cp.async
+    // The producer's loop, specialised for gathering or not (kGather): one loop holding both paths
+    // needed more than the producer's 32 registers (ptxas spilled its item state).
+    auto produce = [&](auto gather_tag) {
+      constexpr bool kGather = decltype(gather_tag)::value;
+      const int lane = threadIdx.x;  // (0..127 when gathering)
       const bool leader = lane == 0;
       if (leader) {
         tma_prefetch_map(&map_q);
@@ -388,7 +398,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
         const int slot = slots[tl.seq];
         const int* table_row = block_table != nullptr ? block_table + (long long)slot * table_stride : nullptr;
         auto page_of_box = [&](int j) {
-          if (table_row == nullptr || lane * kv_box >= BN) return slot;
+          if (table_row == nullptr || kGather || lane * kv_box >= BN) return slot;
           return __ldg(table_row + (min(j * BN + lane * kv_box, tl.nk - 1) >> log2_page));
         };
         auto tile_load = [&](unsigned char* dst, u64* bar, int j, int kv, int page) {
@@ -403,13 +413,35 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
             }
           }
         };
+        // Gather (pages smaller than GATHER_MAX_PAGE in cuda_context_hopper.py, where one TMA box
+        // per page is too small to keep up): the 128 producer threads copy the block's rows in
+        // 16-byte pieces with cp.async, consecutive threads along a row (coalesced), each row from
+        // its page (the table entry read per piece: the threads of a row share it in L1), written
+        // in the 128-byte-swizzled layout a TMA box would have produced; each thread's copies then
+        // arrive on the full barrier (count 128) as they land.
+        auto gather_load = [&](unsigned char* dst, u64* bar, int j, int kv) {
+          constexpr int kRowChunks = D / 8;  // 16-byte pieces per row
+          const int page_mask = (1 << log2_page) - 1;
+          for (int i = lane; i < BN * kRowChunks; i += 128) {
+            const int r = i / kRowChunks, c = i % kRowChunks;
+            const int pos = min(j * BN + r, tl.nk - 1);  // (past n_keys: the last key again, discarded)
+            const long long page = __ldg(table_row + (pos >> log2_page));
+            const long long row = ((page * 2 + kv) * num_kv_heads + tl.kvh) * (page_mask + 1) + (pos & page_mask);
+            cp_async_16(dst + (c / 8) * BN * 128 + r * 128 + (((c % 8) ^ (r & 7)) * 16), kv_pool + row * D + c * 8);
+          }
+          cp_async_arrive_noinc(bar);
+        };
         // Order K_0, K_1, V_0, K_2, V_1, ...: the consumers' order of use (S_j is issued with
         // P_{j-1}·V_{j-1}), so K_{j+1} never waits behind V_j's stage release (P·V_{j-2}).
         auto load = [&](u64* empty, u64* full, unsigned char* base, int a, int j, int kv, int page) {
           const int s = a & 1;
           if (a >= 2) mbar_wait(&empty[s], ((a >> 1) - 1) & 1);  // the release of block a - 2 (same stage)
-          if (leader) mbar_arrive_expect_tx(&full[s], kKVBytes);
-          tile_load(base + s * kKVBytes, &full[s], j, kv, page);
+          if (kGather) {
+            gather_load(base + s * kKVBytes, &full[s], j, kv);
+          } else {
+            if (leader) mbar_arrive_expect_tx(&full[s], kKVBytes);
+            tile_load(base + s * kKVBytes, &full[s], j, kv, page);
+          }
         };
         int page = tl.n_kb > 0 ? page_of_box(0) : slot, prev = slot;  // pages of blocks j and j - 1
         for (int j = 0; j <= tl.n_kb; ++j) {
@@ -422,6 +454,11 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
         it += tl.n_kb;
         ++ti;
       }
+    };
+    if (gather) {
+      produce(BoolTag<true>{});
+    } else if (threadIdx.x < 32) {
+      produce(BoolTag<false>{});
     }
   } else {  // ----------------------------------------------------------------------- consumers
     setmaxnreg_inc<Cfg::kRegs>();
@@ -489,6 +526,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
           const int s = it & 1;
           turn_begin();
           mbar_wait(&k_full[s], (it >> 1) & 1);
+          if (gather) fence_proxy_async();  // cp.async (generic proxy) data read by wgmma (async proxy)
           fence_operands(sc);
           wgmma_fence();
           issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));
@@ -506,12 +544,14 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
           const int s = a & 1, sp = s ^ 1;
           turn_begin();
           mbar_wait(&k_full[s], (a >> 1) & 1);
+          if (gather) fence_proxy_async();
           fence_operands(sc);
           fence_operands(o);
           wgmma_fence();
           issue_s<T, D, BN>(sc, q_addr, smem_addr(sK + s * kKVBytes));  // S_j
           wgmma_commit();
           mbar_wait(&v_full[sp], ((a - 1) >> 1) & 1);  // V_{j-1} only now: S_j may start without it
+          if (gather) fence_proxy_async();
           wgmma_fence();  // (ptxas would inject this fence after the wait loop anyway)
           issue_pv<T, D, BN>(o, pa, smem_addr(sV + sp * kKVBytes));  // O += P_{j-1}·V_{j-1}, in flight
           wgmma_commit();
@@ -534,6 +574,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
           const int al = a_end - 1, s = al & 1, n0 = al * BN;
           turn_begin();
           mbar_wait(&v_full[s], (al >> 1) & 1);
+          if (gather) fence_proxy_async();
           // Zero the V rows of keys past n_keys (the cache may hold NaN there; 0·NaN would poison
           // O). Consumer 0 writes them in its turn; its proxy fence + the chain of turn barriers
           // order the writes before the other consumers' P·V too; the stage is refilled by TMA only

@@ -245,6 +245,18 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TensorMap* map, u64
       : "memory");
 }
 
+// cp.async (16 bytes, global -> shared, bypassing L1) whose completion is reported to an mbarrier:
+// after issuing its copies a thread calls cp_async_arrive_noinc(bar), which arrives on `bar` once
+// all of this thread's earlier cp.async have landed (noinc: the arrival is one of the count the
+// barrier was initialised with). The data is written by the generic proxy: a thread that then
+// reads it with wgmma (async proxy) issues fence_proxy_async() after its barrier wait.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_arrive_noinc(u64* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Order this thread's ordinary shared-memory stores before later async-proxy reads (wgmma operands,
 // TMA stores) of the same bytes; each writing thread fences, then the threads synchronise.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

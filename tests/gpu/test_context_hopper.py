@@ -184,7 +184,7 @@ def _items(case: Case, step: Step) -> int:
     from tp_runtime.backends import cuda_context_hopper as ch
     from tp_runtime.backends.cuda_plan import context_tiles
 
-    rows = ch.block_m(case.d, KERNEL_BIAS[case.bias])  # (D 64 with a table: 2 consumer warpgroups, not 3)
+    rows = ch.block_m(case.d, KERNEL_BIAS[case.bias])  # (D 64 with a bias: 2 consumer warpgroups, not 3)
     tiles = context_tiles(step, tuple(range(step.num_seqs)), rows, case.mask == "causal", False)
     return tiles.shape[0] * case.h
 

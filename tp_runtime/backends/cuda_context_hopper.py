@@ -36,8 +36,8 @@ ENV = "TP_RUNTIME_HOPPER_CONTEXT"
 
 def consumers(head_size: int, bias: str = "none") -> int:
     """Consumer warpgroups of 64 query rows per CTA (``HopperConsumers::kCount``): 3 at D 64, whose
-    softmax outlasts its GEMMs, unless a table bias needs the registers; else 2."""
-    return 3 if head_size == 64 and bias != "table" else 2
+    softmax outlasts its GEMMs, unless a position bias (ALiBi, table) needs the registers; else 2."""
+    return 3 if head_size == 64 and bias == "none" else 2
 
 
 def block_m(head_size: int, bias: str = "none") -> int:
@@ -67,6 +67,17 @@ def persistent(head_size: int, causal: bool = True) -> bool:
     paid (kernels/NOTES_context.md: a full mask's tiles are uniform, and one CTA per item measured
     faster there: 556-652 vs 519-627 TFLOP/s)."""
     return head_size == 128 and causal
+
+
+# Paged caches with pages of at most this many tokens are gathered by the producer warpgroup with
+# cp.async instead of one TMA box per page: with 16-token pages the boxes (8 per 64-column chunk of
+# a 128-key block) ran the kernel at 0.55-0.73x the contiguous cache (kernels/NOTES_context.md).
+GATHER_MAX_PAGE = 32
+
+
+def gathers(cache_layout: CacheLayout, page: int) -> bool:
+    """Whether the kernel loads K/V with the cp.async gather (small pages) instead of TMA boxes."""
+    return cache_layout is CacheLayout.paged and page <= GATHER_MAX_PAGE
 
 
 # CTAs of a persistent launch at most, per SM (1: the kernel's shared memory allows one CTA per SM).
@@ -226,6 +237,7 @@ def context_hopper(
         i32(tiles.shape[0]), i32(h_r), i32(kv_r), f32(scale_log2),
         ptr(alibi),                                   # [H] fp32 slopes or null
         table_arg(table, spec.softmax_scale),         # HopperTable, by value (unused without a table bias)
+        ptr(kv.data), i32(gathers(kv.cache_layout, length)),  # the pool, for the cp.async gather of small pages
     )
     # fmt: on
     grid = (grid_ctas(d, causal, items, sm_count(q.device)), 1, 1)
