@@ -232,7 +232,12 @@ __device__ __forceinline__ void softmax_any(bool masked, float (&sc)[BN / 2], fl
 template <int D, int kBias>
 struct HopperConsumers {
   static constexpr int kCount = D == 64 && kBias == 0 ? 3 : 2;
-  static constexpr int kRegs = kCount == 3 ? 160 : 240;  // 128·24 + 128·kCount·kRegs <= 65536
+  // Registers per thread after setmaxnreg: the CTA keeps the pool it was launched with
+  // (__launch_bounds__: 168 · 384 = 64512 threads·registers with 2 consumers, 128 · 512 = 65536
+  // with 3), so producer · 128 + kRegs · 128 · kCount must fit it exactly or less: 24 + 2 · 240
+  // and 32 + 3 · 160. (32 + 2 · 240 exceeds 64512: setmaxnreg.inc then waits forever.)
+  static constexpr int kRegs = kCount == 3 ? 160 : 240;
+  static constexpr int kProducerRegs = kCount == 3 ? 32 : 24;
   static constexpr int kBN = D == 256 ? 64 : 128;
   // The D 128 variants may loop over work items (persistent grid; the launcher decides the grid:
   // causal masks only) and stage the epilogue in a tile of its own (the next item's Q loads
@@ -358,11 +363,11 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
   __syncthreads();
 
   if (wg == 0) {  // ---------------------------------------------------------------- producer
-    setmaxnreg_dec<32>();  // 128·32 + 128·kC·kRegs = 65536: the whole register file
+    setmaxnreg_dec<Cfg::kProducerRegs>();
     // TMA: one warp (lane 0 issues the loads, the lanes read the block table ahead); gather (small
     // pages): the whole warpgroup copies with cp.async
     // The producer's loop, specialised for gathering or not (kGather): one loop holding both paths
-    // needed more than the producer's 32 registers (ptxas spilled its item state).
+    // needed more than the producer's registers (ptxas spilled its item state).
     auto produce = [&](auto gather_tag) {
       constexpr bool kGather = decltype(gather_tag)::value;
       const int lane = threadIdx.x;  // (0..127 when gathering)
