@@ -418,21 +418,32 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
             }
           }
         };
-        // Gather (pages smaller than GATHER_MAX_PAGE in cuda_context_hopper.py, where one TMA box
-        // per page is too small to keep up): the 128 producer threads copy the block's rows in
-        // 16-byte pieces with cp.async, consecutive threads along a row (coalesced), each row from
-        // its page (the table entry read per piece: the threads of a row share it in L1), written
-        // in the 128-byte-swizzled layout a TMA box would have produced; each thread's copies then
+        // Gather (pages of at most GATHER_MAX_PAGE tokens, cuda_context_hopper.py: one TMA box per
+        // page was too small to keep up): the 128 producer threads copy the block with cp.async in
+        // 16-byte pieces, consecutive threads along a row (coalesced; a thread keeps its column c),
+        // written in the 128-byte-swizzled layout a TMA box would have produced. The block's pages
+        // (BN / P <= 16) are read once, lane q of each warp holding the q-th, and handed to the
+        // rows by shuffle: a table read per piece, each waiting on L2 with the producer's few
+        // registers, ran slower than the TMA boxes (kernels/NOTES_context.md). Each thread's copies
         // arrive on the full barrier (count 128) as they land.
         auto gather_load = [&](unsigned char* dst, u64* bar, int j, int kv) {
-          constexpr int kRowChunks = D / 8;  // 16-byte pieces per row
+          constexpr int kRowChunks = D / 8;               // 16-byte pieces per row
+          constexpr int kRowsPerPass = 128 / kRowChunks;  // rows the 128 threads cover per pass
           const int page_mask = (1 << log2_page) - 1;
-          for (int i = lane; i < BN * kRowChunks; i += 128) {
-            const int r = i / kRowChunks, c = i % kRowChunks;
+          const int first = (j * BN) >> log2_page;  // the block's first page (BN is a multiple of P)
+          const int last = (tl.nk - 1) >> log2_page;  // the sequence's last page (never read past it)
+          const int pg = __ldg(table_row + min(first + (lane & 31), last));
+          const int c = lane % kRowChunks;
+          const int page_stride = 2 * num_kv_heads * (page_mask + 1) * D;  // elements per page (< 2^31)
+          const T* src = kv_pool + ((kv * num_kv_heads + tl.kvh) * (page_mask + 1) * D + c * 8);
+          unsigned char* to = dst + (c / 8) * BN * 128 + (c % 8) * 16;  // (row r: + r·128, chunk ^ (r & 7))
+#pragma unroll 4
+          for (int pass = 0; pass < BN / kRowsPerPass; ++pass) {
+            const int r = lane / kRowChunks + pass * kRowsPerPass;
             const int pos = min(j * BN + r, tl.nk - 1);  // (past n_keys: the last key again, discarded)
-            const long long page = __ldg(table_row + (pos >> log2_page));
-            const long long row = ((page * 2 + kv) * num_kv_heads + tl.kvh) * (page_mask + 1) + (pos & page_mask);
-            cp_async_16(dst + (c / 8) * BN * 128 + r * 128 + (((c % 8) ^ (r & 7)) * 16), kv_pool + row * D + c * 8);
+            const int page = __shfl_sync(0xffffffffu, pg, (pos >> log2_page) - first);
+            cp_async_16(to + r * 128 + (((c % 8) ^ (r & 7)) - (c % 8)) * 16,
+                        src + (static_cast<long long>(page) * page_stride + (pos & page_mask) * D));
           }
           cp_async_arrive_noinc(bar);
         };
