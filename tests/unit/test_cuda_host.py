@@ -200,6 +200,12 @@ def test_hopper_context_grid_and_shared_memory(monkeypatch):
     assert (ch.consumers(128), ch.consumers(256)) == (2, 2)
     assert (ch.block_n(64), ch.block_n(128), ch.block_n(256)) == (128, 128, 64)
     assert ch.shared_bytes(256) == (2 * 64 + 4 * 64) * 256 * 2 + 128 + 1024  # Q tiles double as O staging
+    # K/V loads: the cp.async gather for small pages at D <= 128, TMA boxes otherwise
+    from tp_runtime.batch.kv_cache import CacheLayout
+
+    paged, contiguous = CacheLayout.paged, CacheLayout.contiguous
+    assert ch.gathers(paged, 16, 128) and ch.gathers(paged, 8, 64) and ch.gathers(paged, 32, 128)
+    assert not ch.gathers(paged, 64, 128) and not ch.gathers(paged, 16, 256) and not ch.gathers(contiguous, 16, 64)
 
 
 def test_hopper_table_argument():

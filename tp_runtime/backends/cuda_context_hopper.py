@@ -69,15 +69,19 @@ def persistent(head_size: int, causal: bool = True) -> bool:
     return head_size == 128 and causal
 
 
-# Paged caches with pages of at most this many tokens are gathered by the producer warpgroup with
-# cp.async instead of one TMA box per page: with 16-token pages the boxes (8 per 64-column chunk of
-# a 128-key block) ran the kernel at 0.55-0.73x the contiguous cache (kernels/NOTES_context.md).
+# Paged caches with pages of at most GATHER_MAX_PAGE tokens and heads of at most GATHER_MAX_HEAD
+# are loaded by the producer warpgroup with cp.async (the kernel's gather) instead of one TMA box
+# per page. Measured on the H200 (bf16, S 4k causal, 16-token pages, kernels/NOTES_context.md):
+# paged / contiguous 0.86 with the gather vs 0.64 with boxes at D 64, 0.62 vs 0.54 at D 128, but
+# 0.61 vs 0.70 at D 256 (its 64-key blocks give the gather half the rows per pass), so D 256 keeps
+# the boxes.
 GATHER_MAX_PAGE = 32
+GATHER_MAX_HEAD = 128
 
 
-def gathers(cache_layout: CacheLayout, page: int) -> bool:
+def gathers(cache_layout: CacheLayout, page: int, head_size: int) -> bool:
     """Whether the kernel loads K/V with the cp.async gather (small pages) instead of TMA boxes."""
-    return cache_layout is CacheLayout.paged and page <= GATHER_MAX_PAGE
+    return cache_layout is CacheLayout.paged and page <= GATHER_MAX_PAGE and head_size <= GATHER_MAX_HEAD
 
 
 # CTAs of a persistent launch at most, per SM (1: the kernel's shared memory allows one CTA per SM).
@@ -237,7 +241,7 @@ def context_hopper(
         i32(tiles.shape[0]), i32(h_r), i32(kv_r), f32(scale_log2),
         ptr(alibi),                                   # [H] fp32 slopes or null
         table_arg(table, spec.softmax_scale),         # HopperTable, by value (unused without a table bias)
-        ptr(kv.data), i32(gathers(kv.cache_layout, length)),  # the pool, for the cp.async gather of small pages
+        ptr(kv.data), i32(gathers(kv.cache_layout, length, d)),  # the pool, for the cp.async gather of small pages
     )
     # fmt: on
     grid = (grid_ctas(d, causal, items, sm_count(q.device)), 1, 1)
