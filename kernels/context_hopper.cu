@@ -422,11 +422,10 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
         // one TMA box per page was too small to keep up): the 128 producer threads copy the block
         // with cp.async in 16-byte pieces, consecutive threads along a row (coalesced; a thread
         // keeps its column c), written in the 128-byte-swizzled layout a TMA box would have
-        // produced. The block's pages
-        // (BN / P <= 16) are read once, lane q of each warp holding the q-th, and handed to the
-        // rows by shuffle: a table read per piece, each waiting on L2 with the producer's few
-        // registers, ran slower than the TMA boxes (kernels/NOTES_context.md). Each thread's copies
-        // arrive on the full barrier (count 128) as they land.
+        // produced. The block's pages (BN / P <= 16) are read once, lane q of each warp holding the
+        // q-th, and handed to the rows by shuffle: a table read per piece, each waiting on L2 with
+        // the producer's few registers, ran slower than the TMA boxes (kernels/NOTES_context.md).
+        // Each thread's copies arrive on the full barrier (count 128) as they land.
         auto gather_load = [&](unsigned char* dst, u64* bar, int j, int kv) {
           constexpr int kRowChunks = D / 8;               // 16-byte pieces per row
           constexpr int kRowsPerPass = 128 / kRowChunks;  // rows the 128 threads cover per pass
