@@ -15,8 +15,9 @@
 // item's Q and first K/V blocks loading while the consumers finish the current one); otherwise one
 // CTA per item (D 64/256 tile-major, heaviest first; full-mask D 128 head-major). CTA = 1 + C
 // warpgroups (384 or 512 threads, 1 CTA per SM):
-//   WG0 producer: gives its registers away (setmaxnreg.dec 24); one warp: lane 0 issues the TMA
-//       loads, the lanes read a paged cache's block table one block ahead:
+//   WG0 producer: gives its registers away (setmaxnreg.dec 24, 32 with 3 consumers); one warp:
+//       lane 0 issues the TMA loads, the lanes read a paged cache's block table one block ahead
+//       (pages of at most 32 tokens at D <= 128: all 128 threads gather K/V with cp.async):
 //       per item the Q tile (once the consumers' last S of the previous item has retired:
 //       q_empty), then each K/V block of BN keys (128; 64 at D 256) into a 2-stage ring that runs
 //       on across items
@@ -47,7 +48,8 @@
 // Tensor maps (tp_runtime/backends/cuda_context_hopper.py):
 //   map_q  over q  [T, H, D] as 3-D {D, H, T}, box {64, 1, 64}: one consumer's 64 rows of one head
 //   map_kv over the contiguous cache [B, 2, KV, S_max, D] as 3-D {D, S_max, B·2·KV}, box {64, BN, 1},
-//          or the paged pool [N, 2, KV, P, D] as {D, P, N·2·KV}, box {64, min(P, BN), 1} (P >= 8)
+//          or the paged pool [N, 2, KV, P, D] as {D, P, N·2·KV}, box {64, min(P, BN), 1} (P >= 8;
+//          not used for K/V when the producer gathers)
 // Keys past n_keys inside the last block hold whatever the cache holds there (possibly NaN): their
 // scores are replaced by -inf and their V rows zeroed in shared memory before P·V.
 #include "common.cuh"
