@@ -116,7 +116,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const hopper::u32 (&
   }
 }
 
-constexpr float kBidirectionalMask = -10000.0f;  // reference.BIDIRECTIONAL_MASK_VALUE (natural-log units)
+[[maybe_unused]] constexpr float kBidirectionalMask = -10000.0f;  // reference.BIDIRECTIONAL_MASK_VALUE (natural-log units)
 
 template <bool B>
 struct BoolTag {  // a compile-time flag for a generic lambda (NVRTC has no <type_traits>)
