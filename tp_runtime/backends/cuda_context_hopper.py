@@ -6,12 +6,13 @@ stays on the ``mma.sync`` kernel. ``TP_RUNTIME_HOPPER_CONTEXT=0`` keeps everythi
 Same interface and semantics as ``cuda_context.context`` for the cases it serves: ``out [T, H_r,
 D]`` and ``lse [T, H_r]`` written at the rows of the sequences ``ids``, from a contiguous cache or
 a paged one (pages of at least ``HOPPER_CONTEXT_MIN_PAGE`` tokens: one tensor map over the page
-pool, one TMA box per page, the page from the block table in the kernel). The tensor maps of q
-and of the cache are encoded per call (``cuda_tma.tiled_map``; a cache of them is a next step).
+pool, one TMA box per page, the page from the block table in the kernel; small pages at D <= 128
+are gathered with cp.async instead, ``gathers``). The tensor maps of q and of the cache are
+encoded per call (``cuda_tma.tiled_map``; a cache of them is a next step).
 
 Shapes per head size (``HopperConsumers`` in the kernel; budgets in kernels/NOTES_context.md):
-consumer warpgroups of 64 query rows (3 at D 64 without a table bias, else 2), keys per K/V block
-(128, 64 at D 256), a persistent grid for causal masks at D 128 only.
+consumer warpgroups of 64 query rows (3 at D 64 without a position bias, else 2), keys per K/V
+block (128, 64 at D 256), a persistent grid for causal masks at D 128 only.
 """
 
 from __future__ import annotations
