@@ -9,7 +9,7 @@
 // key) at the rows of the tiles' sequences only.
 //
 // Work item = (query tile of 64·C rows, head), C consumer warpgroups (HopperConsumers: 3 at D 64
-// without a table bias, else 2); the tile list comes from cuda_plan.context_tiles, heaviest causal
+// without a position bias, else 2); the tile list comes from cuda_plan.context_tiles, heaviest causal
 // work first, items numbered head-major at D 128 (concurrent CTAs share a head's K/V in L2). Grid:
 // causal D 128 persistent (at most one CTA per SM, one item per round in snake order, the next
 // item's Q and first K/V blocks loading while the consumers finish the current one); otherwise one
@@ -44,14 +44,16 @@
 //   sO [C consumers][64 rows][D·2 B]            64·C·D·2 (the epilogue's staging: the next Q loads
 //                                               meanwhile; none at D 256, which stages in its Q tile)
 //   D 256: Q 64 KB + K/V 2 · 2 · 32 KB = 192 KB; D 128: 32 + 128 + 32 = 192 KB; D 64: 24 + 64 + 24 KB
+//   (16 + 64 + 16 with a position bias: 2 consumers)
 //   barriers: q_full, q_empty, k_full[2], v_full[2], k_empty[2], v_empty[2]
 // Tensor maps (tp_runtime/backends/cuda_context_hopper.py):
 //   map_q  over q  [T, H, D] as 3-D {D, H, T}, box {64, 1, 64}: one consumer's 64 rows of one head
 //   map_kv over the contiguous cache [B, 2, KV, S_max, D] as 3-D {D, S_max, B·2·KV}, box {64, BN, 1},
 //          or the paged pool [N, 2, KV, P, D] as {D, P, N·2·KV}, box {64, min(P, BN), 1} (P >= 8;
 //          not used for K/V when the producer gathers)
-// Keys past n_keys inside the last block hold whatever the cache holds there (possibly NaN): their
-// scores are replaced by -inf and their V rows zeroed in shared memory before P·V.
+// Keys past n_keys inside the last block hold whatever the cache holds there (possibly NaN; the
+// gather copies the last key there instead): their scores are replaced by -inf and their V rows
+// zeroed in shared memory before P·V.
 #include "common.cuh"
 #include "hopper.cuh"
 
@@ -84,6 +86,11 @@ struct HopperTable {
   int head_stride, q_stride, k_stride, offset;
   float raw_scale;
 };
+// the layout cuda_context_hopper._TABLE_ARG writes (the numpy bytes become this parameter)
+static_assert(sizeof(HopperTable) == 32 && alignof(HopperTable) == 8, "HopperTable: 32 bytes, 8-aligned");
+static_assert(__builtin_offsetof(HopperTable, head_stride) == 8 && __builtin_offsetof(HopperTable, offset) == 20 &&
+                  __builtin_offsetof(HopperTable, raw_scale) == 24,
+              "HopperTable: field offsets of cuda_context_hopper._TABLE_ARG");
 
 // S [64, BN] (accumulate 0 on the first k step) = Q [64, D] · K_jᵀ, both K-major 128B-swizzled.
 template <typename T, int D, int BN>
@@ -254,8 +261,9 @@ struct HopperConsumers {
 // One work item: a (query tile, head), and what the producer and the consumers derive from it
 // (both compute it, from the same loads). Item w: persistent grid (D 128), head-major — head
 // w / num_tiles, tile w % num_tiles — so the CTAs running at the same time mostly read the K/V of
-// the same head (kept in L2 for all its tiles); one item per CTA (D 64), tile-major — tile
-// w / num_heads, head w % num_heads — so the hardware starts the heaviest tiles first.
+// the same head (kept in L2 for all its tiles; also when a full mask launches one CTA per item);
+// D 64 and 256 (one item per CTA), tile-major — tile w / num_heads, head w % num_heads — so the
+// hardware starts the heaviest tiles first.
 struct HopperTile {
   int h, seq, m0, tok0, qpos0, nk, kvh, rows;
   int n_kb;    // K/V blocks of BN keys any row of the tile may see
@@ -471,6 +479,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
         }
         it += tl.n_kb;
         ++ti;
+        if (!Cfg::kPersistent) break;  // one item per CTA, as the consumers (whatever the grid)
       }
     };
     if (gather) {
@@ -595,7 +604,7 @@ __global__ void __launch_bounds__(128 * (HopperConsumers<D, Bias::kind>::kCount 
           if (gather) fence_proxy_async();
           // Zero the V rows of keys past n_keys (the cache may hold NaN there; 0·NaN would poison
           // O). Consumer 0 writes them in its turn; its proxy fence + the chain of turn barriers
-          // order the writes before the other consumers' P·V too; the stage is refilled by TMA only
+          // order the writes before the other consumers' P·V too; the stage is refilled (TMA or gather) only
           // after every consumer's P·V has released it.
           // n_keys, shifted as the loop's positions (derived again: one register fewer in the loop)
           const HopperTile tl = tile_of(w);

@@ -257,8 +257,10 @@ __device__ __forceinline__ void cp_async_arrive_noinc(u64* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Order this thread's ordinary shared-memory stores before later async-proxy reads (wgmma operands,
-// TMA stores) of the same bytes; each writing thread fences, then the threads synchronise.
+// Order this thread's ordinary (generic-proxy) shared-memory accesses before its later async-proxy
+// ones (wgmma operands, TMA stores) of the same bytes: a writing thread fences, then the threads
+// synchronise; for data written by other threads' cp.async, each reading thread fences after the
+// mbarrier wait that made the data visible to it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Register re-allocation between warpgroups (sm_90a): takes effect only with a register cap at

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from tp_runtime.backends.base import AttentionSpec  # noqa: E402
+from tp_runtime.batch.kv_cache import CacheLayout  # noqa: E402
 from tp_runtime.batch.step import Step  # noqa: E402
 from tp_runtime.config import AttentionMaskType  # noqa: E402
 from tp_runtime.position import alibi_slopes  # noqa: E402
@@ -65,6 +66,7 @@ CASES = [
     Case("bf16-d128-causal-paged16-past", BF16, 128, 4, 2, "causal", (97, 1, 300), (50, 1000, 3), 16),
     Case("f16-d64-causal-paged8-gqa", F16, 64, 8, 2, "causal", (1000, 129, 1), None, 8),
     Case("f16-d128-padding-paged64", F16, 128, 4, 4, "padding", (1, 63, 129, 1000), None, 64),
+    Case("bf16-d128-causal-paged32-gqa-past", BF16, 128, 8, 2, "causal", (300, 33, 1), (0, 97, 64), 32),
     Case("bf16-d64-causal-paged256-past", BF16, 64, 2, 1, "causal", (200, 33), (129, 300), 256),
     # ALiBi (the padding case also sees keys after the query: positive k - q)
     Case("f16-d128-causal-alibi-past", F16, 128, 8, 8, "causal", (1, 300, 129), (0, 70, 1000), None, "alibi"),
@@ -87,6 +89,11 @@ CASES = [
     Case("f16-d128-bidir-paged16", F16, 128, 4, 4, "bidirectional", (1000, 7, 1), None, 16),
     Case("f16-d256-bidir-past", F16, 256, 2, 2, "bidirectional", (200, 1, 33), (129, 0, 7)),
     Case("bf16-d256-bidir-gqa-paged256", BF16, 256, 4, 2, "bidirectional", (1, 300), (60, 0), 256),
+    # n_keys a whole number of key blocks (128; 64 at D 256): the block holding the last key is the
+    # last full one, masked only for the bidirectional column (n_open one key earlier)
+    Case("f16-d64-bidir-whole-blocks", F16, 64, 2, 2, "bidirectional", (128, 256), (0, 0)),
+    Case("bf16-d128-bidir-whole-blocks-past", BF16, 128, 4, 2, "bidirectional", (200, 1), (56, 383)),
+    Case("f16-d256-bidir-whole-blocks-paged32", F16, 256, 2, 1, "bidirectional", (64, 100), (0, 28), 32),
     # T5 implicit buckets: causal masks take one-sided buckets, the others two-sided; distances past
     # max_distance (and, with few buckets, nearer ones) share the last buckets
     Case("f16-d64-causal-t5", F16, 64, 4, 4, "causal", (1, 63, 129, 1000), None, None, "t5"),
@@ -131,15 +138,16 @@ KERNEL_VARIANTS += [_fallback(BF16, 128, "contiguous", 300, cache) for cache in 
 
 @pytest.fixture
 def hopper_launches(monkeypatch):
-    """The grid of every launch of the Hopper kernel (the fallback must not take a case silently)."""
+    """The grid and the gather flag of every launch of the Hopper kernel (the fallback must not take a
+    case silently, and small pages must take the path ``gathers`` chose)."""
     from tp_runtime.backends import cuda_context_hopper as ch
 
     grids = []
     real = ch.launch
 
-    def spy(kernel, grid, *args, **kw):
-        grids.append(tuple(grid))
-        return real(kernel, grid, *args, **kw)
+    def spy(kernel, grid, block, args, *rest, **kw):
+        grids.append((tuple(grid), int(args[-1])))  # the grid, and the kernel's `gather` flag (last)
+        return real(kernel, grid, block, args, *rest, **kw)
 
     monkeypatch.setattr(ch, "launch", spy)
     return grids
@@ -198,7 +206,10 @@ def test_context_hopper(case, gpu, poison_outputs, hopper_launches):
     torch.manual_seed(seed)
     out, lse, q, kv, step, spec = _run(case, gpu, seed)
     assert len(hopper_launches) == 1, f"{case.name}: the Hopper kernel did not serve this case (capability table)"
-    ctas, items = hopper_launches[0][0], _items(case, step)
+    (ctas, _, _), gather = hopper_launches[0]
+    items = _items(case, step)
+    layout = CacheLayout.contiguous if case.page is None else CacheLayout.paged
+    assert gather == ch.gathers(layout, case.page or 0, case.d), f"{case.name}: gather flag {gather}"
     if ch.persistent(case.d, case.mask == "causal"):  # causal D 128: at most one CTA per SM
         assert 1 <= ctas <= min(items, cuda_common.sm_count(q.device)), f"{case.name}: {ctas} CTAs, {items} items"
     else:  # one CTA per work item
@@ -223,9 +234,28 @@ def test_context_hopper_few_ctas(case, gpu, poison_outputs, hopper_launches, mon
     out, lse, q, kv, step, spec = _run(case, gpu, seed)
     assert len(hopper_launches) == 1, f"{case.name}: the Hopper kernel did not serve this case"
     items = _items(case, step)
-    assert 1 <= hopper_launches[0][0] <= 3, f"{case.name}: {hopper_launches[0][0]} CTAs for {items} items"
+    ctas = hopper_launches[0][0][0]
+    assert 1 <= ctas <= 3, f"{case.name}: {ctas} CTAs for {items} items"
     err, _ = gpu.check_attention(out, lse, q, kv, step, spec, what=f"hopper 3 CTAs {case.name} (seed {seed})")
     print(f"hopper 3 CTAs {case.name}: max err {err:.2e} ({items} items)")
+
+
+# small pages at D <= 128 are gathered with cp.async (cuda_context_hopper.gathers); the TMA boxes
+# that serve them otherwise (GATHER_MAX_PAGE 0) must stay correct too
+BOX_CASES = [c for c in CASES if c.page is not None and c.page <= 32 and c.d <= 128]
+
+
+@pytest.mark.parametrize("case", BOX_CASES, ids=[c.name for c in BOX_CASES])
+def test_small_pages_on_tma_boxes(case, gpu, poison_outputs, hopper_launches, monkeypatch):
+    from tp_runtime.backends import cuda_context_hopper as ch
+
+    monkeypatch.setattr(ch, "GATHER_MAX_PAGE", 0)
+    seed = int(torch.randint(2**31 - 1, ()))
+    torch.manual_seed(seed)
+    out, lse, q, kv, step, spec = _run(case, gpu, seed)
+    assert len(hopper_launches) == 1 and hopper_launches[0][1] == 0, f"{case.name}: not on TMA boxes"
+    err, _ = gpu.check_attention(out, lse, q, kv, step, spec, what=f"hopper TMA boxes {case.name} (seed {seed})")
+    print(f"hopper TMA boxes {case.name}: max err {err:.2e}")
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -193,6 +193,11 @@ def test_hopper_context_grid_and_shared_memory(monkeypatch):
     assert ch.grid_ctas(128, True, 4096, 132) == 3 and ch.grid_ctas(128, True, 2, 132) == 2
     monkeypatch.setattr(ch, "ONE_ITEM_PER_CTA", True)
     assert ch.grid_ctas(128, True, 4096, 132) == 4096
+    monkeypatch.setattr(ch, "ONE_ITEM_PER_CTA", False)
+    monkeypatch.setattr(ch, "MAX_CTAS", None)
+    # key positions shifted across a persistent CTA's items stay in int32, else one CTA per item
+    assert ch.grid_ctas(128, True, 4096, 132, max_keys=16384) == 132
+    assert ch.grid_ctas(128, True, 8192 * 64, 132, max_keys=2**20) == 8192 * 64
     for d in (64, 128, 256):
         for bias in ("none", "alibi", "table"):
             assert ch.shared_bytes(d, bias) <= 227 * 1024, (d, bias)

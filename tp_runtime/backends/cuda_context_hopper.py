@@ -92,11 +92,18 @@ MAX_CTAS: int | None = None
 ONE_ITEM_PER_CTA = False
 
 
-def grid_ctas(head_size: int, causal: bool, items: int, sms: int) -> int:
-    """CTAs of the launch for ``items`` work items (query tiles × heads) on ``sms`` SMs."""
+def grid_ctas(head_size: int, causal: bool, items: int, sms: int, max_keys: int = 0) -> int:
+    """CTAs of the launch for ``items`` work items (query tiles × heads) on ``sms`` SMs; ``max_keys``:
+    the most keys of any sequence. A persistent CTA's key positions run on across its items (the
+    kernel shifts them by its K/V ring position) in int32: a launch where they could reach 2^31
+    (about a million tokens in one step) gets one CTA per item instead."""
     if not persistent(head_size, causal) or ONE_ITEM_PER_CTA:
         return items
-    return max(1, min(items, sms, MAX_CTAS or sms))
+    ctas = max(1, min(items, sms, MAX_CTAS or sms))
+    rounds = -(-items // ctas)
+    if rounds * (max_keys + block_n(head_size)) + max_keys >= 2**31:
+        return items
+    return ctas
 
 
 def enabled() -> bool:
@@ -112,8 +119,8 @@ def shared_bytes(head_size: int, bias: str = "none") -> int:
     return rows * head_size * 2 + 128 + 1024
 
 
-# The kernel's HopperTable operand (passed by value): the table's address, its four element strides
-# as int32 (the kernel's offsets are 32-bit: tables of 2^31 elements or more stay on mma.sync) and
+# The kernel's HopperTable operand (passed by value): the table's address, its three element
+# strides and offset as int32 (the kernel's offsets are 32-bit: tables of 2^31 elements or more stay on mma.sync) and
 # 1 / softmax_scale (the kernel adds entries to raw scores).
 _TABLE_ARG = np.dtype(
     {
@@ -205,6 +212,8 @@ def context_hopper(
     table: BiasTable = NO_BIAS_TABLE,
 ):
     """Context attention of the sequences ``ids`` on the Hopper kernel (``serves`` said yes)."""
+    if bias == "table" and table.table is None:
+        raise ValueError("context_hopper: bias 'table' needs the relative-bias table (cuda_common.bias_table)")
     t, h_r, d = q.shape
     kv_r = kv.num_kv_heads
     plan = route(step, spec.cross)
@@ -245,5 +254,5 @@ def context_hopper(
         ptr(kv.data), i32(gathers(kv.cache_layout, length, d)),  # the pool, for the cp.async gather of small pages
     )
     # fmt: on
-    grid = (grid_ctas(d, causal, items, sm_count(q.device)), 1, 1)
+    grid = (grid_ctas(d, causal, items, sm_count(q.device), plan.max_keys), 1, 1)
     launch(kernel, grid, (threads(d, bias), 1, 1), args, q.device, shared_mem=shared_bytes(d, bias))
