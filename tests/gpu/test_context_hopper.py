@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU (sm_90)"
 )
 
+from tp_runtime.backends import cuda_context_hopper  # noqa: E402
 from tp_runtime.backends.base import AttentionSpec  # noqa: E402
 from tp_runtime.batch.kv_cache import CacheLayout  # noqa: E402
 from tp_runtime.batch.step import Step  # noqa: E402
@@ -242,7 +243,7 @@ def test_context_hopper_few_ctas(case, gpu, poison_outputs, hopper_launches, mon
 
 # small pages at D <= 128 are gathered with cp.async (cuda_context_hopper.gathers); the TMA boxes
 # that serve them otherwise (GATHER_MAX_PAGE 0) must stay correct too
-BOX_CASES = [c for c in CASES if c.page is not None and c.page <= 32 and c.d <= 128]
+BOX_CASES = [c for c in CASES if c.page is not None and cuda_context_hopper.gathers(CacheLayout.paged, c.page, c.d)]
 
 
 @pytest.mark.parametrize("case", BOX_CASES, ids=[c.name for c in BOX_CASES])
