@@ -198,16 +198,25 @@ def _items(case: Case, step: Step) -> int:
     return tiles.shape[0] * case.h
 
 
+def _check(case: Case, gpu, hopper_launches, what: str):
+    """Run the case on fresh inputs (the seed is in any failure message), check that the Hopper kernel
+    served it in one launch and its outputs against the reference; returns that launch's (grid,
+    gather flag), the step and q."""
+    seed = int(torch.randint(2**31 - 1, ()))
+    torch.manual_seed(seed)
+    out, lse, q, kv, step, spec = _run(case, gpu, seed)
+    assert len(hopper_launches) == 1, f"{case.name}: the Hopper kernel did not serve this case (capability table)"
+    err, pt_err = gpu.check_attention(out, lse, q, kv, step, spec, what=f"{what} {case.name} (seed {seed})")
+    print(f"{what} {case.name}: max err {err:.2e} (torch {case.dtype} {pt_err:.2e})")
+    return hopper_launches[0], step, q
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_context_hopper(case, gpu, poison_outputs, hopper_launches):
     from tp_runtime.backends import cuda_common
     from tp_runtime.backends import cuda_context_hopper as ch
 
-    seed = int(torch.randint(2**31 - 1, ()))  # fresh inputs every run; the seed is in any failure message
-    torch.manual_seed(seed)
-    out, lse, q, kv, step, spec = _run(case, gpu, seed)
-    assert len(hopper_launches) == 1, f"{case.name}: the Hopper kernel did not serve this case (capability table)"
-    (ctas, _, _), gather = hopper_launches[0]
+    ((ctas, _, _), gather), step, q = _check(case, gpu, hopper_launches, "hopper")
     items = _items(case, step)
     layout = CacheLayout.contiguous if case.page is None else CacheLayout.paged
     assert gather == ch.gathers(layout, case.page or 0, case.d), f"{case.name}: gather flag {gather}"
@@ -215,8 +224,6 @@ def test_context_hopper(case, gpu, poison_outputs, hopper_launches):
         assert 1 <= ctas <= min(items, cuda_common.sm_count(q.device)), f"{case.name}: {ctas} CTAs, {items} items"
     else:  # one CTA per work item
         assert ctas == items, f"{case.name}: {ctas} CTAs for {items} work items"
-    err, pt_err = gpu.check_attention(out, lse, q, kv, step, spec, what=f"hopper {case.name} (seed {seed})")
-    print(f"hopper {case.name}: max err {err:.2e} (torch {case.dtype} {pt_err:.2e})")
 
 
 # cases for a persistent grid of 3 CTAs, each serving many (tile, head) items of unequal work in
@@ -230,15 +237,8 @@ def test_context_hopper_few_ctas(case, gpu, poison_outputs, hopper_launches, mon
     from tp_runtime.backends import cuda_context_hopper as ch
 
     monkeypatch.setattr(ch, "MAX_CTAS", 3)
-    seed = int(torch.randint(2**31 - 1, ()))
-    torch.manual_seed(seed)
-    out, lse, q, kv, step, spec = _run(case, gpu, seed)
-    assert len(hopper_launches) == 1, f"{case.name}: the Hopper kernel did not serve this case"
-    items = _items(case, step)
-    ctas = hopper_launches[0][0][0]
-    assert 1 <= ctas <= 3, f"{case.name}: {ctas} CTAs for {items} items"
-    err, _ = gpu.check_attention(out, lse, q, kv, step, spec, what=f"hopper 3 CTAs {case.name} (seed {seed})")
-    print(f"hopper 3 CTAs {case.name}: max err {err:.2e} ({items} items)")
+    ((ctas, _, _), _), step, _ = _check(case, gpu, hopper_launches, "hopper 3 CTAs")
+    assert 1 <= ctas <= 3, f"{case.name}: {ctas} CTAs for {_items(case, step)} items"
 
 
 # small pages at D <= 128 are gathered with cp.async (cuda_context_hopper.gathers); the TMA boxes
@@ -251,12 +251,8 @@ def test_small_pages_on_tma_boxes(case, gpu, poison_outputs, hopper_launches, mo
     from tp_runtime.backends import cuda_context_hopper as ch
 
     monkeypatch.setattr(ch, "GATHER_MAX_PAGE", 0)
-    seed = int(torch.randint(2**31 - 1, ()))
-    torch.manual_seed(seed)
-    out, lse, q, kv, step, spec = _run(case, gpu, seed)
-    assert len(hopper_launches) == 1 and hopper_launches[0][1] == 0, f"{case.name}: not on TMA boxes"
-    err, _ = gpu.check_attention(out, lse, q, kv, step, spec, what=f"hopper TMA boxes {case.name} (seed {seed})")
-    print(f"hopper TMA boxes {case.name}: max err {err:.2e}")
+    (_, gather), _, _ = _check(case, gpu, hopper_launches, "hopper TMA boxes")
+    assert gather == 0, f"{case.name}: not on TMA boxes"
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
